@@ -1,0 +1,146 @@
+"""Find the images under a data root and split them into train / validation (/ test).
+
+Two layouts are accepted:
+  (a) split folders: `train/` (or `Train/`, `training/`), `val/` (or `valid/`, `Validation/`),
+      optional `test/`; each holds one folder per class;
+  (b) one folder of class folders, split into train/validation by `val_fraction` and `seed`.
+The split is stratified and depends only on the sorted relative paths and the seed, never on
+the order the file system lists files in. Class names and indices come from the training split.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.errors import UsageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+TRAIN_NAMES = ("train", "training")
+VAL_NAMES = ("val", "valid", "validation")
+TEST_NAMES = ("test", "testing")
+
+Sample = tuple[str, int]  # (path, class index)
+
+
+@dataclass
+class Splits:
+    root: Path
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[str] = field(default_factory=list)  # unlabelled or labelled, paths only
+    layout: str = "split-folders"  # or "class-folders"
+
+    def class_counts(self, split: str = "train") -> dict[str, int]:
+        counts = dict.fromkeys(self.classes, 0)
+        for _, label in getattr(self, split):
+            counts[self.classes[label]] += 1
+        return counts
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursively), sorted, hidden files and folders skipped."""
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.is_file() and is_image_file(path):
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _child_named(root: Path, names: tuple[str, ...]) -> Path | None:
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and child.name.lower() in names:
+            return child
+    return None
+
+
+def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
+    return {d.name: list_images(d) for d in sorted(split_dir.iterdir())
+            if d.is_dir() and not d.name.startswith(".")}
+
+
+def _check_classes(where: Path, folders: dict[str, list[Path]]) -> list[str]:
+    if not folders:
+        raise UsageError(f"no class folders in {where}: expected one folder per class, each holding images")
+    empty = [name for name, files in folders.items() if not files]
+    if empty:
+        raise UsageError(f"class folder {where / empty[0]} has no images ({len(empty)} empty in all); "
+                         f"add images or remove the folder")
+    if len(folders) < 2:
+        raise UsageError(f"only one class ('{next(iter(folders))}') in {where}: a classifier needs at least two class folders")
+    return sorted(folders)
+
+
+def _check_not_package(root: Path) -> None:
+    # Users habitually keep images in a folder called `data`, which is also this project's package.
+    if (root / "__init__.py").is_file() and (root / "folders.py").is_file():
+        raise UsageError(f"data.root points at this project's `data` code package ({root}); put images in "
+                         f"a folder of their own (e.g. datasets/NAME or ~/datasets/NAME) and point data.root there")
+
+
+def stratified_split(files_by_class: dict[str, list[Path]], classes: list[str], val_fraction: float,
+                     seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Per class, shuffle the sorted files with a seeded RNG and cut off `val_fraction` of them."""
+    train, val = [], []
+    for index, name in enumerate(classes):
+        files = sorted(files_by_class[name], key=lambda p: p.as_posix())
+        random.Random(f"{seed}/{name}").shuffle(files)  # str seeds hash deterministically
+        n_val = round(len(files) * val_fraction)
+        if len(files) >= 2:
+            n_val = min(max(n_val, 1), len(files) - 1)  # every class in both splits
+        else:
+            n_val = 0
+        val += [(str(p), index) for p in files[:n_val]]
+        train += [(str(p), index) for p in files[n_val:]]
+    return sorted(train), sorted(val)
+
+
+def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Splits:
+    root = Path(root).expanduser().resolve()
+    if not root.exists():
+        raise UsageError(f"data.root does not exist: {root}")
+    if not root.is_dir():
+        raise UsageError(f"data.root is not a folder: {root}")
+    _check_not_package(root)
+
+    train_dir = _child_named(root, TRAIN_NAMES)
+    val_dir = _child_named(root, VAL_NAMES)
+    test_dir = _child_named(root, TEST_NAMES)
+    test = [str(p) for p in list_images(test_dir)] if test_dir else []
+
+    if train_dir is None:
+        if val_dir is not None:
+            raise UsageError(f"{root} has {val_dir.name}/ but no train/ folder: add train/ or put class folders directly in the root")
+        folders = _class_folders(root)
+        classes = _check_classes(root, folders)
+        train, val = stratified_split(folders, classes, val_fraction, seed)
+        return Splits(root, classes, train, val, test, layout="class-folders")
+
+    folders = _class_folders(train_dir)
+    classes = _check_classes(train_dir, folders)
+    if val_dir is None:
+        train, val = stratified_split(folders, classes, val_fraction, seed)
+        return Splits(root, classes, train, val, test, layout="train-folder")
+    val_folders = _class_folders(val_dir)
+    missing = [c for c in classes if c not in val_folders]
+    extra = [c for c in val_folders if c not in folders]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing from {val_dir.name}/: {', '.join(missing[:5])}")
+        if extra:
+            parts.append(f"not in {train_dir.name}/: {', '.join(extra[:5])}")
+        raise UsageError(f"class folders differ between {train_dir.name}/ and {val_dir.name}/ ({'; '.join(parts)}); "
+                         f"both splits need the same classes")
+    train = [(str(p), i) for i, c in enumerate(classes) for p in folders[c]]
+    val = [(str(p), i) for i, c in enumerate(classes) for p in val_folders[c]]
+    return Splits(root, classes, train, val, test, layout="split-folders")

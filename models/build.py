@@ -1,0 +1,287 @@
+"""Build a classifier by name: resolve the backbone, load weights, fit the head, freeze.
+
+Names: `timm/<name>` goes to `timm.create_model`, `torchvision/<name>` to
+`torchvision.models.get_model`, a bare name to our own registry (`models.registry.MODELS`).
+The backbone is always created with its library's own head first, so that a weights file with
+the original 1,000-class ImageNet head can fill it; then the head is replaced for the dataset.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from pickle import UnpicklingError  # the exception only: nothing here unpickles
+
+import torch
+from torch import nn
+
+from models import simple_cnn as _simple_cnn  # noqa: F401  (registers our models)
+from models.registry import MODELS
+from trainer.errors import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Where the final Linear lives in torchvision's classification families, tried in order:
+# resnet/regnet/resnext/shufflenet/googlenet: fc; alexnet/vgg/efficientnet/mobilenet/convnext/
+# mnasnet/densenet: classifier (a Linear or a Sequential ending in one); vit: heads.head; swin: head.
+_CLASSIFIER_PATHS = ("fc", "classifier", "heads.head", "head", "heads")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    kind: str = "linear"  # "linear" or "mlp" (Linear-ReLU-Dropout-Linear, the dog-breeds seed)
+    hidden: int = 512
+    dropout: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    name: str
+    head_name: str  # dotted path of the classifier module inside `model`
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    notes: list[str] = field(default_factory=list)  # what happened to the weights, for the log
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+
+
+def _timm():
+    import timm
+
+    return timm
+
+
+def _torchvision_classifiers() -> list[str]:
+    import torchvision
+
+    # module= keeps detection, segmentation, video and optical-flow models out.
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def available_models(pattern: str = "*") -> list[str]:
+    """Every name `build_classifier` accepts that matches a shell-style pattern."""
+    ours = [n for n in MODELS.names() if fnmatch.fnmatch(n, pattern)]
+    tv = [f"torchvision/{n}" for n in _torchvision_classifiers() if fnmatch.fnmatch(f"torchvision/{n}", pattern)
+          or fnmatch.fnmatch(n, pattern)]
+    tm = [f"timm/{n}" for n in _timm().list_models() if fnmatch.fnmatch(f"timm/{n}", pattern)
+          or fnmatch.fnmatch(n, pattern)]
+    return ours + tv + tm
+
+
+def _unknown(name: str, candidates: list[str], where: str) -> UsageError:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    return UsageError(f"unknown model '{name}' ({where}){hint}. List names with "
+                      f"`python launch/models.py --search 'PATTERN'`")
+
+
+def check_model_name(name: str) -> None:
+    """Fail early, with close matches, for a name no library knows."""
+    if name.startswith("timm/"):
+        timm = _timm()
+        arch = timm.models.split_model_name_tag(name[5:])[0]
+        if not timm.is_model(arch):
+            raise _unknown(name, [f"timm/{n}" for n in timm.list_models()], "not a timm model")
+    elif name.startswith("torchvision/"):
+        names = _torchvision_classifiers()
+        if name[12:] not in names:
+            raise _unknown(name, [f"torchvision/{n}" for n in names], "not a torchvision classification model")
+    elif name not in MODELS:
+        everything = MODELS.names() + [f"torchvision/{n}" for n in _torchvision_classifiers()]
+        everything += [f"timm/{n}" for n in _timm().list_models()]
+        raise _unknown(name, everything, "use timm/<name>, torchvision/<name> or one of ours: "
+                                         + ", ".join(MODELS.names()))
+
+
+def _create_backbone(name: str, pretrained: bool) -> nn.Module:
+    check_model_name(name)
+    if name.startswith("timm/"):
+        return _timm().create_model(name[5:], pretrained=pretrained)
+    if name.startswith("torchvision/"):
+        import torchvision
+
+        return torchvision.models.get_model(name[12:], weights="DEFAULT" if pretrained else None)
+    if pretrained:
+        raise UsageError(f"'{name}' has no pretrained weights; set model.pretrained = false "
+                         f"or give model.weights = FILE")
+    return MODELS.get(name)()
+
+
+def normalization_of(name: str, model: nn.Module) -> tuple[tuple, tuple]:
+    """Mean and std the backbone was pretrained with; ImageNet's when it does not say."""
+    cfg = getattr(model, "pretrained_cfg", None)  # timm
+    if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    if hasattr(model, "default_mean"):  # ours
+        return tuple(model.default_mean), tuple(model.default_std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads
+
+
+def find_classifier(model: nn.Module) -> str:
+    """Dotted path of the module that produces the logits."""
+    if hasattr(model, "get_classifier"):  # timm
+        target = model.get_classifier()
+        for path, module in model.named_modules():
+            if module is target:
+                return path
+    for path in _CLASSIFIER_PATHS:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            return path
+        if isinstance(module, nn.Sequential):
+            linears = [i for i, m in enumerate(module) if isinstance(m, nn.Linear)]
+            if linears:
+                return f"{path}.{linears[-1]}"
+    raise UsageError(f"cannot find a Linear classifier in {type(model).__name__}; "
+                     f"this architecture is not supported for head replacement")
+
+
+def _new_head(in_features: int, num_classes: int, spec: HeadSpec) -> nn.Module:
+    if spec.kind == "linear":
+        return nn.Linear(in_features, num_classes)
+    return nn.Sequential(
+        nn.Linear(in_features, spec.hidden), nn.ReLU(inplace=True), nn.Dropout(spec.dropout),
+        nn.Linear(spec.hidden, num_classes),
+    )
+
+
+def replace_head(model: nn.Module, num_classes: int, spec: HeadSpec) -> str:
+    """Give the model a fresh head for `num_classes`; returns the head's dotted path."""
+    if hasattr(model, "reset_classifier"):  # timm keeps num_classes and its pools consistent
+        model.reset_classifier(num_classes)
+        if spec.kind == "linear":
+            return find_classifier(model)
+    path = find_classifier(model)
+    old = model.get_submodule(path)
+    model.set_submodule(path, _new_head(old.in_features, num_classes, spec))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights files
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch state dict; never unpickles objects."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UsageError(f"{path} is not a readable safetensors file ({e})") from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except UnpicklingError:
+            raise UsageError(f"refusing {path}: it needs arbitrary objects unpickled, which can run code. "
+                             f"Save only the state_dict (torch.save(model.state_dict(), ...)) or convert "
+                             f"it to .safetensors") from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise UsageError(f"{path} is not a readable torch weights file ({e})") from None
+        for wrapper in ("state_dict", "model", "model_state_dict"):  # common checkpoint dicts
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UsageError(f"{path} does not hold a state dict of tensors")
+    # nn.DataParallel and DDP save their parameters under "module.".
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], limit: int = 3) -> str:
+    """'' when the two state dicts have the same keys and shapes, else the first differences."""
+    problems = []
+    for key, tensor in expected.items():
+        if key not in found:
+            problems.append(f"{key} missing")
+        elif tuple(found[key].shape) != tuple(tensor.shape):
+            problems.append(f"{key} has shape {tuple(found[key].shape)} in the file, "
+                            f"{tuple(tensor.shape)} in the model")
+    problems += [f"{key} unexpected" for key in found if key not in expected]
+    if not problems:
+        return ""
+    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
+def _load_weights(model: nn.Module, name: str, path: str, num_classes: int, spec: HeadSpec) -> tuple[str, str]:
+    """Load a local file into `model` (which still has its library head). Returns (head path, note)."""
+    state = read_state_dict(path)
+    if not state_dict_mismatch(model.state_dict(), state):
+        model.load_state_dict(state)
+        head = replace_head(model, num_classes, spec)
+        return head, f"loaded backbone from {path}; its original head was replaced, new head for {num_classes} classes starts fresh"
+    head = replace_head(model, num_classes, spec)
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise UsageError(f"weights file {path} does not fit {name} with {num_classes} classes: {problem}")
+    model.load_state_dict(state)
+    return head, f"loaded all weights (backbone and head) from {path}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole build
+
+
+def build_classifier(name: str, num_classes: int, head: HeadSpec = HeadSpec(), pretrained: bool = False,
+                     weights: str = "") -> BuiltModel:
+    model = _create_backbone(name, pretrained)
+    mean, std = normalization_of(name, model)
+    notes = []
+    if weights:
+        head_name, note = _load_weights(model, name, weights, num_classes, head)
+        notes.append(note)
+    else:
+        head_name = replace_head(model, num_classes, head)
+        if pretrained:
+            notes.append(f"loaded {name}'s pretrained weights; new head for {num_classes} classes starts fresh")
+    return BuiltModel(model=model, name=name, head_name=head_name, mean=mean, std=std, notes=notes)
+
+
+def freeze(model: nn.Module, head_name: str, mode: str) -> None:
+    """`backbone`: only the head trains. `none`: everything trains."""
+    if mode not in ("none", "backbone"):
+        raise UsageError(f"model.freeze = {mode!r} is not one of 'none', 'backbone'")
+    for param_name, param in model.named_parameters():
+        param.requires_grad = mode == "none" or param_name.startswith(head_name + ".")
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """model.train(), except that BatchNorm layers whose parameters are all frozen stay in eval.
+
+    A frozen BatchNorm in train mode would still normalize with batch statistics and overwrite
+    its running statistics, so "frozen" would not be frozen. Deriving this from requires_grad
+    keeps it right when layers are unfrozen later.
+    """
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,1 @@
+"""Training: config schema, the Accelerate training loop, checkpoints and run logging."""

@@ -1,0 +1,334 @@
+"""The run configuration: a TOML file plus `key=value` overrides, typed and validated once.
+
+The schema is the dataclasses below. Each section is a table in the TOML file; each field is a
+key. A field's type annotation decides how an override string is parsed, and `choices` in its
+metadata restricts the allowed values. Every problem is reported as one `ConfigError` line that
+names the key and what would work, before anything is written to disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import ConfigError
+
+
+def _choice(default: Any, choices: tuple, doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def _doc(default: Any, doc: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class DataConfig:
+    root: str = _doc("", "image folder: split folders train/ val/ (test/) or one folder of class folders")
+    val_fraction: float = _doc(0.2, "validation share when the root has no val/ folder")
+    seed: int = _doc(0, "seed of the stratified train/validation split")
+    image_size: int = _doc(224, "side of the square crop the model sees")
+    crop_pct: float = _doc(0.875, "eval resizes to image_size / crop_pct, then center-crops")
+    batch_size: int = _doc(32, "images per process per step")
+    num_workers: int = _doc(2, "DataLoader worker processes per training process")
+    augment: str = _choice("standard", ("standard", "crop", "none"),
+                           "standard: random resized crop + flip; crop: no flip; none: eval transform")
+    normalize: str = _choice("backbone", ("backbone", "imagenet", "custom"),
+                             "backbone: the model's pretrained config (ImageNet if it has none)")
+    mean: list[float] = _doc([], "per-channel mean when normalize = 'custom'")
+    std: list[float] = _doc([], "per-channel std when normalize = 'custom'")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _doc("", "timm/<name>, torchvision/<name> or one of ours (simple_cnn)")
+    pretrained: bool = _doc(False, "load the library's own pretrained weights (downloads)")
+    weights: str = _doc("", "local weights file (.safetensors, or a .pth state dict)")
+    freeze: str = _choice("none", ("none", "backbone"), "backbone: train only the head")
+    head: str = _choice("linear", ("linear", "mlp"), "mlp: Linear-ReLU-Dropout-Linear")
+    head_hidden: int = _doc(512, "hidden width of the mlp head")
+    head_dropout: float = _doc(0.5, "dropout of the mlp head")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _choice("adamw", ("sgd", "adam", "adamw"))
+    lr: float = _doc(1e-3, "peak learning rate")
+    weight_decay: float = _doc(0.0, "decoupled for adamw, L2 for sgd and adam")
+    momentum: float = _doc(0.9, "sgd momentum")
+    nesterov: bool = _doc(False, "sgd nesterov momentum")
+    scheduler: str = _choice("none", ("none", "step", "cosine"))
+    step_size: int = _doc(7, "epochs between decays of the step scheduler")
+    gamma: float = _doc(0.1, "decay factor of the step scheduler")
+    warmup_epochs: float = _doc(0.0, "linear warmup before the cosine schedule")
+    min_lr: float = _doc(0.0, "floor of the cosine schedule")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _doc(10, "passes over the training split")
+    precision: str = _choice("auto", ("auto", "no", "bf16", "fp16"),
+                             "auto: what `accelerate launch --mixed_precision` says, else no")
+    seed: int = _doc(0, "seed of weights init, shuffling and augmentation")
+    label_smoothing: float = _doc(0.0, "cross-entropy label smoothing")
+    best_metric: str = _choice("val_loss", ("val_loss", "val_acc"), "metric that picks best.safetensors")
+    early_stopping_patience: int = _doc(0, "stop after this many epochs without a better best_metric (0: never)")
+    log_every_steps: int = _doc(50, "progress-bar postfix refresh, in steps")
+
+
+@dataclass
+class RunConfig:
+    dir: str = _doc("runs/default", "where checkpoints, config and logs go")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = _choice("disabled", ("online", "offline", "disabled"))
+    project: str = _doc("imgtrain", "W&B project")
+    entity: str = _doc("", "W&B entity (team or user); empty: your default")
+    name: str = _doc("", "W&B run name; empty: W&B picks one")
+    group: str = _doc("", "W&B group")
+    tags: list[str] = _doc([], "W&B tags")
+    notes: str = _doc("", "W&B notes")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema introspection
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _fields(section_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section_cls)}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in _sections().items() for k in _fields(cls)]
+
+
+def _field_type(section_cls: type, key: str) -> Any:
+    return typing.get_type_hints(section_cls)[key]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Values
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check a TOML (or parsed override) value against the schema type, with int->float allowed."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return value
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _parse_override_value(key: str, raw: str, tp: Any) -> Any:
+    """Parse the text after `=` the way its type asks: strings verbatim, the rest as TOML."""
+    if tp is str:
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+            return raw[1:-1]
+        return raw
+    text = raw.strip()
+    if tp is bool:
+        text = text.lower()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {raw!r}") from None
+    return _coerce(key, value, tp)
+
+
+def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"unknown section [{section}] in {source}{_suggest(section, list(sections))}"
+                          f" (sections: {', '.join(sections)})")
+    fields = _fields(sections[section])
+    dotted = f"{section}.{key}"
+    if key not in fields:
+        raise ConfigError(f"unknown key '{dotted}' in {source}{_suggest(dotted, all_keys())}")
+    tp = _field_type(sections[section], key)
+    value = _coerce(dotted, value, tp)
+    choices = fields[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{dotted} = {value!r} is not one of: {', '.join(map(repr, choices))}"
+                          f"{_suggest(str(value), list(choices))}")
+    setattr(getattr(cfg, section), key, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tables = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        for section, table in tables.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"'{section}' in {path} must be a [section] table of keys"
+                                  f"{_suggest(section, all_keys())}")
+            for key, value in table.items():
+                _set(cfg, section, key, value, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=3")
+        dotted, raw = item.split("=", 1)
+        dotted = dotted.strip()
+        if dotted.count(".") != 1:
+            raise ConfigError(f"override key '{dotted}' must be section.key{_suggest(dotted, all_keys())}")
+        section, key = dotted.split(".")
+        sections = _sections()
+        if section in sections and key in _fields(sections[section]):
+            value = _parse_override_value(dotted, raw, _field_type(sections[section], key))
+        else:
+            value = raw  # _set reports the unknown key with a suggestion
+        _set(cfg, section, key, value, "overrides")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks; each names the key and what would work."""
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    if not d.root:
+        raise ConfigError("data.root is not set: add data.root=/path/to/images (a folder of class folders, "
+                          "or one with train/ and val/)")
+    if not m.name:
+        raise ConfigError("model.name is not set: e.g. model.name=timm/resnet18 "
+                          "(see `python launch/models.py --search resnet`)")
+    checks = [
+        (0.0 < d.val_fraction < 1.0, "data.val_fraction must be between 0 and 1 (exclusive)"),
+        (d.image_size >= 8, "data.image_size must be at least 8"),
+        (0.0 < d.crop_pct <= 1.0, "data.crop_pct must be in (0, 1]"),
+        (d.batch_size >= 1, "data.batch_size must be at least 1"),
+        (d.num_workers >= 0, "data.num_workers must be 0 or more"),
+        (m.head_hidden >= 1, "model.head_hidden must be at least 1"),
+        (0.0 <= m.head_dropout < 1.0, "model.head_dropout must be in [0, 1)"),
+        (o.lr > 0, "optim.lr must be positive"),
+        (o.weight_decay >= 0, "optim.weight_decay must be 0 or more"),
+        (o.step_size >= 1, "optim.step_size must be at least 1"),
+        (o.warmup_epochs >= 0, "optim.warmup_epochs must be 0 or more"),
+        (t.epochs >= 1, "train.epochs must be at least 1"),
+        (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
+        (t.early_stopping_patience >= 0, "train.early_stopping_patience must be 0 (off) or more"),
+        (t.log_every_steps >= 1, "train.log_every_steps must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if d.normalize == "custom":
+        if len(d.mean) != 3 or len(d.std) != 3:
+            raise ConfigError("data.normalize = 'custom' needs data.mean and data.std with 3 numbers each, "
+                              "e.g. data.mean=[0.5,0.5,0.5] data.std=[0.5,0.5,0.5]")
+        if any(s <= 0 for s in d.std):
+            raise ConfigError("data.std values must be positive")
+    elif d.mean or d.std:
+        raise ConfigError("data.mean/data.std are only used with data.normalize = 'custom'; set that too")
+    if m.weights and m.pretrained:
+        raise ConfigError("set either model.pretrained = true or model.weights = FILE, not both")
+    if m.weights and not Path(m.weights).expanduser().is_file():
+        raise ConfigError(f"model.weights file not found: {m.weights}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(tables: dict[str, dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for section, table in tables.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_from_dict(tables: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (as stored in checkpoints), leniently:
+    keys this version does not know are ignored so old checkpoints stay loadable."""
+    cfg = Config()
+    sections = _sections()
+    for section, table in tables.items():
+        if section not in sections:
+            continue
+        known = _fields(sections[section])
+        for key, value in table.items():
+            if key in known:
+                setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+__all__ = ["Config", "load_config", "validate", "dump_toml", "config_from_dict", "all_keys"]

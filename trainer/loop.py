@@ -1,0 +1,175 @@
+"""The training function: build -> accelerator.prepare -> for each epoch train, evaluate, checkpoint.
+
+Read it top to bottom; the helpers below it each take a few arguments and return a dict.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from data import ImageListDataset, discover, eval_transform, make_loader, resolve_normalization, train_transform
+from models import HeadSpec, build_classifier, count_parameters, freeze, set_train_mode
+from trainer.checkpoint import save_classifier
+from trainer.config import Config
+from trainer.optim import build_optimizer, build_scheduler, trainable_parameters
+from trainer.report import RunReport
+from trainer.runtime import describe, make_accelerator, start_tracking
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best: dict | None
+    history: list[dict]
+    stopped_early: bool
+
+
+def train(cfg: Config) -> TrainResult:
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.train.seed)
+
+    # ---- build: everything that can fail on user input happens before a file is written ----
+    splits = discover(cfg.data.root, cfg.data.val_fraction, cfg.data.seed)
+    head = HeadSpec(cfg.model.head, cfg.model.head_hidden, cfg.model.head_dropout)
+    built = build_classifier(cfg.model.name, len(splits.classes), head, cfg.model.pretrained, cfg.model.weights)
+    model = built.model
+    freeze(model, built.head_name, cfg.model.freeze)
+    mean, std = resolve_normalization(cfg.data.normalize, built.mean, built.std, cfg.data.mean, cfg.data.std)
+    d = cfg.data
+    train_ds = ImageListDataset(splits.train, train_transform(d.augment, d.image_size, mean, std, d.crop_pct))
+    val_ds = ImageListDataset(splits.val, eval_transform(d.image_size, mean, std, d.crop_pct))
+    pin = accelerator.device.type == "cuda"
+    train_loader = make_loader(train_ds, d.batch_size, True, d.num_workers, pin, cfg.train.seed)
+    val_loader = make_loader(val_ds, d.batch_size, False, d.num_workers, pin, cfg.train.seed)
+    optimizer = build_optimizer(trainable_parameters(model), cfg.optim)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    # After prepare, len(train_loader) is this process's share: the optimizer steps per epoch.
+    scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.train.epochs)
+
+    run_dir = Path(cfg.run.dir).expanduser().resolve()
+    runtime = describe(accelerator, d.batch_size)
+    report = RunReport(accelerator, run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+    start_tracking(accelerator, cfg, run_dir)
+    total, trainable = count_parameters(built.model)
+    report.start(model_name=cfg.model.name, total_params=total, trainable_params=trainable, splits=splits,
+                 runtime=runtime, notes=built.notes)
+
+    checkpoint_facts = dict(model_name=cfg.model.name, head=head.to_dict(), class_names=splits.classes, mean=mean,
+                            std=std, image_size=d.image_size, crop_pct=d.crop_pct, config=cfg.to_dict(),
+                            runtime={k: runtime[k] for k in ("num_processes", "device", "precision",
+                                                             "global_batch_size")})
+    higher_is_better = cfg.train.best_metric == "val_acc"
+    best, history, epochs_without_improvement, stopped_early = None, [], 0, False
+
+    # ---- epochs ----
+    for epoch in range(1, cfg.train.epochs + 1):
+        started = time.perf_counter()
+        train_stats = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler, criterion,
+                                      epoch, cfg.train.log_every_steps)
+        val_stats = evaluate(accelerator, model, val_loader, criterion, len(splits.classes))
+        elapsed = time.perf_counter() - started
+        metrics = {"epoch": epoch, **train_stats, **val_stats, "epoch_time": elapsed,
+                   "images_per_sec": train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)}
+        history.append(metrics)
+
+        score = metrics[cfg.train.best_metric]
+        improved = best is None or (score > best[cfg.train.best_metric] if higher_is_better
+                                    else score < best[cfg.train.best_metric])
+        if improved:
+            best, epochs_without_improvement = metrics, 0
+        else:
+            epochs_without_improvement += 1
+        report.epoch(metrics, improved)
+
+        if accelerator.is_main_process:
+            state = accelerator.get_state_dict(model)
+            for name, keep in (("last", True), ("best", improved)):
+                if keep:
+                    save_classifier(run_dir / f"{name}.safetensors", state, metrics=metrics, epoch=epoch,
+                                    **checkpoint_facts)
+        patience = cfg.train.early_stopping_patience
+        if patience and epochs_without_improvement >= patience:
+            stopped_early = True
+            break
+
+    accelerator.wait_for_everyone()
+    written = [run_dir / "best.safetensors", run_dir / "last.safetensors", run_dir / "config.toml",
+               run_dir / "metrics.jsonl"]
+    report.finish(best=best, stopped_early=stopped_early, written=written)
+    accelerator.end_training()
+    return TrainResult(run_dir, best, history, stopped_early)
+
+
+def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler, criterion,
+                    epoch: int, log_every: int) -> dict:
+    set_train_mode(accelerator.unwrap_model(model))
+    device = accelerator.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)
+    started = time.perf_counter()
+    # A bar redrawn into a log file is noise: only draw it on a terminal.
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=not (accelerator.is_main_process and sys.stderr.isatty()))
+    for step, (images, labels) in enumerate(bar):
+        with accelerator.autocast():
+            logits = model(images)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach().double() * labels.numel()
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.numel()
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    bar.close()
+    seconds = time.perf_counter() - started
+    # Sum over processes: every process reaches this collective once per epoch.
+    loss_sum, correct, seen = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]),
+                                                 reduction="sum").tolist()
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "lr": scheduler.get_last_lr()[0], "train_images": int(seen), "train_seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: nn.Module, loader, criterion, num_classes: int) -> dict:
+    """Loss, accuracy (and top-5 with >= 5 classes) over every validation image exactly once."""
+    model.eval()
+    per_sample = nn.CrossEntropyLoss(reduction="none", label_smoothing=criterion.label_smoothing)
+    losses, hits, hits5 = [], [], []
+    k = min(5, num_classes)
+    for images, labels in loader:
+        with accelerator.autocast():
+            logits = model(images)
+        loss = per_sample(logits.float(), labels)
+        top = logits.topk(k, dim=1).indices
+        # gather_for_metrics drops the samples the distributed sampler duplicated for even shards.
+        loss, labels, top = accelerator.gather_for_metrics((loss, labels, top))
+        losses.append(loss.double())
+        hits.append(top[:, 0] == labels)
+        hits5.append((top == labels[:, None]).any(1))
+    n = sum(len(h) for h in hits)
+    stats = {"val_loss": torch.cat(losses).sum().item() / n, "val_acc": torch.cat(hits).double().sum().item() / n}
+    if num_classes >= 5:
+        stats["val_top5"] = torch.cat(hits5).double().sum().item() / n
+    stats["val_images"] = n
+    if not math.isfinite(stats["val_loss"]):
+        accelerator.print("warning: validation loss is not finite")
+    return stats

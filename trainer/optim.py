@@ -1,0 +1,51 @@
+"""Optimizers and per-step learning-rate schedules.
+
+Every schedule is a LambdaLR stepped once per optimizer step, with its length in optimizer
+steps. The scheduler is deliberately not passed through `accelerator.prepare`: Accelerate would
+step a prepared scheduler once per process, so the curve would depend on the process count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainer.config import OptimConfig
+
+
+def build_optimizer(params: list, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """`params`: trainable tensors, or parameter groups (dicts) with their own `lr`."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """The multiplier of the base learning rate after `step` optimizer steps."""
+    if cfg.scheduler == "step":
+        # StepLR(step_size epochs, gamma), as in the hymenoptera seed, but per optimizer step.
+        return cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
+    if cfg.scheduler == "cosine":
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        floor = cfg.min_lr / cfg.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
+                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = steps_per_epoch * epochs
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch, total))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,104 @@
+"""What a run tells the user: the start summary, the epoch table, metrics.jsonl and W&B.
+
+Every method is a no-op off the main process, so callers need no rank checks of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from accelerate import Accelerator
+
+# (metric key, column title, format) in the order the epoch table shows them.
+_COLUMNS = [
+    ("epoch", "epoch", "{:>5d}"),
+    ("train_loss", "train_loss", "{:>10.4f}"),
+    ("train_acc", "train_acc", "{:>9.4f}"),
+    ("val_loss", "val_loss", "{:>8.4f}"),
+    ("val_acc", "val_acc", "{:>7.4f}"),
+    ("val_top5", "val_top5", "{:>8.4f}"),
+    ("lr", "lr", "{:>9.2e}"),
+    ("images_per_sec", "img/s", "{:>8.1f}"),
+    ("epoch_time", "time", "{:>6.1f}s"),
+]
+
+
+def format_count(n: int) -> str:
+    return f"{n:,}"
+
+
+class RunReport:
+    def __init__(self, accelerator: Accelerator, run_dir: Path):
+        self.accelerator = accelerator
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._header_printed = False
+        self._started = time.time()
+
+    @property
+    def active(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, *lines: str) -> None:
+        if self.active:
+            print(*lines, sep="\n", flush=True)
+
+    def start(self, *, model_name: str, total_params: int, trainable_params: int, splits, runtime: dict,
+              notes: list[str]) -> None:
+        if not self.active:
+            return
+        lines = [
+            f"model    {model_name}: {format_count(total_params)} parameters, "
+            f"{format_count(trainable_params)} trainable",
+            *[f"         {note}" for note in notes],
+            f"data     {splits.root} ({splits.layout}): {len(splits.classes)} classes, "
+            f"{len(splits.train)} train / {len(splits.val)} val images",
+        ]
+        train_counts, val_counts = splits.class_counts("train"), splits.class_counts("val")
+        width = max(len(c) for c in splits.classes)
+        shown = splits.classes if len(splits.classes) <= 20 else splits.classes[:10]
+        for name in shown:
+            lines.append(f"         {name:<{width}}  train {train_counts[name]:>6}  val {val_counts[name]:>6}")
+        if len(shown) < len(splits.classes):
+            counts = sorted(train_counts.values())
+            lines.append(f"         ... {len(splits.classes) - len(shown)} more classes; "
+                         f"train images per class: min {counts[0]}, max {counts[-1]}")
+        lines.append(
+            f"runtime  device {runtime['device']}, {runtime['num_processes']} process(es), "
+            f"precision {runtime['precision']}, batch {runtime['batch_size']} per process x "
+            f"{runtime['num_processes']} process(es) x {runtime.get('grad_accum_steps', 1)} accumulation "
+            f"= {runtime['global_batch_size']} global")
+        lines.append(f"run dir  {self.run_dir}")
+        self.print(*lines)
+
+    def epoch(self, metrics: dict, is_best: bool) -> None:
+        """One row of the epoch table, one line of metrics.jsonl, one W&B log call."""
+        if not self.active:
+            return
+        columns = [c for c in _COLUMNS if c[0] in metrics]
+        if not self._header_printed:
+            header = "  ".join(title.rjust(len(fmt.format(0 if "d" in fmt else 0.0))) for _, title, fmt in columns)
+            self.print(header)
+            self._header_printed = True
+        row = "  ".join(fmt.format(metrics[key]) for key, _, fmt in columns)
+        self.print(row + ("  *" if is_best else ""))
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({**metrics, "is_best": is_best, "wall_time": time.time() - self._started}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"} | {"epoch": metrics["epoch"]})
+
+    def finish(self, *, best: dict | None, stopped_early: bool, written: list[Path]) -> None:
+        if not self.active:
+            return
+        lines = []
+        if stopped_early:
+            lines.append("stopped early: no improvement for train.early_stopping_patience epochs")
+        if best:
+            lines.append(f"best epoch {best['epoch']}: val_acc {best['val_acc']:.4f}, val_loss {best['val_loss']:.4f}")
+        lines.append(f"wall time {time.time() - self._started:.1f}s")
+        lines += [f"wrote {path}" for path in written]
+        self.print(*lines)

@@ -1,0 +1,44 @@
+"""The Accelerator for this run: device, processes and precision, decided by how it was launched.
+
+`python launch/train.py` runs one process; `accelerate launch` (flags or an `accelerate config`
+file) or `torchrun` decide the number of processes and machines; `train.precision` overrides
+`--mixed_precision` when it is not "auto".
+"""
+
+from __future__ import annotations
+
+import os
+
+from accelerate import Accelerator
+
+from trainer.config import Config
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    precision = None if cfg.train.precision == "auto" else cfg.train.precision
+    log_with = None
+    if cfg.wandb.mode != "disabled":
+        os.environ["WANDB_MODE"] = cfg.wandb.mode
+        log_with = "wandb"
+    return Accelerator(mixed_precision=precision, log_with=log_with)
+
+
+def describe(accelerator: Accelerator, batch_size: int, grad_accum_steps: int = 1) -> dict:
+    """Facts about the run's hardware recorded in the log and in checkpoint metadata."""
+    return {
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "precision": accelerator.mixed_precision,
+        "batch_size": batch_size,
+        "grad_accum_steps": grad_accum_steps,
+        "global_batch_size": batch_size * accelerator.num_processes * grad_accum_steps,
+    }
+
+
+def start_tracking(accelerator: Accelerator, cfg: Config, run_dir) -> None:
+    if cfg.wandb.mode == "disabled":
+        return
+    w = cfg.wandb
+    init = {"dir": str(run_dir), "tags": w.tags or None}
+    init |= {k: v for k, v in (("entity", w.entity), ("name", w.name), ("group", w.group), ("notes", w.notes)) if v}
+    accelerator.init_trackers(w.project, config=cfg.to_dict(), init_kwargs={"wandb": init})
