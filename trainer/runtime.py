@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from accelerate import Accelerator
 
 from trainer.config import Config
@@ -20,7 +21,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cfg.wandb.mode != "disabled":
         os.environ["WANDB_MODE"] = cfg.wandb.mode
         log_with = "wandb"
-    return Accelerator(mixed_precision=precision, log_with=log_with)
+    # Without cpu=True, Accelerate starts N independent single-process runs on a GPU-less machine
+    # instead of one DDP group over gloo.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=log_with)
 
 
 def describe(accelerator: Accelerator, batch_size: int, grad_accum_steps: int = 1) -> dict:

@@ -1,0 +1,22 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+# Import this checkout's packages even where another checkout is installed in editable mode.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import make_image_folder  # noqa: E402
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A tiny learnable class-folder dataset: 3 classes x 12 images of 16x16 pixels."""
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_network(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SILENT", "true")

@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny learnable image folders and running entry points as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+# Three classes a tiny CNN separates in a few steps: which color channel dominates, plus noise.
+COLORS = {"red": 0, "green": 1, "blue": 2}
+
+
+def make_image(rng: np.random.Generator, channel: int, size: int = 16) -> Image.Image:
+    pixels = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
+    pixels[..., channel] = rng.integers(150, 256, size=(size, size), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def make_image_folder(root: Path, per_class: int = 12, classes=tuple(COLORS), layout: str = "class-folders",
+                      seed: int = 0, size: int = 16) -> Path:
+    """`class-folders`: root/<class>/*.png; `split-folders`: root/train/<class>, root/val/<class>."""
+    rng = np.random.default_rng(seed)
+    splits = {"": per_class} if layout == "class-folders" else {"train": per_class, "val": max(2, per_class // 3)}
+    for split, count in splits.items():
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                make_image(rng, COLORS.get(name, hash(name) % 3), size).save(folder / f"{name}_{i:03d}.png")
+    return root
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"WANDB_MODE": "disabled", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                # Keep accelerate from reading a user's `accelerate config` file.
+                "HF_HOME": env.get("HF_HOME_TESTS", "/tmp/imgtrain-tests-hf")})
+    env.update(extra)
+    return env
+
+
+def run_script(script: str, *args: str, cwd: Path, launcher: tuple[str, ...] = (), timeout: int = 300,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run launch/<script> as a user would: `python launch/x.py ...` or `accelerate launch ... launch/x.py`."""
+    cmd = [*(launcher or (PYTHON,)), str(REPO / "launch" / script), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or run_env())
+
+
+def accelerate_launch(*flags: str) -> tuple[str, ...]:
+    return (ACCELERATE, "launch", "--num_machines", "1", "--dynamo_backend", "no", *flags)
