@@ -21,4 +21,7 @@ def run_main(main: Callable[[], int | None]) -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        sys.exit(0)
     sys.exit(code or 0)

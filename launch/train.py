@@ -28,14 +28,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", help="TOML config file (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config keys")
     return parser.parse_args(argv)
 
 
 def main() -> int:
-    from trainer.config import load_config
+    from trainer.config import describe_keys, load_config
 
     args = parse_args()
+    if args.keys:
+        print(describe_keys())
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_toml())

@@ -332,3 +332,16 @@ def config_from_dict(tables: dict[str, dict[str, Any]]) -> Config:
 
 
 __all__ = ["Config", "load_config", "validate", "dump_toml", "config_from_dict", "all_keys"]
+
+
+def describe_keys() -> str:
+    """Every key with its default and meaning, one per line (for `launch/train.py --keys`)."""
+    lines = []
+    for section, cls in _sections().items():
+        for key, f in _fields(cls).items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                doc = f"{doc} [{' | '.join(f.metadata['choices'])}]".strip()
+            lines.append(f"{section}.{key:<24} = {_toml_value(default):<14} {doc}")
+    return "\n".join(lines)
