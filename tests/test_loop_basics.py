@@ -1,0 +1,42 @@
+"""Small training-loop behaviours: early stopping, best-epoch tracking, the schedules' shapes."""
+
+import json
+
+import pytest
+import torch
+
+from trainer.config import OptimConfig, load_config
+from trainer.loop import train
+from trainer.optim import lr_factor
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(image_folder, tmp_path):
+    # A learning rate this small cannot change a prediction, so val_acc never improves after epoch 1.
+    cfg = load_config(None, [f"data.root={image_folder}", "model.name=tiny_cnn", f"run.dir={tmp_path / 'run'}",
+                             "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=10",
+                             "optim.lr=1e-12", "train.best_metric=val_acc", "train.early_stopping_patience=2"])
+    result = train(cfg)
+    assert result.stopped_early and len(result.history) == 3
+    assert result.best["epoch"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["is_best"] for r in rows] == [True, False, False]
+
+
+def test_step_schedule_matches_torch_steplr_at_epoch_boundaries():
+    cfg = OptimConfig(scheduler="step", step_size=7, gamma=0.1, lr=1e-3)
+    steps_per_epoch = 5
+    param = torch.nn.Parameter(torch.zeros(1))
+    reference = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([param], lr=1e-3), step_size=7, gamma=0.1)
+    for epoch in range(20):
+        ours = 1e-3 * lr_factor(epoch * steps_per_epoch, cfg, steps_per_epoch, 100)
+        assert ours == pytest.approx(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+
+
+def test_cosine_warms_up_then_decays_to_the_floor():
+    cfg = OptimConfig(scheduler="cosine", warmup_epochs=1, lr=1.0, min_lr=0.1)
+    factors = [lr_factor(s, cfg, 10, 100) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(100, cfg, 10, 100) == pytest.approx(0.1)
