@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 WRONG = "#d62728"
 RIGHT = "#2ca02c"
@@ -58,7 +59,7 @@ def image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str], wron
     n = len(images)
     cols = min(n, 8) or 1
     rows = max(1, -(-n // cols))
-    fig = Figure(figsize=(1.8 * cols, 2.1 * rows))
+    fig = Figure(figsize=(1.8 * cols, 2.1 * rows + 0.4), layout="constrained")
     for i in range(rows * cols):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.set_xticks([])
@@ -81,7 +82,7 @@ def image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str], wron
 
 def curves(path: str | Path, epochs: Sequence[dict], steps: Sequence[dict] = ()) -> Path:
     """Loss (per step, faint, and per epoch) and accuracy per epoch, side by side."""
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     if steps:
         # Steps on the epoch axis so both loss series share one x scale.
@@ -96,6 +97,7 @@ def curves(path: str | Path, epochs: Sequence[dict], steps: Sequence[dict] = ())
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -105,7 +107,7 @@ def confusion_plot(path: str | Path, matrix: np.ndarray, class_names: Sequence[s
     """Rows are actual classes, columns predictions; colour is the row share, text the count."""
     n = len(class_names)
     side = min(max(4.0, 0.45 * n + 2), 30.0)
-    fig = Figure(figsize=(side, side))
+    fig = Figure(figsize=(side, side), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -126,7 +128,7 @@ def confusion_plot(path: str | Path, matrix: np.ndarray, class_names: Sequence[s
 def class_distribution(path: str | Path, class_names: Sequence[str], counts: dict[str, dict[str, int]]) -> Path:
     """Images per class in each split (`counts` maps split name -> class name -> count)."""
     n = len(class_names)
-    fig = Figure(figsize=(min(max(6.0, 0.3 * n + 2), 30.0), 4))
+    fig = Figure(figsize=(min(max(6.0, 0.3 * n + 2), 30.0), 4), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(len(counts), 1)
     for k, (split, per_class) in enumerate(counts.items()):
