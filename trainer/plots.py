@@ -24,7 +24,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
