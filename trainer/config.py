@@ -99,6 +99,8 @@ class WandbConfig:
     group: str = _doc("", "W&B group")
     tags: list[str] = _doc([], "W&B tags")
     notes: str = _doc("", "W&B notes")
+    log_model: bool = _doc(False, "log best.safetensors (with its metadata) as a W&B model artifact at the end")
+    init_timeout: float = _doc(60.0, "seconds to wait for the W&B server before going on offline")
 
 
 @dataclass
@@ -273,6 +275,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (t.early_stopping_patience >= 0, "train.early_stopping_patience must be 0 (off) or more"),
         (t.log_every_steps >= 1, "train.log_every_steps must be at least 1"),
+        (cfg.wandb.init_timeout > 0, "wandb.init_timeout must be a positive number of seconds"),
     ]
     for ok, message in checks:
         if not ok:

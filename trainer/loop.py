@@ -23,7 +23,8 @@ from trainer.checkpoint import save_classifier
 from trainer.config import Config
 from trainer.optim import build_optimizer, build_scheduler, trainable_parameters
 from trainer.report import RunReport
-from trainer.runtime import describe, make_accelerator, start_tracking
+from trainer.runtime import describe, make_accelerator
+from trainer.tracking import SAMPLE_IMAGES, Predictions, RunTracking
 
 
 @dataclass
@@ -64,7 +65,11 @@ def train(cfg: Config) -> TrainResult:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
-    start_tracking(accelerator, cfg, run_dir)
+    tracking = RunTracking(accelerator, cfg, run_dir, splits.classes, mean, std)
+    # Main process: the W&B run id (None without W&B), kept so a resumed run can continue it.
+    wandb_run_id = tracking.start(config={**cfg.to_dict(), "runtime": runtime}, run_id=None)
+    tracking.show_data(train_ds, {"train": splits.class_counts("train"), "val": splits.class_counts("val")},
+                       cfg.train.seed)
     total, trainable = count_parameters(built.model)
     report.start(model_name=cfg.model.name, total_params=total, trainable_params=trainable, splits=splits,
                  runtime=runtime, notes=built.notes)
@@ -80,8 +85,9 @@ def train(cfg: Config) -> TrainResult:
     for epoch in range(1, cfg.train.epochs + 1):
         started = time.perf_counter()
         train_stats = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler, criterion,
-                                      epoch, cfg.train.log_every_steps)
-        val_stats = evaluate(accelerator, model, val_loader, criterion, len(splits.classes))
+                                      epoch, cfg.train.log_every_steps, tracking, runtime["global_batch_size"])
+        val_stats, predictions = evaluate(accelerator, model, val_loader, criterion, len(splits.classes),
+                                          return_predictions=True)
         elapsed = time.perf_counter() - started
         metrics = {"epoch": epoch, **train_stats, **val_stats, "epoch_time": elapsed,
                    "images_per_sec": train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)}
@@ -94,7 +100,8 @@ def train(cfg: Config) -> TrainResult:
             best, epochs_without_improvement = metrics, 0
         else:
             epochs_without_improvement += 1
-        report.epoch(metrics, improved)
+        record = report.epoch(metrics, improved)
+        tracking.epoch(record, predictions)
 
         if accelerator.is_main_process:
             state = accelerator.get_state_dict(model)
@@ -109,14 +116,14 @@ def train(cfg: Config) -> TrainResult:
 
     accelerator.wait_for_everyone()
     written = [run_dir / "best.safetensors", run_dir / "last.safetensors", run_dir / "config.toml",
-               run_dir / "metrics.jsonl"]
+               run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
     report.finish(best=best, stopped_early=stopped_early, written=written)
     accelerator.end_training()
     return TrainResult(run_dir, best, history, stopped_early)
 
 
 def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler, criterion,
-                    epoch: int, log_every: int) -> dict:
+                    epoch: int, log_every: int, tracking: RunTracking, global_batch_size: int) -> dict:
     set_train_mode(accelerator.unwrap_model(model))
     device = accelerator.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -138,7 +145,9 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.numel()
         if step % log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            loss_value, lr = loss.item(), scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            tracking.train_step(epoch, step, len(loader), loss_value, lr, global_batch_size)
     bar.close()
     seconds = time.perf_counter() - started
     # Sum over processes: every process reaches this collective once per epoch.
@@ -149,22 +158,37 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, loader, criterion, num_classes: int) -> dict:
-    """Loss, accuracy (and top-5 with >= 5 classes) over every validation image exactly once."""
+def evaluate(accelerator: Accelerator, model: nn.Module, loader, criterion, num_classes: int,
+             return_predictions: bool = False) -> dict | tuple[dict, Predictions]:
+    """Loss, accuracy (and top-5 with >= 5 classes) over every validation image exactly once.
+
+    With return_predictions, also every image's label and top-1 prediction (for the confusion
+    matrix) and a few of this process's images with theirs (for the prediction grid).
+    """
     model.eval()
     per_sample = nn.CrossEntropyLoss(reduction="none", label_smoothing=criterion.label_smoothing)
-    losses, hits, hits5 = [], [], []
+    losses, hits, hits5, all_labels, all_top1 = [], [], [], [], []
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    kept = 0
     k = min(5, num_classes)
     for images, labels in loader:
         with accelerator.autocast():
             logits = model(images)
         loss = per_sample(logits.float(), labels)
         top = logits.topk(k, dim=1).indices
+        if return_predictions and kept < SAMPLE_IMAGES:
+            # Local images, no collective: the grid shows part of the main process's shard.
+            take = SAMPLE_IMAGES - kept
+            samples.append((images[:take].float().cpu(), labels[:take].cpu(), top[:take, 0].cpu()))
+            kept += len(samples[-1][1])
         # gather_for_metrics drops the samples the distributed sampler duplicated for even shards.
         loss, labels, top = accelerator.gather_for_metrics((loss, labels, top))
         losses.append(loss.double())
         hits.append(top[:, 0] == labels)
         hits5.append((top == labels[:, None]).any(1))
+        if return_predictions:
+            all_labels.append(labels.cpu())
+            all_top1.append(top[:, 0].cpu())
     n = sum(len(h) for h in hits)
     stats = {"val_loss": torch.cat(losses).sum().item() / n, "val_acc": torch.cat(hits).double().sum().item() / n}
     if num_classes >= 5:
@@ -172,4 +196,10 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, criterion, num_
     stats["val_images"] = n
     if not math.isfinite(stats["val_loss"]):
         accelerator.print("warning: validation loss is not finite")
-    return stats
+    if not return_predictions:
+        return stats
+    predictions = Predictions(
+        labels=torch.cat(all_labels).numpy(), predicted=torch.cat(all_top1).numpy(),
+        sample_images=torch.cat([s[0] for s in samples]), sample_labels=torch.cat([s[1] for s in samples]).tolist(),
+        sample_predicted=torch.cat([s[2] for s in samples]).tolist())
+    return stats, predictions

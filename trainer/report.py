@@ -1,4 +1,4 @@
-"""What a run tells the user: the start summary, the epoch table, metrics.jsonl and W&B.
+"""What a run tells the user: the start summary, the epoch table and metrics.jsonl (W&B: tracking.py).
 
 Every method is a no-op off the main process, so callers need no rank checks of their own.
 """
@@ -74,10 +74,10 @@ class RunReport:
         lines.append(f"run dir  {self.run_dir}")
         self.print(*lines)
 
-    def epoch(self, metrics: dict, is_best: bool) -> None:
-        """One row of the epoch table, one line of metrics.jsonl, one W&B log call."""
+    def epoch(self, metrics: dict, is_best: bool) -> dict | None:
+        """One row of the epoch table and one line of metrics.jsonl; returns that line's record."""
         if not self.active:
-            return
+            return None
         columns = [c for c in _COLUMNS if c[0] in metrics]
         if not self._header_printed:
             header = "  ".join(title.rjust(len(fmt.format(0 if "d" in fmt else 0.0))) for _, title, fmt in columns)
@@ -85,11 +85,12 @@ class RunReport:
             self._header_printed = True
         row = "  ".join(fmt.format(metrics[key]) for key, _, fmt in columns)
         self.print(row + ("  *" if is_best else ""))
+        record = {**metrics, "is_best": is_best, "wall_time": time.time() - self._started}
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({**metrics, "is_best": is_best, "wall_time": time.time() - self._started}) + "\n")
+            f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"} | {"epoch": metrics["epoch"]})
+        return record
 
     def finish(self, *, best: dict | None, stopped_early: bool, written: list[Path]) -> None:
         if not self.active:

@@ -7,20 +7,19 @@ file) or `torchrun` decide the number of processes and machines; `train.precisio
 
 from __future__ import annotations
 
-import os
-
 import torch
 from accelerate import Accelerator
 
 from trainer.config import Config
+from trainer.tracking import make_wandb_tracker
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     precision = None if cfg.train.precision == "auto" else cfg.train.precision
-    log_with = None
-    if cfg.wandb.mode != "disabled":
-        os.environ["WANDB_MODE"] = cfg.wandb.mode
-        log_with = "wandb"
+    # Accelerate takes its trackers at construction; the W&B run itself starts (main process only)
+    # in RunTracking.start, once the run folder exists.
+    tracker = make_wandb_tracker(cfg)
+    log_with = [tracker] if tracker is not None else None
     # Without cpu=True, Accelerate starts N independent single-process runs on a GPU-less machine
     # instead of one DDP group over gloo.
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=log_with)
@@ -37,11 +36,3 @@ def describe(accelerator: Accelerator, batch_size: int, grad_accum_steps: int = 
         "global_batch_size": batch_size * accelerator.num_processes * grad_accum_steps,
     }
 
-
-def start_tracking(accelerator: Accelerator, cfg: Config, run_dir) -> None:
-    if cfg.wandb.mode == "disabled":
-        return
-    w = cfg.wandb
-    init = {"dir": str(run_dir), "tags": w.tags or None}
-    init |= {k: v for k, v in (("entity", w.entity), ("name", w.name), ("group", w.group), ("notes", w.notes)) if v}
-    accelerator.init_trackers(w.project, config=cfg.to_dict(), init_kwargs={"wandb": init})

@@ -1,0 +1,191 @@
+"""W&B runs (offline, read back from their own files), the local PNGs, one run under DDP, and an
+unreachable server that must not stop training. Nothing here reaches the network: every W&B
+process gets a base URL on a closed local port and a private HOME."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import wandb_records as wr
+from helpers import PYTHON, REPO, accelerate_launch, run_env, run_script
+from trainer import plots
+from trainer.errors import ConfigError
+from trainer.tracking import resolve_mode
+
+PNGS = ["curves.png", "confusion_matrix.png", "predictions.png", "train_samples.png", "class_distribution.png"]
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def wandb_env(tmp_path, **extra: str) -> dict[str, str]:
+    home = tmp_path / "home"
+    env = run_env(WANDB_MODE="offline", HOME=str(home), WANDB_CONFIG_DIR=str(home / "wandb-config"),
+                  WANDB_CACHE_DIR=str(home / "wandb-cache"), WANDB_DATA_DIR=str(home / "wandb-data"),
+                  WANDB_BASE_URL=closed_port_url(), WANDB_SILENT="true")
+    env.pop("WANDB_API_KEY", None)
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def train_args(image_folder, run_dir, *extra: str) -> list[str]:
+    return [f"data.root={image_folder}", f"run.dir={run_dir}", "model.name=tiny_cnn", "data.image_size=16",
+            "data.batch_size=8", "data.num_workers=0", "train.epochs=2", "train.log_every_steps=1",
+            "optim.lr=0.01", "data.val_fraction=0.25", *extra]
+
+
+def the_run_file(run_dir):
+    folders = sorted((run_dir / "wandb").glob("*run-*"))
+    assert len(folders) == 1, f"expected exactly one W&B run folder, got {[f.name for f in folders]}"
+    (run_file,) = folders[0].glob("run-*.wandb")
+    return folders[0], wr.read_records(run_file)
+
+
+def jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_pngs_decode(run_dir):
+    for name in PNGS:
+        with Image.open(run_dir / name) as image:
+            image.load()
+            assert image.format == "PNG" and image.width > 50 and image.height > 50, name
+
+
+def test_offline_run_files_match_metrics_jsonl(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script("train.py", *train_args(image_folder, run_dir, "wandb.mode=offline", "wandb.project=proj",
+                                                "wandb.name=first-try", "wandb.tags=[\"a\",\"b\"]",
+                                                "wandb.notes=tiny", "wandb.group=g", "wandb.log_model=true"),
+                        cwd=tmp_path, env=wandb_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning" not in result.stderr
+    folder, records = the_run_file(run_dir)
+    run = wr.run_record(records)
+    assert folder.name.startswith("offline-run-") and folder.name.endswith(run.run_id)
+    assert (run.project, run.display_name, list(run.tags), run.notes, run.run_group) == \
+        ("proj", "first-try", ["a", "b"], "tiny", "g")
+    config = wr.config(records)
+    assert config["model"]["name"] == "tiny_cnn" and config["train"]["epochs"] == 2
+    assert config["runtime"]["num_processes"] == 1 and config["runtime"]["global_batch_size"] == 8
+
+    rows = wr.history(records)
+    # Every metrics.jsonl line is one W&B log call with the same keys and values.
+    logged_epochs = [{k.removeprefix("epoch/"): v for k, v in row.items() if k.startswith("epoch")}
+                     for row in rows if "epoch/train_loss" in row]
+    assert logged_epochs == jsonl(run_dir / "metrics.jsonl")
+    for row in rows:
+        if "epoch/train_loss" in row:
+            assert {"media/predictions/path", "media/confusion_matrix_table/path",
+                    "media/per_class_accuracy/path"} <= set(row)
+    logged_steps = [{k.removeprefix("train_step/"): v for k, v in row.items() if k.startswith("train_step/")}
+                    for row in rows if "train_step/loss" in row]
+    steps = jsonl(run_dir / "train_steps.jsonl")
+    assert logged_steps == steps and [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    assert any("images_per_sec" in s for s in steps)
+    assert any("media/train_samples/path" in row for row in rows)
+    assert (folder / "files" / rows[0]["media/train_samples/path"]).is_file()
+
+    (artifact,) = [a for a in wr.artifacts(records) if a.type == "model"]
+    assert "best" in artifact.aliases
+    meta = json.loads(artifact.metadata)
+    best_epoch = max(jsonl(run_dir / "metrics.jsonl"), key=lambda r: (r["is_best"], r["epoch"]))["epoch"]
+    assert meta["class_names"] == ["blue", "green", "red"] and meta["epoch"] == best_epoch
+    assert [f.path for f in artifact.manifest.contents] == ["best.safetensors"]
+    assert_pngs_decode(run_dir)
+
+
+def test_two_processes_make_one_wandb_run_and_one_set_of_files(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script("train.py", *train_args(image_folder, run_dir, "wandb.mode=offline"), cwd=tmp_path,
+                        launcher=accelerate_launch("--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"),
+                        env=wandb_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, records = the_run_file(run_dir)
+    assert wr.config(records)["runtime"]["num_processes"] == 2
+    assert len(jsonl(run_dir / "metrics.jsonl")) == 2
+    assert result.stdout.count("wandb    offline run") == 1
+    # The confusion matrix covers every validation image once, gathered from both processes.
+    per_class = (run_dir / "per_class_accuracy.csv").read_text().splitlines()[1:]
+    assert sum(int(line.split(",")[1]) for line in per_class) == 9 == jsonl(run_dir / "metrics.jsonl")[-1]["val_images"]
+    assert_pngs_decode(run_dir)
+    assert sorted(p.name for p in run_dir.glob("*.png")) == sorted(PNGS)
+
+
+@pytest.mark.parametrize("api_key, problem", [("a" * 40, "could not start an online run"),
+                                              (None, "is not logged in")])
+def test_unreachable_wandb_goes_offline_with_one_warning(image_folder, tmp_path, api_key, problem):
+    run_dir = tmp_path / "run"
+    env = wandb_env(tmp_path, WANDB_MODE=None, WANDB_API_KEY=api_key)
+    result = run_script("train.py", *train_args(image_folder, run_dir, "wandb.mode=online", "wandb.init_timeout=2",
+                                                "train.epochs=1"), cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: W&B")]
+    assert len(warnings) == 1 and problem in warnings[0] and "wandb sync" in warnings[0], result.stderr[-2000:]
+    folder, records = the_run_file(run_dir)  # the failed online attempt leaves no second folder
+    assert folder.name.startswith("offline-run-")
+    assert len(jsonl(run_dir / "metrics.jsonl")) == 1 and (run_dir / "best.safetensors").is_file()
+
+
+def test_run_id_is_kept_for_resume(tmp_path, image_folder):
+    # What a resumed run does: start tracking with the id stored in its training state.
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from trainer.config import load_config\nfrom trainer.runtime import make_accelerator\n"
+        "from trainer.tracking import RunTracking\n"
+        "cfg = load_config(None, [f'data.root={sys.argv[2]}', f'run.dir={sys.argv[3]}', 'model.name=tiny_cnn',"
+        " 'wandb.mode=offline'])\n"
+        "acc = make_accelerator(cfg)\n"
+        "tracking = RunTracking(acc, cfg, __import__('pathlib').Path(sys.argv[3]), ['a'], (0.5,)*3, (0.5,)*3)\n"
+        "print('ID', tracking.start(config=cfg.to_dict(), run_id=sys.argv[4]))\nacc.end_training()\n")
+    result = subprocess.run([PYTHON, "-c", script, str(REPO), str(image_folder), str(tmp_path / "run"), "resum3me"],
+                            capture_output=True, text=True, timeout=120, env=wandb_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ID resum3me" in result.stdout
+    _, records = the_run_file(tmp_path / "run")
+    assert wr.run_record(records).run_id == "resum3me"
+
+
+@pytest.mark.parametrize("env, config_mode, expected", [
+    (None, "offline", "offline"), ("", "online", "online"), ("disabled", "online", "disabled"),
+    ("offline", "disabled", "offline"), ("DRYRUN", "online", "offline"), ("run", "disabled", "online")])
+def test_wandb_mode_env_wins_over_config(monkeypatch, env, config_mode, expected):
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    assert resolve_mode(config_mode) == expected
+
+
+def test_bad_wandb_mode_env_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="WANDB_MODE='sometimes' is not one of: online, offline, disabled"):
+        resolve_mode("offline")
+
+
+def test_confusion_matrix_and_per_class_accuracy():
+    matrix = plots.confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 2, 0]), 4)
+    assert matrix.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
+    rows = plots.per_class_accuracy(matrix, ["a", "b", "c", "d"])
+    assert [(r["class"], r["images"], r["correct"]) for r in rows] == [("a", 2, 1), ("b", 1, 1), ("c", 3, 2),
+                                                                      ("d", 0, 0)]
+    assert rows[2]["accuracy"] == pytest.approx(2 / 3) and np.isnan(rows[3]["accuracy"])
+
+
+def test_denormalize_inverts_normalize():
+    rng = np.random.default_rng(0)
+    pixels = rng.random((2, 3, 4, 4)).astype(np.float32)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    normalized = (pixels - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    assert np.allclose(plots.denormalize(normalized.astype(np.float32), mean, std), pixels.transpose(0, 2, 3, 1),
+                       atol=1e-6)

@@ -1,0 +1,309 @@
+"""What a run shows: W&B (through Accelerate's tracker API) and the same pictures as local PNGs.
+
+W&B runs on the main process only, so a run has exactly one W&B run whatever the number of
+processes. The mode is `wandb.mode`, or `WANDB_MODE` when that is set (the usual switch on
+clusters). W&B is a spectator, never a reason to stop: when online mode is asked for but no API
+key is configured or the server does not answer within `wandb.init_timeout` seconds, one warning
+is printed and the run is recorded offline, to be uploaded later with `wandb sync`.
+
+The local files are written whatever the mode, so a run without W&B tells the same story:
+  train_steps.jsonl      train loss, learning rate and throughput every train.log_every_steps
+  curves.png             loss and accuracy
+  confusion_matrix.png   of the latest validation pass (per_class_accuracy.csv beside it)
+  predictions.png        validation images, actual vs predicted, wrong ones framed in red
+  train_samples.png      training images after augmentation, as the model sees them
+  class_distribution.png images per class in each split
+(metrics.jsonl, one line per epoch, is written by trainer/report.py and logged here.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import WandBTracker, on_main_process
+
+from trainer import plots
+from trainer.config import Config
+from trainer.errors import ConfigError
+
+MODES = ("online", "offline", "disabled")
+# Spellings older wandb versions and their docs still use.
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+SAMPLE_IMAGES = 16
+
+
+def resolve_mode(config_mode: str) -> str:
+    """WANDB_MODE, when set, wins over `wandb.mode` so one export turns W&B off or offline."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return config_mode
+    mode = _MODE_ALIASES.get(env, env)
+    if mode not in MODES:
+        raise ConfigError(f"WANDB_MODE={env!r} is not one of: {', '.join(MODES)} (unset it to use wandb.mode)")
+    return mode
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+class FallbackWandBTracker(WandBTracker):
+    """Accelerate's W&B tracker whose start never stops training: online problems -> offline."""
+
+    def __init__(self, project: str, mode: str, init_timeout: float, **init_kwargs: Any):
+        super().__init__(project, **init_kwargs)
+        self.mode = mode
+        self.init_timeout = init_timeout
+        self.warnings: list[str] = []
+
+    @on_main_process
+    def start(self):
+        import wandb
+
+        settings = wandb.Settings(init_timeout=self.init_timeout)
+        mode = self.mode
+        if mode == "online":
+            problem = self._online_problem(wandb)
+            if problem is None:
+                folders = self._run_folders()
+                try:
+                    self.run = wandb.init(project=self.run_name, mode="online", settings=settings,
+                                          **self.init_kwargs)
+                    return
+                except Exception as e:  # CommError (unreachable, timeout), AuthenticationError (bad key)
+                    problem = f"could not start an online run ({_first_line(e)})"
+                    self._remove_failed_attempt(folders)
+            self.warn(f"warning: W&B {problem}; training goes on with W&B offline "
+                      f"(upload later with `wandb sync {self._wandb_dir()}/offline-run-*`)")
+            mode = "offline"
+        self.run = wandb.init(project=self.run_name, mode=mode, settings=settings, **self.init_kwargs)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        print(message, file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _online_problem(wandb) -> str | None:
+        # prompt=False: a run started from a terminal must not sit at wandb's login prompt.
+        try:
+            if not wandb.login(prompt=False, verify=False):
+                return "is not logged in (run `wandb login` or set WANDB_API_KEY)"
+        except Exception as e:
+            return f"login failed ({_first_line(e)})"
+        return None
+
+    def _wandb_dir(self) -> Path:
+        return Path(self.init_kwargs.get("dir") or ".") / "wandb"
+
+    def _run_folders(self) -> set[str]:
+        folder = self._wandb_dir()
+        return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+    def _remove_failed_attempt(self, before: set[str]) -> None:
+        # A failed online init leaves a run folder holding only logs; one run, one folder.
+        for name in self._run_folders() - before:
+            if name.startswith("run-"):
+                shutil.rmtree(self._wandb_dir() / name, ignore_errors=True)
+
+    @on_main_process
+    def store_init_configuration(self, values: dict):
+        self.run.config.update(values, allow_val_change=True)
+
+
+def make_wandb_tracker(cfg: Config) -> FallbackWandBTracker | None:
+    """The tracker handed to `Accelerator(log_with=...)`; None when W&B is disabled."""
+    mode = resolve_mode(cfg.wandb.mode)
+    if mode == "disabled":
+        return None
+    w = cfg.wandb
+    init: dict[str, Any] = {"dir": str(Path(cfg.run.dir).expanduser().resolve()), "tags": w.tags or None}
+    init |= {k: v for k, v in (("entity", w.entity), ("name", w.name), ("group", w.group), ("notes", w.notes)) if v}
+    return FallbackWandBTracker(w.project, mode, w.init_timeout, **init)
+
+
+@dataclass
+class Predictions:
+    """One validation pass: every image's label and prediction, plus a few images to show."""
+    labels: np.ndarray
+    predicted: np.ndarray
+    sample_images: torch.Tensor  # normalized (N, 3, H, W) from the main process's shard
+    sample_labels: list[int]
+    sample_predicted: list[int]
+
+
+class RunTracking:
+    """Every method is a no-op off the main process, so callers need no rank checks."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, class_names: list[str], mean, std):
+        self.accelerator = accelerator
+        self.run_dir = run_dir
+        self.class_names = list(class_names)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.project = cfg.wandb.project
+        self.log_model = cfg.wandb.log_model
+        self.tracker: FallbackWandBTracker | None = None
+        self.epochs: list[dict] = []
+        self.steps: list[dict] = []
+        self._mark: tuple[int, int, float] | None = None  # (epoch, global step, time) of the last step log
+
+    @property
+    def active(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def run(self):
+        return self.tracker.run if self.tracker is not None else None
+
+    def start(self, config: dict, run_id: str | None = None) -> str | None:
+        """Start the W&B run (continuing run `run_id` when given); return the id in use.
+
+        Every process must call this (Accelerate's init_trackers); only the main process gets
+        the id back, the others get None, like every other tracker call on them.
+        """
+        trackers = [t for t in self.accelerator.log_with if isinstance(t, FallbackWandBTracker)]
+        if not trackers:
+            return None
+        self.tracker = trackers[0]
+        if run_id:
+            self.tracker.init_kwargs.update(id=run_id, resume="allow")
+        self.accelerator.init_trackers(self.project, config=config)
+        if not self.active:
+            return None
+        run = self.run
+        # Each family of keys gets its own x axis, so per-step and per-epoch logs never fight over
+        # W&B's single `_step` counter (which also keeps a resumed run consistent).
+        run.define_metric("train_step/step")
+        run.define_metric("train_step/*", step_metric="train_step/step")
+        run.define_metric("epoch")
+        for family in ("epoch/*", "media/*"):
+            run.define_metric(family, step_metric="epoch")
+        where = f"{run.dir.rsplit('/files', 1)[0]}" if run.dir else ""
+        print(f"wandb    {run.settings.mode} run {run.id} ({run.project}) {where}", flush=True)
+        return run.id
+
+    # ---- data, before training ----
+
+    def show_data(self, train_ds, split_counts: dict[str, dict[str, int]], seed: int) -> None:
+        """Training images after augmentation, de-normalized, and images per class per split."""
+        if not self.active:
+            return
+        plots.class_distribution(self.run_dir / "class_distribution.png", self.class_names, split_counts)
+        count = min(SAMPLE_IMAGES, len(train_ds))
+        # Drawing augmented samples consumes random numbers; fork so training sees the same stream
+        # whether or not the pictures were made.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            picks = torch.randperm(len(train_ds))[:count].tolist()
+            samples = [train_ds[i] for i in picks]
+        images = plots.denormalize(torch.stack([s[0] for s in samples]).float().numpy(), self.mean, self.std)
+        plots.image_grid(self.run_dir / "train_samples.png", images, [self.class_names[s[1]] for s in samples],
+                         title="training samples (after augmentation)")
+        self._log({"epoch": 0, "media/train_samples": self._image("train_samples.png"),
+                   "media/class_distribution": self._image("class_distribution.png")})
+
+    # ---- training steps and epochs ----
+
+    def train_step(self, epoch: int, step: int, steps_per_epoch: int, loss: float, lr: float,
+                   global_batch_size: int) -> None:
+        """Called every train.log_every_steps; `loss` is the main process's batch loss."""
+        if not self.active:
+            return
+        global_step = (epoch - 1) * steps_per_epoch + step + 1
+        now = time.perf_counter()
+        record = {"step": global_step, "epoch": epoch, "epoch_progress": epoch - 1 + (step + 1) / steps_per_epoch,
+                  "loss": loss, "lr": lr}
+        if self._mark is not None and self._mark[0] == epoch and global_step > self._mark[1]:
+            # Measured between two logs of the same epoch, so validation time is not counted.
+            record["images_per_sec"] = (global_step - self._mark[1]) * global_batch_size / (now - self._mark[2])
+        self._mark = (epoch, global_step, now)
+        self.steps.append(record)
+        with open(self.run_dir / "train_steps.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._log({f"train_step/{k}": v for k, v in record.items()})
+
+    def epoch(self, record: dict, predictions: Predictions | None) -> None:
+        """Log one metrics.jsonl record (keys and values unchanged) and redraw the pictures."""
+        if not self.active:
+            return
+        self.epochs.append(record)
+        plots.curves(self.run_dir / "curves.png", self.epochs, self.steps)
+        values: dict[str, Any] = {"epoch": record["epoch"]}
+        values |= {f"epoch/{k}": v for k, v in record.items() if k != "epoch"}
+        if predictions is not None:
+            values |= self._validation_pictures(record["epoch"], predictions)
+        self._log(values)
+
+    def _validation_pictures(self, epoch: int, p: Predictions) -> dict[str, Any]:
+        n = len(self.class_names)
+        matrix = plots.confusion_matrix(p.labels, p.predicted, n)
+        plots.confusion_plot(self.run_dir / "confusion_matrix.png", matrix, self.class_names,
+                             f"confusion matrix, epoch {epoch} (validation)")
+        rows = plots.per_class_accuracy(matrix, self.class_names)
+        with open(self.run_dir / "per_class_accuracy.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["class", "images", "correct", "accuracy"])
+            writer.writeheader()
+            writer.writerows(rows)
+        images = plots.denormalize(p.sample_images.float().numpy(), self.mean, self.std)
+        titles = [f"Actual: {self.class_names[a]}\nPrediction: {self.class_names[b]}"
+                  for a, b in zip(p.sample_labels, p.sample_predicted)]
+        wrong = [a != b for a, b in zip(p.sample_labels, p.sample_predicted)]
+        plots.image_grid(self.run_dir / "predictions.png", images, titles, wrong,
+                         f"validation predictions, epoch {epoch} ({sum(wrong)} of {len(wrong)} wrong, framed in red)")
+        if self.run is None:
+            return {}
+        import wandb
+
+        table = wandb.Table(columns=["class", "images", "correct", "accuracy"],
+                            data=[[r["class"], r["images"], r["correct"], r["accuracy"]] for r in rows])
+        return {"media/predictions": self._image("predictions.png"),
+                "media/confusion_matrix": wandb.plot.confusion_matrix(
+                    y_true=p.labels.tolist(), preds=p.predicted.tolist(), class_names=self.class_names,
+                    title=f"Confusion matrix, epoch {epoch}"),
+                "media/confusion_matrix_image": self._image("confusion_matrix.png"),
+                "media/per_class_accuracy": table}
+
+    # ---- the end ----
+
+    def finish(self, best_path: Path) -> list[Path]:
+        """Log the best checkpoint as a W&B artifact when wandb.log_model asks; list local files."""
+        if not self.active:
+            return []
+        if self.run is not None and self.log_model and best_path.is_file():
+            self._log_checkpoint(best_path)
+        names = ["curves.png", "confusion_matrix.png", "predictions.png", "train_samples.png",
+                 "class_distribution.png", "per_class_accuracy.csv", "train_steps.jsonl"]
+        return [self.run_dir / name for name in names if (self.run_dir / name).is_file()]
+
+    def _log_checkpoint(self, path: Path) -> None:
+        import wandb
+
+        from trainer.checkpoint import read_metadata
+
+        meta = read_metadata(path)
+        artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=meta,
+                                  description=f"{meta['model_name']}, best epoch {meta['epoch']}")
+        artifact.add_file(str(path), name=path.name)
+        self.run.log_artifact(artifact, aliases=["best", f"epoch-{meta['epoch']}"])
+
+    def _image(self, name: str):
+        if self.run is None:
+            return None
+        import wandb
+
+        return wandb.Image(str(self.run_dir / name))
+
+    def _log(self, values: dict) -> None:
+        if self.run is not None:
+            self.accelerator.log(values)
