@@ -355,3 +355,38 @@ def dataset_moments(result: AuditResult, paths: list[str]) -> tuple[list[float],
     sq = np.mean(np.asarray(squares, dtype=np.float64), axis=0)
     std = np.sqrt(np.maximum(sq - mean ** 2, 1e-12))
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std], len(means)
+
+
+def check_quarantine_folder(root: Path, dest: str | Path) -> Path:
+    from trainer.errors import UsageError
+
+    dest, root = Path(dest).expanduser().resolve(), Path(root).resolve()
+    if dest == root or root in dest.parents:
+        # Inside the root, moved files would be found (and audited) again as data.
+        raise UsageError(f"--quarantine {dest} is inside the data root {root}; choose a folder outside it")
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"--quarantine {dest} exists and is not a folder")
+    return dest
+
+
+def quarantine(result: AuditResult, dest: str | Path) -> list[tuple[Path, Path]]:
+    """Move every problem file under `dest`, keeping its path relative to the data root. One copy
+    of each duplicate group stays; nothing is deleted and nothing already in `dest` is overwritten."""
+    import shutil
+
+    dest = check_quarantine_folder(result.root, dest)
+    moved, seen = [], set()
+    for problem in result.problems:
+        source = Path(problem.path)
+        if source in seen or not source.exists():
+            continue
+        seen.add(source)
+        target = dest / problem.relpath
+        n = 1
+        while target.exists():
+            target = target.with_name(f"{target.stem}.{n}{target.suffix}")
+            n += 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), str(target))
+        moved.append((source, target))
+    return moved
