@@ -69,7 +69,8 @@ def measure_file(job: tuple[str, str, int, int, int]) -> tuple[str, dict]:
     try:
         array = decode_rgb(io.BytesIO(data), max_pixels)
     except DecompressionBomb as e:
-        return relpath, record | {"kind": "decompression_bomb", "detail": str(e)}
+        return relpath, record | {"kind": "decompression_bomb", "detail": str(e), "width": e.width,
+                                  "height": e.height}
     except UnidentifiedImageError:
         return relpath, record | {"kind": "not_image", "detail": _sniff(data[:512])}
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for damaged data
@@ -269,8 +270,9 @@ def audit_splits(splits: Splits, *, min_side: int = 1, max_pixels: int = DEFAULT
         rel = _relpath(path, root)
         stat = os.stat(path)
         cached = cache.get(rel, stat.st_size, stat.st_mtime_ns)
-        # A bomb verdict depends on the limit it was judged under; a raised limit re-decodes it.
-        if cached and not (cached["kind"] == "decompression_bomb" and cached["max_pixels"] != max_pixels):
+        # A bomb was never decoded: once the limit is raised above its size, decode it after all.
+        if cached and not (cached["kind"] == "decompression_bomb"
+                           and (not max_pixels or cached["width"] * cached["height"] <= max_pixels)):
             measurements[rel] = cached
         else:
             jobs.append((path, rel, stat.st_size, stat.st_mtime_ns, max_pixels))
@@ -303,9 +305,8 @@ def _find_problems(entries, measurements, root: Path, min_side: int, max_pixels:
         rel = _relpath(path, root)
         m = measurements[rel]
         kind, detail = m["kind"], m["detail"]
-        if kind == "ok" and max_pixels and m["width"] * m["height"] > max_pixels:
-            kind, detail = "decompression_bomb", (f"{m['width']}x{m['height']} is over the limit of "
-                                                  f"{max_pixels:,} pixels (data.max_image_pixels)")
+        if kind in ("ok", "decompression_bomb") and max_pixels and m["width"] * m["height"] > max_pixels:
+            kind, detail = "decompression_bomb", str(DecompressionBomb(m["width"], m["height"], max_pixels))
         elif kind == "ok" and min(m["width"], m["height"]) < min_side:
             kind, detail = "too_small", (f"{m['width']}x{m['height']}: a side is under {min_side} pixels "
                                          f"(data.min_image_side)")

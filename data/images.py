@@ -20,6 +20,11 @@ DEFAULT_MAX_PIXELS = 89_478_485
 class DecompressionBomb(ValueError):
     """An image whose header claims more pixels than the configured limit."""
 
+    def __init__(self, width: int, height: int, limit: int):
+        super().__init__(f"{width}x{height} = {width * height:,} pixels is over the limit of {limit:,} "
+                         f"(data.max_image_pixels)")
+        self.width, self.height = width, height
+
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
     # 16-bit and 32-bit grayscale: scale to 8 bits instead of letting convert() clip at 255.
@@ -50,8 +55,7 @@ def decode_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             with Image.open(path) as image:
                 width, height = image.size
                 if max_pixels and width * height > max_pixels:
-                    raise DecompressionBomb(f"{width}x{height} = {width * height:,} pixels is over the limit of "
-                                            f"{max_pixels:,} (data.max_image_pixels)")
+                    raise DecompressionBomb(width, height, max_pixels)
                 image.load()  # decode every byte now: a header check misses truncated files
                 image = ImageOps.exif_transpose(image)
                 if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
