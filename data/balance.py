@@ -30,7 +30,8 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
     """Loss weights n / (k * n_c), scikit-learn's "balanced": a class seen half as often counts twice.
     A class with no samples gets weight 0 (it never appears as a target anyway)."""
     counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).double()
-    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros(()))
+    present = int((counts > 0).sum())  # k counts classes that occur, so the weights average to 1 per sample
+    weights = torch.where(counts > 0, counts.sum() / (present * counts.clamp(min=1)), torch.zeros(()))
     return weights.float()
 
 
