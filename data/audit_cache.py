@@ -1,7 +1,7 @@
 """Where audit results live, and the per-file measurement cache keyed by path, size and mtime.
 
 Everything for one data root sits in one folder (by default under ~/.cache/imgtrain/audit, or
-`data.audit_dir`): `measurements.json` (the cache), `report.json` / `report.csv` (the last
+`data.audit_dir`, or $IMGTRAIN_AUDIT_DIR): `measurements.json` (the cache), `report.json` / `report.csv` (the last
 audit's problems) and `stats.json` (the training split's mean and std). Nothing is written into
 the data root itself, which may be read-only or shared.
 """
@@ -17,6 +17,8 @@ CACHE_VERSION = 1
 
 
 def default_cache_root() -> Path:
+    if os.environ.get("IMGTRAIN_AUDIT_DIR"):  # tests and shared machines point this elsewhere
+        return Path(os.environ["IMGTRAIN_AUDIT_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "imgtrain" / "audit"
 

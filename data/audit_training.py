@@ -7,6 +7,7 @@ same answer from the cache without writing.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,7 +44,7 @@ def prepare_training_data(splits: Splits, data_cfg, is_main: bool, say: Callable
         report_path = result.folder / "report.json"
         if is_main:
             result.write_report(report_path)
-        splits = _apply(result, splits, d.leakage, report_path, say)
+        splits = _apply(result, splits, d, report_path, say)
     mean = std = ()
     if d.normalize == "dataset":
         mean, std = training_stats(result, [path for path, _ in splits.train], write=is_main)
@@ -56,7 +57,7 @@ def _fmt(values) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
-def _apply(result: AuditResult, splits: Splits, leakage: str, report_path: Path, say) -> Splits:
+def _apply(result: AuditResult, splits: Splits, d, report_path: Path, say) -> Splits:
     counts = result.counts_by_problem()
     left_out = result.left_out
     checked = f"{result.files_checked} files checked in {result.seconds:.1f}s ({result.cache_hits} cached)"
@@ -70,13 +71,18 @@ def _apply(result: AuditResult, splits: Splits, leakage: str, report_path: Path,
     if leaks:
         message = (f"{len(leaks)} validation images are identical to training images (leakage inflates "
                    f"validation scores), e.g. {leaks[0].relpath}: {leaks[0].detail}; see {report_path}")
-        if leakage == "error":
+        if d.leakage == "error":
             raise UsageError(f"{message}; remove them (python launch/audit.py {result.root} --quarantine DIR) "
                              f"or set data.leakage=warn")
         say(f"warning: {message}; data.leakage=error makes this fatal")
     clean = result.clean(splits)
     empty = [c for c, n in result.clean_counts.get("train", {}).items() if n == 0]
     if empty:
-        raise UsageError(f"class '{empty[0]}' has no usable training images after the audit left out bad files "
-                         f"(see {report_path}); fix or remove the class folder")
+        kinds = Counter(p.problem for p in result.problems if p.label == empty[0] and p.split == "train")
+        hint = "; fix or remove the class folder"
+        if kinds.get("too_small"):
+            hint = (f"; images need a side of at least {min_side_for(d)} pixels for data.image_size={d.image_size}: "
+                    f"lower data.image_size or set data.min_image_side")
+        raise UsageError(f"class '{empty[0]}' has no usable training images after the audit left out "
+                         f"{', '.join(f'{n} {k}' for k, n in kinds.items())} (see {report_path}){hint}")
     return clean

@@ -44,14 +44,14 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- build: everything that can fail on user input happens before a file is written ----
     splits = discover(cfg.data.root, cfg.data.val_fraction, cfg.data.seed)
-    # The main process audits (all cores, writes the cache); the others then read the cached answer.
-    with accelerator.main_process_first():
-        prepared = prepare_training_data(splits, cfg.data, accelerator.is_main_process, accelerator.print)
-    splits = prepared.splits
     head = HeadSpec(cfg.model.head, cfg.model.head_hidden, cfg.model.head_dropout)
     built = build_classifier(cfg.model.name, len(splits.classes), head, cfg.model.pretrained, cfg.model.weights)
     model = built.model
     freeze(model, built.head_name, cfg.model.freeze)
+    # The main process audits (all cores, writes the cache); the others then read the cached answer.
+    with accelerator.main_process_first():
+        prepared = prepare_training_data(splits, cfg.data, accelerator.is_main_process, accelerator.print)
+    splits = prepared.splits
     mean, std = resolve_normalization(cfg.data.normalize, built.mean, built.std, prepared.mean or cfg.data.mean,
                                       prepared.std or cfg.data.std)
     d = cfg.data
