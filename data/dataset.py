@@ -2,43 +2,90 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.folders import Sample
-from data.images import load_rgb
+from data.images import DEFAULT_MAX_PIXELS, load_rgb
+
+# How many neighbours to try before deciding the data, not one file, is broken.
+_MAX_SUBSTITUTES = 16
 
 
 class ImageListDataset(Dataset):
-    def __init__(self, samples: list[Sample], transform: Callable | None = None):
+    """(image, label) pairs. A file that fails to decode (changed since the audit, or the audit
+    was off) is recorded in `failure_log` (JSON lines) and replaced by the next readable sample,
+    so one bad file never ends an epoch."""
+
+    def __init__(self, samples: list[Sample], transform: Callable | None = None,
+                 failure_log: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.samples = samples
         self.transform = transform
+        self.failure_log = str(failure_log) if failure_log else None
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _record_failure(self, path: str, error: Exception) -> None:
+        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        print(f"warning: skipped {path}: {message}", file=sys.stderr, flush=True)
+        if self.failure_log:
+            # One short O_APPEND write per line: lines from several workers and ranks never interleave.
+            line = json.dumps({"path": path, "error": message}) + "\n"
+            fd = os.open(self.failure_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        image = load_rgb(path)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+        for attempt in range(min(_MAX_SUBSTITUTES, len(self.samples))):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = load_rgb(path, self.max_pixels)
+            except Exception as e:  # any decode failure: PIL raises many types
+                self._record_failure(path, e)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, label
+        raise RuntimeError(f"{_MAX_SUBSTITUTES} consecutive files failed to load near {self.samples[index][0]}; "
+                           f"run `python launch/audit.py DATA_ROOT` to find what is wrong with the data")
+
+
+def read_load_failures(path: str | Path) -> list[dict]:
+    """The distinct files recorded by ImageListDataset as failing to load."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    seen = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        seen.setdefault(record["path"], record)
+    return list(seen.values())
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool,
-                seed: int) -> DataLoader:
+                seed: int, sampler: Sampler | None = None, collate_fn: Callable | None = None) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=num_workers,
         # Workers outlive the epoch: re-forking them every epoch costs seconds on big datasets.
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
         generator=generator,
         drop_last=False,
+        collate_fn=collate_fn,
     )

@@ -17,6 +17,8 @@ def image_folder(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _no_wandb_network(monkeypatch):
+def _no_wandb_network(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # Audit caches and reports of every training run go to the test's tmp folder, not ~/.cache.
+    monkeypatch.setenv("IMGTRAIN_AUDIT_DIR", str(tmp_path / "audit-cache"))

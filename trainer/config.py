@@ -40,12 +40,27 @@ class DataConfig:
     crop_pct: float = _doc(0.875, "eval resizes to image_size / crop_pct, then center-crops")
     batch_size: int = _doc(32, "images per process per step")
     num_workers: int = _doc(2, "DataLoader worker processes per training process")
-    augment: str = _choice("standard", ("standard", "crop", "none"),
-                           "standard: random resized crop + flip; crop: no flip; none: eval transform")
-    normalize: str = _choice("backbone", ("backbone", "imagenet", "custom"),
-                             "backbone: the model's pretrained config (ImageNet if it has none)")
+    augment: str = _choice("standard", ("standard", "crop", "stretch", "square", "randaugment", "trivialaugment",
+                                        "none"),
+                           "standard: random resized crop + flip; crop: no flip; stretch: resize + flip; square: "
+                           "pad to square + jitter + affine (campus seed); none: eval transform (data/transforms.py)")
+    normalize: str = _choice("backbone", ("backbone", "imagenet", "custom", "dataset"),
+                             "backbone: the model's pretrained config (ImageNet if it has none); dataset: the "
+                             "training split's own mean/std, computed once and cached")
     mean: list[float] = _doc([], "per-channel mean when normalize = 'custom'")
     std: list[float] = _doc([], "per-channel std when normalize = 'custom'")
+    augment_ops: list[str] = _doc([], "extra augmentations after the preset, e.g. [\"color_jitter(brightness=0.2)\", "
+                                      "\"random_erasing(p=0.25)\"]; names in data/transforms.py OPS")
+    mixup_alpha: float = _doc(0.0, "batch-level MixUp alpha (0: off)")
+    cutmix_alpha: float = _doc(0.0, "batch-level CutMix alpha (0: off); with mixup, one of the two per batch")
+    sampler: str = _choice("shuffle", ("shuffle", "balanced"),
+                           "balanced: draw every class equally often (with replacement); epoch length unchanged")
+    audit: str = _choice("on", ("on", "off"), "on: audit the folder (cached) before training and leave out bad files")
+    audit_dir: str = _doc("", "where audit caches and reports live; empty: ~/.cache/imgtrain/audit")
+    min_image_side: int = _doc(0, "audit: images with a side below this are too small; 0: data.image_size // 4")
+    max_image_pixels: int = _doc(89_478_485, "audit and loading: images with more pixels are decompression bombs "
+                                             "(0: no limit)")
+    leakage: str = _choice("warn", ("warn", "error"), "identical images in train and validation: warn or stop")
 
 
 @dataclass
@@ -83,6 +98,8 @@ class TrainConfig:
     best_metric: str = _choice("val_loss", ("val_loss", "val_acc"), "metric that picks best.safetensors")
     early_stopping_patience: int = _doc(0, "stop after this many epochs without a better best_metric (0: never)")
     log_every_steps: int = _doc(50, "progress-bar postfix refresh, in steps")
+    class_weights: str = _choice("none", ("none", "balanced"),
+                                 "balanced: loss weight n / (classes * n_class) per class, from the training split")
 
 
 @dataclass
@@ -276,6 +293,10 @@ def validate(cfg: Config) -> None:
         (t.early_stopping_patience >= 0, "train.early_stopping_patience must be 0 (off) or more"),
         (t.log_every_steps >= 1, "train.log_every_steps must be at least 1"),
         (cfg.wandb.init_timeout > 0, "wandb.init_timeout must be a positive number of seconds"),
+        (d.mixup_alpha >= 0, "data.mixup_alpha must be 0 (off) or more"),
+        (d.cutmix_alpha >= 0, "data.cutmix_alpha must be 0 (off) or more"),
+        (d.min_image_side >= 0, "data.min_image_side must be 0 (a quarter of data.image_size) or more"),
+        (d.max_image_pixels >= 0, "data.max_image_pixels must be 0 (no limit) or more"),
     ]
     for ok, message in checks:
         if not ok:
@@ -288,6 +309,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.std values must be positive")
     elif d.mean or d.std:
         raise ConfigError("data.mean/data.std are only used with data.normalize = 'custom'; set that too")
+    if d.augment_ops:
+        from data.transforms import build_op
+
+        for spec in d.augment_ops:
+            build_op(spec, d.image_size)
     if m.weights and m.pretrained:
         raise ConfigError("set either model.pretrained = true or model.weights = FILE, not both")
     if m.weights and not Path(m.weights).expanduser().is_file():

@@ -18,6 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import ImageListDataset, discover, eval_transform, make_loader, resolve_normalization, train_transform
+from data.audit_training import prepare_training_data
+from data.balance import BalancedSampler, balanced_class_weights
+from data.dataset import read_load_failures
+from data.transforms import MixingCollate, batch_mixer
 from models import HeadSpec, build_classifier, count_parameters, freeze, set_train_mode
 from trainer.checkpoint import save_classifier
 from trainer.config import Config
@@ -45,26 +49,43 @@ def train(cfg: Config) -> TrainResult:
     built = build_classifier(cfg.model.name, len(splits.classes), head, cfg.model.pretrained, cfg.model.weights)
     model = built.model
     freeze(model, built.head_name, cfg.model.freeze)
-    mean, std = resolve_normalization(cfg.data.normalize, built.mean, built.std, cfg.data.mean, cfg.data.std)
+    # The main process audits (all cores, writes the cache); the others then read the cached answer.
+    with accelerator.main_process_first():
+        prepared = prepare_training_data(splits, cfg.data, accelerator.is_main_process, accelerator.print)
+    splits = prepared.splits
+    mean, std = resolve_normalization(cfg.data.normalize, built.mean, built.std, prepared.mean or cfg.data.mean,
+                                      prepared.std or cfg.data.std)
     d = cfg.data
-    train_ds = ImageListDataset(splits.train, train_transform(d.augment, d.image_size, mean, std, d.crop_pct))
-    val_ds = ImageListDataset(splits.val, eval_transform(d.image_size, mean, std, d.crop_pct))
+    run_dir = Path(cfg.run.dir).expanduser().resolve()
+    failure_log = run_dir / "load_failures.jsonl"  # files that fail to decode mid-epoch are skipped and listed here
+    train_ds = ImageListDataset(splits.train, train_transform(d.augment, d.image_size, mean, std, d.crop_pct,
+                                                              d.augment_ops), failure_log, d.max_image_pixels)
+    val_ds = ImageListDataset(splits.val, eval_transform(d.image_size, mean, std, d.crop_pct, d.augment),
+                              failure_log, d.max_image_pixels)
     pin = accelerator.device.type == "cuda"
-    train_loader = make_loader(train_ds, d.batch_size, True, d.num_workers, pin, cfg.train.seed)
+    labels = [label for _, label in splits.train]
+    # Accelerate shards the balanced draw's batches across processes, so the sampler stays unsharded here.
+    sampler = BalancedSampler(labels, seed=cfg.train.seed) if d.sampler == "balanced" else None
+    mixer = batch_mixer(len(splits.classes), d.mixup_alpha, d.cutmix_alpha)
+    train_loader = make_loader(train_ds, d.batch_size, True, d.num_workers, pin, cfg.train.seed, sampler,
+                               MixingCollate(mixer) if mixer else None)
     val_loader = make_loader(val_ds, d.batch_size, False, d.num_workers, pin, cfg.train.seed)
     optimizer = build_optimizer(trainable_parameters(model), cfg.optim)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    class_weights = (balanced_class_weights(labels, len(splits.classes)).to(accelerator.device)
+                     if cfg.train.class_weights == "balanced" else None)
+    criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.train.label_smoothing)
 
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     # After prepare, len(train_loader) is this process's share: the optimizer steps per epoch.
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.train.epochs)
 
-    run_dir = Path(cfg.run.dir).expanduser().resolve()
     runtime = describe(accelerator, d.batch_size)
     report = RunReport(accelerator, run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
+        failure_log.unlink(missing_ok=True)  # a previous run's list would be misleading
+    accelerator.wait_for_everyone()
     tracking = RunTracking(accelerator, cfg, run_dir, splits.classes, mean, std)
     # Main process: the W&B run id (None without W&B), kept so a resumed run can continue it.
     wandb_run_id = tracking.start(config={**cfg.to_dict(), "runtime": runtime}, run_id=None)
@@ -115,6 +136,10 @@ def train(cfg: Config) -> TrainResult:
             break
 
     accelerator.wait_for_everyone()
+    failures = read_load_failures(failure_log)
+    if failures:
+        report.print(f"warning: {len(failures)} files failed to load during training and were skipped; "
+                     f"listed in {failure_log}")
     written = [run_dir / "best.safetensors", run_dir / "last.safetensors", run_dir / "config.toml",
                run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
     report.finish(best=best, stopped_early=stopped_early, written=written)
@@ -141,9 +166,11 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach().double() * labels.numel()
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += labels.numel()
+        # MixUp/CutMix make labels soft (batch, classes); accuracy counts the dominant class.
+        hard = labels.argmax(1) if labels.ndim == 2 else labels
+        loss_sum += loss.detach().double() * hard.numel()
+        correct += (logits.detach().argmax(1) == hard).sum()
+        seen += hard.numel()
         if step % log_every == 0:
             loss_value, lr = loss.item(), scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")

@@ -1,0 +1,88 @@
+"""What training does with the audit: leave out bad files, act on leakage, dataset statistics.
+
+Called once per process before anything is written, inside `accelerator.main_process_first()`:
+the main process audits (in parallel, writing the cache and report), then the others read the
+same answer from the cache without writing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from data.audit import AuditResult, audit_splits
+from data.folders import Splits
+from data.stats import training_stats
+from trainer.errors import UsageError
+
+
+@dataclass
+class TrainingData:
+    splits: Splits
+    audit: AuditResult | None
+    report_path: Path | None
+    mean: tuple = ()  # the training split's statistics when data.normalize = "dataset"
+    std: tuple = ()
+
+
+def min_side_for(data_cfg) -> int:
+    return data_cfg.min_image_side or max(1, data_cfg.image_size // 4)
+
+
+def prepare_training_data(splits: Splits, data_cfg, is_main: bool, say: Callable[[str], None]) -> TrainingData:
+    d = data_cfg
+    if d.audit == "off" and d.normalize != "dataset":
+        return TrainingData(splits, None, None)
+    # With the audit off, dataset statistics still need the training files measured (no exclusions).
+    only = ("train",) if d.audit == "off" else ("train", "val")
+    result = audit_splits(splits, min_side=min_side_for(d), max_pixels=d.max_image_pixels, audit_dir=d.audit_dir,
+                          write_cache=is_main, progress=is_main, only=only)
+    report_path = None
+    if d.audit == "on":
+        report_path = result.folder / "report.json"
+        if is_main:
+            result.write_report(report_path)
+        splits = _apply(result, splits, d, report_path, say)
+    mean = std = ()
+    if d.normalize == "dataset":
+        mean, std = training_stats(result, [path for path, _ in splits.train], write=is_main)
+        say(f"data     normalize with the training split's mean {_fmt(mean)} std {_fmt(std)} "
+            f"(cached in {result.folder / 'stats.json'})")
+    return TrainingData(splits, result, report_path, tuple(mean), tuple(std))
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def _apply(result: AuditResult, splits: Splits, d, report_path: Path, say) -> Splits:
+    counts = result.counts_by_problem()
+    left_out = result.left_out
+    checked = f"{result.files_checked} files checked in {result.seconds:.1f}s ({result.cache_hits} cached)"
+    if left_out:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind != "leakage")
+        say(f"audit    left out {len(left_out)} of {result.files_checked} files ({kinds}); {checked}; "
+            f"report: {report_path}")
+    else:
+        say(f"audit    no bad files; {checked}; report: {report_path}")
+    leaks = result.leakage
+    if leaks:
+        message = (f"{len(leaks)} validation images are identical to training images (leakage inflates "
+                   f"validation scores), e.g. {leaks[0].relpath}: {leaks[0].detail}; see {report_path}")
+        if d.leakage == "error":
+            raise UsageError(f"{message}; remove them (python launch/audit.py {result.root} --quarantine DIR) "
+                             f"or set data.leakage=warn")
+        say(f"warning: {message}; data.leakage=error makes this fatal")
+    clean = result.clean(splits)
+    empty = [c for c, n in result.clean_counts.get("train", {}).items() if n == 0]
+    if empty:
+        kinds = Counter(p.problem for p in result.problems if p.label == empty[0] and p.split == "train")
+        hint = "; fix or remove the class folder"
+        if kinds.get("too_small"):
+            hint = (f"; images need a side of at least {min_side_for(d)} pixels for data.image_size={d.image_size}: "
+                    f"lower data.image_size or set data.min_image_side")
+        raise UsageError(f"class '{empty[0]}' has no usable training images after the audit left out "
+                         f"{', '.join(f'{n} {k}' for k, n in kinds.items())} (see {report_path}){hint}")
+    return clean

@@ -1,0 +1,78 @@
+"""Audit an image folder before training: decode every file, report what is wrong, optionally move it away.
+
+    # check a folder (either layout: class folders, or train/ val/ (test/) split folders)
+    python launch/audit.py datasets/pets
+    # the sizes and split your training config uses (too-small threshold, the class-folder split)
+    python launch/audit.py datasets/pets --image-size 224 --val-fraction 0.15 --seed 1999
+    # one row per problem file, for a spreadsheet or a script (.csv) or everything (.json)
+    python launch/audit.py datasets/pets --report pets-audit.csv
+    # move bad files (and extra copies of duplicates) out of the way, keeping their relative paths
+    python launch/audit.py datasets/pets --quarantine datasets/pets-quarantine
+    # a lower decompression-bomb limit, fewer worker processes, ignore the cache
+    python launch/audit.py datasets/pets --max-pixels 50000000 --workers 4 --no-cache
+
+Training runs the same audit automatically (cached, so only new or changed files are decoded)
+and leaves out the files listed here; `data.audit=off` skips it. Nothing is ever deleted.
+
+Exit code: 0 no problems, 1 problems found (listed), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cli import run_main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("root", help="data root: a folder of class folders, or one with train/ and val/")
+    parser.add_argument("--image-size", type=int, default=224, help="the training crop size (default 224)")
+    parser.add_argument("--min-side", type=int, default=0,
+                        help="images with a smaller side are too small (default: image size // 4)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="decompression-bomb limit in pixels (default: PIL's, about 89.5 million; 0: none)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="class-folder layout: validation share")
+    parser.add_argument("--seed", type=int, default=0, help="class-folder layout: split seed")
+    parser.add_argument("--report", help="write the problems here: .json (whole audit) or .csv (one row per file)")
+    parser.add_argument("--quarantine", metavar="DIR", help="move problem files here, keeping relative paths")
+    parser.add_argument("--workers", type=int, default=0, help="decoding processes (default: every core)")
+    parser.add_argument("--no-cache", action="store_true", help="decode every file again, ignoring the cache")
+    parser.add_argument("--audit-dir", default="", help="where caches and reports live (default ~/.cache/imgtrain/audit)")
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    from data.audit import audit_splits, check_quarantine_folder, quarantine
+    from data.folders import discover
+    from data.images import DEFAULT_MAX_PIXELS
+    from trainer.errors import UsageError
+
+    args = parse_args()
+    if args.image_size < 1 or args.min_side < 0 or args.workers < 0:
+        raise UsageError("--image-size must be positive; --min-side and --workers must be 0 or more")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+    if args.report and not args.report.lower().endswith((".json", ".csv")):
+        raise UsageError(f"--report {args.report}: name a .json or .csv file")
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
+    splits = discover(args.root, args.val_fraction, args.seed)
+    if args.quarantine:
+        check_quarantine_folder(splits.root, args.quarantine)  # before the slow part, not after it
+    result = audit_splits(splits, min_side=args.min_side or max(1, args.image_size // 4), max_pixels=max_pixels,
+                          audit_dir=args.audit_dir, use_cache=not args.no_cache, workers=args.workers)
+    print("\n".join(result.summary_lines()))
+    default_report = result.write_report(result.folder / "report.json")
+    if args.report:
+        print(f"report   {result.write_report(args.report)}")
+    else:
+        print(f"report   {default_report}")
+    if args.quarantine and result.problems:
+        moved = quarantine(result, args.quarantine)
+        print(f"moved    {len(moved)} files to {args.quarantine} (relative paths kept; nothing deleted)")
+    return 1 if result.problems else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

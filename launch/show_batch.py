@@ -1,0 +1,51 @@
+"""Write a grid PNG of augmented training samples: see what the model sees before training on it.
+
+    # the config's training pipeline (preset, extra ops, normalization undone for display)
+    python launch/show_batch.py --config configs/demo.toml --out batch.png
+    # try an augmentation without editing the config
+    python launch/show_batch.py --config configs/demo.toml --out batch.png --count 32 \\
+        data.augment=square 'data.augment_ops=["random_erasing(p=0.5)"]'
+    # MixUp / CutMix as the loss sees them (labels show the two strongest classes)
+    python launch/show_batch.py --config configs/demo.toml --out mixed.png data.cutmix_alpha=1.0
+
+Files the audit leaves out are left out here too (data.audit=off shows the folder as it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cli import run_main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", help="TOML config file (see configs/)")
+    parser.add_argument("--out", default="batch.png", help="PNG file to write (default batch.png)")
+    parser.add_argument("--count", type=int, default=16, help="how many samples (default 16)")
+    parser.add_argument("--tile", type=int, default=128, help="side of one tile in pixels (default 128)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config keys")
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    from trainer.config import load_config
+    from trainer.errors import UsageError
+
+    args = parse_args()
+    if args.count < 1 or args.tile < 8:
+        raise UsageError("--count must be at least 1 and --tile at least 8")
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out {args.out}: name a .png file")
+    cfg = load_config(args.config, args.overrides)
+
+    from data.batch_grid import augmented_grid
+
+    path = augmented_grid(cfg, args.out, args.count, args.tile)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
