@@ -158,7 +158,7 @@ def parallel_mode(accelerator: Accelerator, model: nn.Module) -> str:
 def describe(accelerator: Accelerator, batch_size: int, grad_accum_steps: int = 1, model: nn.Module | None = None) -> dict:
     """Facts about the run's hardware recorded in the log and in checkpoint metadata."""
     return {
-        "device": str(accelerator.device),
+        "device": accelerator.device.type,  # rank 0's index (cuda:0) says nothing about the run
         "num_processes": accelerator.num_processes,
         "num_machines": max(1, accelerator.num_processes // local_process_count()),
         "parallel": parallel_mode(accelerator, model) if model is not None else "none",
