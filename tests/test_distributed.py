@@ -116,3 +116,27 @@ def test_two_machines_on_loopback_match_one_launch(images, one_process, tmp_path
     assert "machines 2" in out0
     assert "runtime" not in out1 and "epoch" not in out1  # machine 1 neither prints nor writes
     assert read_metadata(run_dir / "best.safetensors")["runtime"]["num_processes"] == 2
+
+
+def test_slurm_batch_script_launches_two_machines(images, one_process, tmp_path):
+    # Stand-ins for SLURM's tools: srun runs the node command once per node with its SLURM_NODEID,
+    # as on two nodes, and scontrol names the first node.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text("#!/bin/bash\nshift  # --kill-on-bad-exit=1\n"
+                                  "SLURM_NODEID=0 \"$@\" & a=$!\nSLURM_NODEID=1 \"$@\" & b=$!\n"
+                                  "wait $a && wait $b\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nprecision = \"no\"\n")
+    env = run_env(PATH=f"{bin_dir}:{os.path.dirname(ACCELERATE)}:{os.environ['PATH']}", SLURM_NNODES="2",
+                  SLURM_JOB_NODELIST="node[1-2]", GPUS_PER_NODE="1", MAIN_PORT=str(_free_port()))
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm_train.sbatch"), str(config),
+                             *_overrides(images, run_dir, 8)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("machines 2, parallel ddp") == 1
+    _assert_same_training(run_dir, one_process)
