@@ -16,13 +16,15 @@ class SimpleCNN(nn.Module):
     default_mean = (0.5, 0.5, 0.5)
     default_std = (0.5, 0.5, 0.5)
 
-    def __init__(self, num_classes: int = 1000, width: int = 32, hidden: int = 512, dropout: float = 0.5):
+    def __init__(self, num_classes: int = 1000, width: int = 32, hidden: int = 512, dropout: float = 0.5,
+                 batchnorm: bool = True):
         super().__init__()
         w = width
+        norm = nn.BatchNorm2d if batchnorm else (lambda channels: nn.Identity())
         self.features = nn.Sequential(
             nn.Conv2d(3, w, 3, 1, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(w, 2 * w, 3, 1, 1), nn.ReLU(inplace=True), nn.BatchNorm2d(2 * w), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, 1, 1), nn.ReLU(inplace=True), nn.BatchNorm2d(4 * w), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, 1, 1), nn.ReLU(inplace=True), norm(2 * w), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, 1, 1), nn.ReLU(inplace=True), norm(4 * w), nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.fc1 = nn.Linear(4 * w, hidden)
@@ -42,3 +44,10 @@ def simple_cnn(num_classes: int = 1000) -> SimpleCNN:
 def tiny_cnn(num_classes: int = 1000) -> SimpleCNN:
     """A narrow SimpleCNN for tests and quick smoke runs."""
     return SimpleCNN(num_classes=num_classes, width=8, hidden=32, dropout=0.0)
+
+
+@MODELS.register("tiny_cnn_nobn")
+def tiny_cnn_nobn(num_classes: int = 1000) -> SimpleCNN:
+    """tiny_cnn without BatchNorm: its result does not depend on how a batch is split across processes,
+    which the 1-process vs N-process equivalence tests rely on."""
+    return SimpleCNN(num_classes=num_classes, width=8, hidden=32, dropout=0.0, batchnorm=False)

@@ -100,6 +100,20 @@ class TrainConfig:
     log_every_steps: int = _doc(50, "progress-bar postfix refresh, in steps")
     class_weights: str = _choice("none", ("none", "balanced"),
                                  "balanced: loss weight n / (classes * n_class) per class, from the training split")
+    grad_accum_steps: int = _doc(1, "batches whose gradients add up to one optimizer step")
+    grad_clip_norm: float = _doc(0.0, "clip the gradients' total norm to this after unscaling (0: off)")
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = _choice("auto", ("auto", "cpu", "cuda"), "auto: CUDA when a GPU is visible, else CPU")
+    parallel: str = _choice("auto", ("auto", "ddp", "dp"),
+                            "auto/ddp: one process per device, as launched; dp: nn.DataParallel over the "
+                            "GPUs one process sees")
+    sync_bn: bool = _doc(False, "synchronize BatchNorm statistics across processes (CUDA DDP only)")
+    cpu_threads: int = _doc(0, "torch threads per process (0: CPU cores / processes on this machine)")
+    channels_last: bool = _doc(False, "NHWC memory format for model and images (often faster on GPU)")
+    compile: bool = _doc(False, "torch.compile the model (inductor); slow first steps")
 
 
 @dataclass
@@ -126,6 +140,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -297,6 +312,9 @@ def validate(cfg: Config) -> None:
         (d.cutmix_alpha >= 0, "data.cutmix_alpha must be 0 (off) or more"),
         (d.min_image_side >= 0, "data.min_image_side must be 0 (a quarter of data.image_size) or more"),
         (d.max_image_pixels >= 0, "data.max_image_pixels must be 0 (no limit) or more"),
+        (t.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1 (1: no accumulation)"),
+        (t.grad_clip_norm >= 0, "train.grad_clip_norm must be 0 (off) or a positive norm, e.g. 1.0"),
+        (cfg.runtime.cpu_threads >= 0, "runtime.cpu_threads must be 0 (auto) or a positive count"),
     ]
     for ok, message in checks:
         if not ok:

@@ -27,7 +27,8 @@ from trainer.checkpoint import save_classifier
 from trainer.config import Config
 from trainer.optim import build_optimizer, build_scheduler, trainable_parameters
 from trainer.report import RunReport
-from trainer.runtime import describe, make_accelerator
+from trainer.runtime import describe, make_accelerator, prepare_model
+from trainer.step import StepCounters, StepOptions, train_step
 from trainer.tracking import SAMPLE_IMAGES, Predictions, RunTracking
 
 
@@ -75,11 +76,15 @@ def train(cfg: Config) -> TrainResult:
                      if cfg.train.class_weights == "balanced" else None)
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.train.label_smoothing)
 
+    model = prepare_model(model, accelerator, cfg.runtime)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    # After prepare, len(train_loader) is this process's share: the optimizer steps per epoch.
-    scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.train.epochs)
+    # After prepare, len(train_loader) is this process's share of batches; with accumulation the
+    # optimizer steps once per grad_accum_steps of them (and once more for a partial tail).
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+    step_options = StepOptions(cfg.train.grad_clip_norm, cfg.runtime.channels_last)
 
-    runtime = describe(accelerator, d.batch_size)
+    runtime = describe(accelerator, d.batch_size, cfg.train.grad_accum_steps, model)
     report = RunReport(accelerator, run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +111,8 @@ def train(cfg: Config) -> TrainResult:
     for epoch in range(1, cfg.train.epochs + 1):
         started = time.perf_counter()
         train_stats = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler, criterion,
-                                      epoch, cfg.train.log_every_steps, tracking, runtime["global_batch_size"])
+                                      epoch, cfg.train.log_every_steps, tracking, runtime["global_batch_size"],
+                                      step_options)
         val_stats, predictions = evaluate(accelerator, model, val_loader, criterion, len(splits.classes),
                                           return_predictions=True)
         elapsed = time.perf_counter() - started
@@ -148,28 +154,25 @@ def train(cfg: Config) -> TrainResult:
 
 
 def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler, criterion,
-                    epoch: int, log_every: int, tracking: RunTracking, global_batch_size: int) -> dict:
+                    epoch: int, log_every: int, tracking: RunTracking, global_batch_size: int,
+                    options: StepOptions = StepOptions()) -> dict:
     set_train_mode(accelerator.unwrap_model(model))
     device = accelerator.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
+    counters = StepCounters()
     started = time.perf_counter()
     # A bar redrawn into a log file is noise: only draw it on a terminal.
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     for step, (images, labels) in enumerate(bar):
-        with accelerator.autocast():
-            logits = model(images)
-            loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
+        logits, loss = train_step(accelerator, model, images, labels, optimizer, scheduler, criterion, options,
+                                  counters, epoch, step + 1)
         # MixUp/CutMix make labels soft (batch, classes); accuracy counts the dominant class.
         hard = labels.argmax(1) if labels.ndim == 2 else labels
-        loss_sum += loss.detach().double() * hard.numel()
-        correct += (logits.detach().argmax(1) == hard).sum()
+        loss_sum += loss.double() * hard.numel()
+        correct += (logits.argmax(1) == hard).sum()
         seen += hard.numel()
         if step % log_every == 0:
             loss_value, lr = loss.item(), scheduler.get_last_lr()[0]
@@ -180,8 +183,13 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
     # Sum over processes: every process reaches this collective once per epoch.
     loss_sum, correct, seen = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]),
                                                  reduction="sum").tolist()
+    if counters.skipped_steps:
+        accelerator.print(f"note: epoch {epoch}: {counters.skipped_steps} of "
+                          f"{counters.optimizer_steps + counters.skipped_steps} fp16 steps skipped because "
+                          "gradients overflowed (the scaler lowered its scale)")
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "lr": scheduler.get_last_lr()[0], "train_images": int(seen), "train_seconds": seconds}
+            "lr": scheduler.get_last_lr()[0], "train_images": int(seen), "train_seconds": seconds,
+            "optimizer_steps": counters.optimizer_steps, "skipped_steps": counters.skipped_steps}
 
 
 @torch.no_grad()

@@ -71,6 +71,9 @@ class RunReport:
             f"precision {runtime['precision']}, batch {runtime['batch_size']} per process x "
             f"{runtime['num_processes']} process(es) x {runtime.get('grad_accum_steps', 1)} accumulation "
             f"= {runtime['global_batch_size']} global")
+        if "parallel" in runtime:
+            lines.append(f"         machines {runtime.get('num_machines', 1)}, parallel {runtime['parallel']}, "
+                         f"{runtime.get('cpu_threads', '?')} CPU thread(s) per process")
         lines.append(f"run dir  {self.run_dir}")
         self.print(*lines)
 

@@ -1,36 +1,170 @@
-"""The Accelerator for this run: device, processes and precision, decided by how it was launched.
+"""The Accelerator for this run: device, processes, precision and threads, decided by how it was launched.
 
 `python launch/train.py` runs one process; `accelerate launch` (flags or an `accelerate config`
-file) or `torchrun` decide the number of processes and machines; `train.precision` overrides
-`--mixed_precision` when it is not "auto".
+file) or `torchrun` decide the number of processes and machines. The `[runtime]` section may force
+the device (`auto | cpu | cuda`) and ask for `nn.DataParallel` (`parallel = "dp"`).
+`train.precision` overrides `--mixed_precision` when it is not "auto".
+
+Every decision that differs from what was asked is printed as a `note:` line by the main
+process; nothing is downgraded silently. The small `resolve_*` functions hold the decisions
+so they can be tested without hardware.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, TorchDynamoPlugin
+from torch import nn
 
-from trainer.config import Config
+from trainer.config import Config, RuntimeConfig
+from trainer.errors import ConfigError
 from trainer.tracking import make_wandb_tracker
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 in hardware (AVX512-BF16, AMX); elsewhere it is emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_cpu(device: str, cuda_available: bool) -> bool:
+    """Whether to run on CPU. Without CUDA the answer is always yes, and Accelerate must hear it:
+    without cpu=True, `accelerate launch --multi_gpu --num_processes 2` on a GPU-less machine starts
+    two independent single-process runs instead of one DDP group over gloo."""
+    if device == "cuda" and not cuda_available:
+        raise ConfigError("runtime.device = 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is "
+                          "False); use runtime.device=auto or runtime.device=cpu")
+    return device == "cpu" or not cuda_available
+
+
+def resolve_precision(requested: str, on_cpu: bool, native_bf16: bool) -> tuple[str, str | None]:
+    """(precision to run, note for the user or None). `requested` is no | bf16 | fp16."""
+    if not on_cpu:
+        return requested, None
+    if requested == "fp16":
+        # Accelerate would silently run fp32 here: fp16 autocast with gradient scaling is GPU-only.
+        if native_bf16:
+            return "bf16", "fp16 needs a GPU (gradient scaling is CUDA-only); running bf16 on this CPU instead"
+        return "no", ("fp16 needs a GPU (gradient scaling is CUDA-only) and this CPU has no native bf16 "
+                      "(AVX512-BF16/AMX), where emulated bf16 is many times slower; running fp32 instead")
+    if requested == "bf16" and not native_bf16:
+        return "bf16", ("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and usually much "
+                        "slower than fp32 here; train.precision=no is the fast choice")
+    return requested, None
+
+
+def resolve_parallel(parallel: str, on_cpu: bool, gpu_count: int, num_processes: int) -> tuple[bool, str | None]:
+    """(wrap in nn.DataParallel, note for the user or None)."""
+    if parallel == "dp":
+        if num_processes > 1:
+            raise ConfigError(f"runtime.parallel = 'dp' is one process driving several GPUs, but {num_processes} "
+                              "processes were launched; use runtime.parallel=ddp with accelerate launch, or run "
+                              "`python launch/train.py` for DataParallel")
+        if on_cpu or gpu_count < 2:
+            seen = "no GPU" if on_cpu else f"{gpu_count} GPU"
+            return False, f"runtime.parallel = 'dp' needs at least two visible GPUs; {seen} here, running on one device"
+        return True, None
+    if parallel == "ddp" and num_processes == 1:
+        return False, ("runtime.parallel = 'ddp' but only one process was launched: start several with "
+                       "`accelerate launch --multi_gpu --num_processes N` (on CPU too)")
+    if parallel == "auto" and not on_cpu and gpu_count > 1 and num_processes == 1:
+        return False, (f"{gpu_count} GPUs are visible but one process uses one of them: launch with "
+                       f"`accelerate launch --multi_gpu --num_processes {gpu_count}` or set runtime.parallel=dp")
+    return False, None
+
+
+def cpu_thread_count(configured: int, cores: int, local_processes: int) -> int:
+    """Threads per process: the processes on one machine share its cores instead of oversubscribing."""
+    if configured > 0:
+        return configured
+    return max(1, cores // max(1, local_processes))
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def local_process_count() -> int:
+    # torchrun (which `accelerate launch --multi_gpu` runs) says how many processes share this machine.
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
-    precision = None if cfg.train.precision == "auto" else cfg.train.precision
+    rt = cfg.runtime
+    on_cpu = resolve_cpu(rt.device, torch.cuda.is_available())
+    requested = cfg.train.precision
+    if requested == "auto":  # what `accelerate launch --mixed_precision` (or its config file) said
+        requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if requested not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"mixed precision {requested!r} from accelerate launch is not supported; "
+                          "use --mixed_precision no|bf16|fp16 or train.precision")
+    precision, precision_note = resolve_precision(requested, on_cpu, on_cpu and cpu_has_native_bf16())
+
     # Accelerate takes its trackers at construction; the W&B run itself starts (main process only)
     # in RunTracking.start, once the run folder exists.
     tracker = make_wandb_tracker(cfg)
     log_with = [tracker] if tracker is not None else None
-    # Without cpu=True, Accelerate starts N independent single-process runs on a GPU-less machine
-    # instead of one DDP group over gloo.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=log_with)
+    # None lets `accelerate launch --dynamo_backend` decide; the config option asks for inductor.
+    dynamo = TorchDynamoPlugin(backend="inductor") if rt.compile else None
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision, log_with=log_with, dynamo_plugin=dynamo,
+                              gradient_accumulation_steps=cfg.train.grad_accum_steps)
+
+    torch.set_num_threads(cpu_thread_count(rt.cpu_threads, available_cores(), local_process_count()))
+    notes = [precision_note]
+    if rt.sync_bn and on_cpu and accelerator.num_processes > 1:
+        notes.append("runtime.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); BatchNorm statistics "
+                     "stay per process")
+    notes.append(resolve_parallel(rt.parallel, on_cpu, 0 if on_cpu else torch.cuda.device_count(),
+                                  accelerator.num_processes)[1])
+    if accelerator.is_main_process:
+        for note in filter(None, notes):
+            print(f"note: {note}", file=sys.stderr, flush=True)
+    return accelerator
 
 
-def describe(accelerator: Accelerator, batch_size: int, grad_accum_steps: int = 1) -> dict:
+def prepare_model(model: nn.Module, accelerator: Accelerator, rt: RuntimeConfig) -> nn.Module:
+    """What the runtime changes on the model before `accelerator.prepare` (which adds DDP)."""
+    on_cpu = accelerator.device.type == "cpu"
+    if rt.sync_bn and not on_cpu and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    use_dp, _ = resolve_parallel(rt.parallel, on_cpu, 0 if on_cpu else torch.cuda.device_count(),
+                                 accelerator.num_processes)
+    if use_dp:
+        # DataParallel scatters each batch from the first GPU; Accelerate moves the wrapper there.
+        model = nn.DataParallel(model.to(accelerator.device))
+    return model
+
+
+def parallel_mode(accelerator: Accelerator, model: nn.Module) -> str:
+    if isinstance(model, nn.DataParallel):
+        return f"dp over {len(model.device_ids)} GPUs"
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        return "ddp (gloo)"
+    if accelerator.distributed_type == DistributedType.MULTI_GPU:
+        return "ddp (nccl)"
+    return "none"
+
+
+def describe(accelerator: Accelerator, batch_size: int, grad_accum_steps: int = 1, model: nn.Module | None = None) -> dict:
     """Facts about the run's hardware recorded in the log and in checkpoint metadata."""
     return {
-        "device": str(accelerator.device),
+        "device": accelerator.device.type,  # rank 0's index (cuda:0) says nothing about the run
         "num_processes": accelerator.num_processes,
+        "num_machines": max(1, accelerator.num_processes // local_process_count()),
+        "parallel": parallel_mode(accelerator, model) if model is not None else "none",
         "precision": accelerator.mixed_precision,
+        "cpu_threads": torch.get_num_threads(),
         "batch_size": batch_size,
         "grad_accum_steps": grad_accum_steps,
         "global_batch_size": batch_size * accelerator.num_processes * grad_accum_steps,

@@ -1,0 +1,142 @@
+"""Same result on 1 process, 2 DDP processes on one machine, and 2 "machines" on 127.0.0.1.
+
+Real `accelerate launch` subprocesses on CPU (DDP over gloo). The model has no BatchNorm, the
+global batch is the same (16 = 16 x 1 = 8 x 2), the data has no augmentation, so the runs may
+differ only by floating-point summation order in the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import ACCELERATE, REPO, make_image_folder, run_env
+from trainer.checkpoint import read_metadata
+
+EPOCHS = 3
+# fp32 round-off of a mean over 16 samples computed as (8 + 8) / 2 instead, over 9 optimizer steps.
+WEIGHT_ATOL = 1e-5
+
+
+def _overrides(root, run_dir, batch_size):
+    return [f"data.root={root}", f"run.dir={run_dir}", "model.name=tiny_cnn_nobn", "data.image_size=16",
+            f"data.batch_size={batch_size}", "data.num_workers=0", f"train.epochs={EPOCHS}", "data.augment=none",
+            "optim.lr=0.01", "optim.scheduler=cosine", "optim.warmup_epochs=1", "train.precision=no"]
+
+
+def _launch(flags, overrides, cwd):
+    cmd = [ACCELERATE, "launch", *flags, "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "launch" / "train.py"), *overrides]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
+
+
+def _finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _history(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    # split-folders: 48 train images (3 global batches of 16), 15 val images, which 2 processes
+    # cannot split evenly (8 + 7): the padding of the last batch must not be counted.
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16, layout="split-folders")
+
+
+@pytest.fixture(scope="module")
+def one_process(images, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    proc = _launch(["--num_machines", "1", "--num_processes", "1", "--cpu"], _overrides(images, run_dir, 16),
+                   run_dir.parent)
+    _finish(proc)
+    return run_dir
+
+
+def _assert_same_training(run_dir, reference):
+    ours, theirs = _history(run_dir), _history(reference)
+    assert len(ours) == len(theirs) == EPOCHS
+    for a, b in zip(ours, theirs):
+        # The learning-rate curve is stepped per optimizer step, not per process.
+        assert a["lr"] == b["lr"]
+        assert a["optimizer_steps"] == b["optimizer_steps"] == 3
+        assert a["train_images"] == b["train_images"] == 48
+        assert a["val_images"] == b["val_images"] == 15  # every validation image exactly once
+        assert a["val_acc"] == b["val_acc"]
+        for key in ("train_loss", "val_loss", "train_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7)
+    ours_w, theirs_w = load_file(run_dir / "last.safetensors"), load_file(reference / "last.safetensors")
+    assert ours_w.keys() == theirs_w.keys()
+    worst = max((ours_w[k] - theirs_w[k]).abs().max().item() for k in ours_w)
+    assert worst < WEIGHT_ATOL, f"weights differ by {worst}"
+
+
+def test_two_process_cpu_ddp_matches_one_process(images, one_process, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _launch(["--multi_gpu", "--num_machines", "1", "--num_processes", "2"], _overrides(images, run_dir, 8),
+                   tmp_path)
+    out, err = _finish(proc)
+
+    _assert_same_training(run_dir, one_process)
+    # One run folder, one set of files: only the main process writes.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.safetensors", "config.toml", "last.safetensors",
+                                                        "metrics.jsonl"]
+    assert out.count("runtime  device") == 1 and out.count("best epoch") == 1
+    assert "2 process(es)" in out and "= 16 global" in out and "ddp (gloo)" in out
+    # Two processes on this machine share its cores.
+    assert f"{max(1, len(os.sched_getaffinity(0)) // 2)} CPU thread(s) per process" in out
+    meta = read_metadata(run_dir / "last.safetensors")
+    assert meta["runtime"] == {"num_processes": 2, "device": "cpu", "precision": "no", "global_batch_size": 16}
+    assert meta["num_processes"] == "2" and meta["global_batch_size"] == "16"
+
+
+def test_two_machines_on_loopback_match_one_launch(images, one_process, tmp_path):
+    run_dir = tmp_path / "run"
+    port = str(_free_port())
+    procs = [_launch(["--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                      "--main_process_ip", "127.0.0.1", "--main_process_port", port],
+                     _overrides(images, run_dir, 8), tmp_path) for rank in (0, 1)]
+    (out0, _), (out1, _) = [_finish(p) for p in procs]
+
+    _assert_same_training(run_dir, one_process)
+    assert "machines 2" in out0
+    assert "runtime" not in out1 and "epoch" not in out1  # machine 1 neither prints nor writes
+    assert read_metadata(run_dir / "best.safetensors")["runtime"]["num_processes"] == 2
+
+
+def test_slurm_batch_script_launches_two_machines(images, one_process, tmp_path):
+    # Stand-ins for SLURM's tools: srun runs the node command once per node with its SLURM_NODEID,
+    # as on two nodes, and scontrol names the first node.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text("#!/bin/bash\nshift  # --kill-on-bad-exit=1\n"
+                                  "SLURM_NODEID=0 \"$@\" & a=$!\nSLURM_NODEID=1 \"$@\" & b=$!\n"
+                                  "wait $a && wait $b\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nprecision = \"no\"\n")
+    env = run_env(PATH=f"{bin_dir}:{os.path.dirname(ACCELERATE)}:{os.environ['PATH']}", SLURM_NNODES="2",
+                  SLURM_JOB_NODELIST="node[1-2]", GPUS_PER_NODE="1", MAIN_PORT=str(_free_port()))
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm_train.sbatch"), str(config),
+                             *_overrides(images, run_dir, 8)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("machines 2, parallel ddp") == 1
+    _assert_same_training(run_dir, one_process)

@@ -1,0 +1,253 @@
+"""Precision, accumulation, clipping, non-finite losses and the runtime's decisions, in-process on CPU.
+
+CUDA-only checks (gradient scaler bookkeeping, DataParallel selection) skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from torch import nn
+
+from helpers import make_image_folder
+from models.registry import MODELS
+from trainer.checkpoint import read_metadata
+from trainer.config import load_config
+from trainer.errors import ConfigError
+from trainer.loop import train
+from trainer.runtime import (cpu_has_native_bf16, cpu_thread_count, make_accelerator, prepare_model, resolve_cpu,
+                             resolve_parallel, resolve_precision)
+from trainer.step import NonFiniteLoss, StepCounters, StepOptions, train_step
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # Accelerate keeps process-wide singletons; each in-process run must start from scratch.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    # 48 train images: 3 batches of 16 or 6 batches of 8; 15 val images.
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16, layout="split-folders")
+
+
+def _cfg(images, run_dir, *extra):
+    return load_config(None, [f"data.root={images}", f"run.dir={run_dir}", "model.name=tiny_cnn_nobn",
+                              "data.image_size=16", "data.num_workers=0", "data.augment=none", "optim.lr=0.01",
+                              *extra])
+
+
+# ---- decisions, table-driven ----
+
+@pytest.mark.parametrize("requested, on_cpu, native, expected, note", [
+    ("fp16", True, True, "bf16", "fp16 needs a GPU"),
+    ("fp16", True, False, "no", "running fp32 instead"),
+    ("bf16", True, False, "bf16", "no native bf16"),
+    ("bf16", True, True, "bf16", None),
+    ("no", True, False, "no", None),
+    ("fp16", False, False, "fp16", None),
+    ("bf16", False, False, "bf16", None),
+])
+def test_resolve_precision(requested, on_cpu, native, expected, note):
+    precision, message = resolve_precision(requested, on_cpu, native)
+    assert precision == expected
+    assert (message is None) if note is None else (note in message)
+
+
+@pytest.mark.parametrize("parallel, on_cpu, gpus, procs, use_dp, note", [
+    ("dp", False, 4, 1, True, None),
+    ("dp", False, 1, 1, False, "needs at least two visible GPUs; 1 GPU here"),
+    ("dp", True, 0, 1, False, "no GPU here, running on one device"),
+    ("auto", False, 2, 1, False, "--num_processes 2"),
+    ("auto", False, 2, 2, False, None),
+    ("ddp", True, 0, 1, False, "only one process was launched"),
+    ("ddp", True, 0, 2, False, None),
+    ("auto", True, 0, 1, False, None),
+])
+def test_resolve_parallel(parallel, on_cpu, gpus, procs, use_dp, note):
+    dp, message = resolve_parallel(parallel, on_cpu, gpus, procs)
+    assert dp is use_dp
+    assert (message is None) if note is None else (note in message)
+
+
+def test_dp_with_several_processes_is_refused():
+    with pytest.raises(ConfigError, match="runtime.parallel = 'dp' is one process"):
+        resolve_parallel("dp", False, 4, 2)
+
+
+@pytest.mark.parametrize("configured, cores, local, expected", [
+    (0, 2, 2, 1), (0, 2, 1, 2), (0, 16, 4, 4), (0, 3, 4, 1), (6, 16, 4, 6)])
+def test_cpu_threads_share_the_cores(configured, cores, local, expected):
+    assert cpu_thread_count(configured, cores, local) == expected
+
+
+def test_cuda_requested_without_gpu_fails_clearly():
+    if torch.cuda.is_available():
+        assert resolve_cpu("cuda", True) is False
+    with pytest.raises(ConfigError, match="runtime.device = 'cuda' but no CUDA GPU"):
+        resolve_cpu("cuda", False)
+    assert resolve_cpu("cpu", True) is True and resolve_cpu("auto", False) is True
+
+
+@pytest.mark.parametrize("bad", ["train.grad_accum_steps=0", "train.grad_clip_norm=-1", "runtime.cpu_threads=-2",
+                                 "runtime.parallel=fsdp", "runtime.device=tpu"])
+def test_runtime_keys_are_validated(images, tmp_path, bad):
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        _cfg(images, tmp_path / "run", bad)
+
+
+# ---- precision on this machine ----
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_fp16_on_cpu_says_so_and_never_runs_silently(images, tmp_path, capsys):
+    accelerator = make_accelerator(_cfg(images, tmp_path / "run", "train.precision=fp16"))
+    err = capsys.readouterr().err
+    assert "note: fp16 needs a GPU" in err
+    expected = "bf16" if cpu_has_native_bf16() else "no"
+    assert accelerator.mixed_precision == expected
+    assert ("running bf16" if expected == "bf16" else "running fp32") in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_fp16_from_accelerate_launch_flag_is_resolved_too(images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `--mixed_precision fp16` exports
+    accelerator = make_accelerator(_cfg(images, tmp_path / "run"))
+    assert accelerator.mixed_precision != "fp16"
+    assert "note: fp16 needs a GPU" in capsys.readouterr().err
+
+
+def test_bf16_training_on_cpu(images, tmp_path):
+    result = train(_cfg(images, tmp_path / "run", "train.precision=bf16", "train.epochs=1", "data.batch_size=16",
+                        "runtime.device=cpu"))
+    meta = read_metadata(result.run_dir / "last.safetensors")
+    assert meta["precision"] == "bf16" and meta["device"] == "cpu"
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+    # Autocast must really run the convolutions in bf16, not silently fall back to fp32.
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    with accelerator.autocast():
+        assert nn.Conv2d(3, 4, 3)(torch.rand(1, 3, 8, 8)).dtype == torch.bfloat16
+
+
+# ---- accumulation, clipping, channels_last ----
+
+def test_accumulating_two_batches_of_8_matches_one_batch_of_16(images, tmp_path):
+    common = ("train.epochs=2", "optim.scheduler=cosine", "optim.warmup_epochs=1")
+    big = train(_cfg(images, tmp_path / "big", "data.batch_size=16", *common))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accumulated = train(_cfg(images, tmp_path / "acc", "data.batch_size=8", "train.grad_accum_steps=2", *common))
+    for a, b in zip(big.history, accumulated.history):
+        assert a["optimizer_steps"] == b["optimizer_steps"] == 3
+        assert a["lr"] == b["lr"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    wa, wb = load_file(big.run_dir / "last.safetensors"), load_file(accumulated.run_dir / "last.safetensors")
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < 1e-5, f"weights differ by {worst}"
+    assert read_metadata(accumulated.run_dir / "last.safetensors")["global_batch_size"] == "16"
+
+
+def _one_sgd_update(clip: float) -> float:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = nn.Linear(10, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    counters = StepCounters()
+    train_step(accelerator, model, torch.randn(4, 10) * 100, torch.tensor([0, 1, 2, 0]), optimizer, scheduler,
+               nn.CrossEntropyLoss(), StepOptions(grad_clip_norm=clip), counters, epoch=1, step=1)
+    assert counters.optimizer_steps == 1 and scheduler.last_epoch == 1
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return (after - before).norm().item()
+
+
+def test_gradient_clipping_bounds_the_update():
+    # With plain SGD at lr 1 the update is the (clipped) gradient itself.
+    assert _one_sgd_update(0.0) > 1.0
+    assert _one_sgd_update(1e-3) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_channels_last_option_trains(images, tmp_path):
+    result = train(_cfg(images, tmp_path / "run", "runtime.channels_last=true", "train.epochs=1",
+                        "data.batch_size=16", "model.name=tiny_cnn"))
+    assert result.history[0]["optimizer_steps"] == 3
+
+
+# ---- a diverging run stops and keeps what it had ----
+
+class _NanInSecondEpoch(nn.Module):
+    """Finite for the first 3 training forwards (epoch 1 of 48 images / 16), NaN afterwards."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.fc = nn.Linear(3 * 16 * 16, num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        if self.training:
+            self.calls += 1
+            if self.calls > 3:
+                out = out * float("nan")
+        return out
+
+
+if "nan_in_epoch_2_test" not in MODELS:
+    MODELS.register("nan_in_epoch_2_test")(lambda num_classes=3: _NanInSecondEpoch(num_classes))
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(images, tmp_path):
+    cfg = _cfg(images, tmp_path / "run", "model.name=nan_in_epoch_2_test", "train.epochs=3", "data.batch_size=16")
+    with pytest.raises(NonFiniteLoss, match=r"loss is not finite .* at epoch 2, step 1") as caught:
+        train(cfg)
+    assert caught.value.exit_code != 0
+    last = tmp_path / "run" / "last.safetensors"
+    assert read_metadata(last)["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(last).values())
+
+
+# ---- CUDA only ----
+
+@needs_cuda
+def test_fp16_gradient_scaler_skips_overflowing_steps_and_counts_them():
+    accelerator = Accelerator(mixed_precision="fp16")
+    model = nn.Linear(8, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scale = accelerator.scaler.get_scale()
+    counters = StepCounters()
+    x, y = torch.randn(4, 8, device=accelerator.device), torch.tensor([0, 1, 0, 1], device=accelerator.device)
+
+    def overflowing_loss(logits, labels):  # finite loss, gradients beyond fp16's range once scaled
+        return nn.functional.cross_entropy(logits, labels) * 1e6
+
+    train_step(accelerator, model, x, y, optimizer, scheduler, overflowing_loss, StepOptions(grad_clip_norm=1.0),
+               counters, epoch=1, step=1)
+    assert counters.skipped_steps == 1 and counters.optimizer_steps == 0
+    assert scheduler.last_epoch == 0  # the schedule waits for a real step
+    assert accelerator.scaler.get_scale() < scale
+    train_step(accelerator, model, x, y, optimizer, scheduler, nn.CrossEntropyLoss(), StepOptions(), counters,
+               epoch=1, step=2)
+    assert counters.optimizer_steps == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_dataparallel_is_used_when_asked_with_two_gpus(images, tmp_path):
+    cfg = _cfg(images, tmp_path / "run", "runtime.parallel=dp")
+    accelerator = make_accelerator(cfg)
+    model = prepare_model(nn.Linear(4, 2), accelerator, cfg.runtime)
+    assert isinstance(model, nn.DataParallel) and len(model.device_ids) == torch.cuda.device_count()
