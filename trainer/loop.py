@@ -18,10 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import ImageListDataset, discover, eval_transform, make_loader, resolve_normalization, train_transform
-from models import HeadSpec, build_classifier, count_parameters, freeze, set_train_mode
+from models import HeadSpec, build_classifier, count_parameters, set_train_mode
+from models.finetune import apply_epoch, build_finetune_scheduler, make_plan, param_groups, prepare_for_wrapping
 from trainer.checkpoint import save_classifier
 from trainer.config import Config
-from trainer.optim import build_optimizer, build_scheduler, trainable_parameters
+from trainer.optim import build_optimizer
 from trainer.report import RunReport
 from trainer.runtime import describe, make_accelerator
 from trainer.tracking import SAMPLE_IMAGES, Predictions, RunTracking
@@ -44,7 +45,9 @@ def train(cfg: Config) -> TrainResult:
     head = HeadSpec(cfg.model.head, cfg.model.head_hidden, cfg.model.head_dropout)
     built = build_classifier(cfg.model.name, len(splits.classes), head, cfg.model.pretrained, cfg.model.weights)
     model = built.model
-    freeze(model, built.head_name, cfg.model.freeze)
+    # What trains when (model.freeze, train.unfreeze_at_epoch): see models/finetune.py.
+    plan = make_plan(model, built.head_name, cfg.model.freeze, cfg.train.unfreeze_at_epoch)
+    prepare_for_wrapping(model, plan)
     mean, std = resolve_normalization(cfg.data.normalize, built.mean, built.std, cfg.data.mean, cfg.data.std)
     d = cfg.data
     train_ds = ImageListDataset(splits.train, train_transform(d.augment, d.image_size, mean, std, d.crop_pct))
@@ -52,12 +55,13 @@ def train(cfg: Config) -> TrainResult:
     pin = accelerator.device.type == "cuda"
     train_loader = make_loader(train_ds, d.batch_size, True, d.num_workers, pin, cfg.train.seed)
     val_loader = make_loader(val_ds, d.batch_size, False, d.num_workers, pin, cfg.train.seed)
-    optimizer = build_optimizer(trainable_parameters(model), cfg.optim)
+    optimizer = build_optimizer(param_groups(model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     # After prepare, len(train_loader) is this process's share: the optimizer steps per epoch.
-    scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.train.epochs)
+    scheduler = build_finetune_scheduler(optimizer, cfg.optim, plan, len(train_loader), cfg.train.epochs)
+    apply_epoch(built.model, plan, 1)
 
     run_dir = Path(cfg.run.dir).expanduser().resolve()
     runtime = describe(accelerator, d.batch_size)
@@ -84,6 +88,8 @@ def train(cfg: Config) -> TrainResult:
     # ---- epochs ----
     for epoch in range(1, cfg.train.epochs + 1):
         started = time.perf_counter()
+        apply_epoch(built.model, plan, epoch)  # a pure function of the epoch, so a resume recomputes it
+        group_lrs = scheduler.get_last_lr()  # the rates this epoch starts with, per parameter group
         train_stats = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler, criterion,
                                       epoch, cfg.train.log_every_steps, tracking, runtime["global_batch_size"])
         val_stats, predictions = evaluate(accelerator, model, val_loader, criterion, len(splits.classes),
@@ -91,6 +97,9 @@ def train(cfg: Config) -> TrainResult:
         elapsed = time.perf_counter() - started
         metrics = {"epoch": epoch, **train_stats, **val_stats, "epoch_time": elapsed,
                    "images_per_sec": train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)}
+        if len(group_lrs) > 1:
+            metrics["lr_backbone"] = group_lrs[1]
+        metrics["trainable_params"] = count_parameters(built.model)[1]
         history.append(metrics)
 
         score = metrics[cfg.train.best_metric]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 
 from trainer.config import Config
 from trainer.tracking import make_wandb_tracker
@@ -22,7 +23,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     log_with = [tracker] if tracker is not None else None
     # Without cpu=True, Accelerate starts N independent single-process runs on a GPU-less machine
     # instead of one DDP group over gloo.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=log_with)
+    from models.finetune import needs_unused_parameter_search
+
+    handlers = []
+    if needs_unused_parameter_search(cfg):  # frozen-then-unfrozen parameters are outside the graph at first
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=log_with,
+                       kwargs_handlers=handlers)
 
 
 def describe(accelerator: Accelerator, batch_size: int, grad_accum_steps: int = 1) -> dict:
