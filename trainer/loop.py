@@ -22,6 +22,7 @@ from models import HeadSpec, build_classifier, count_parameters, set_train_mode
 from models.finetune import apply_epoch, build_finetune_scheduler, make_plan, param_groups, prepare_for_wrapping
 from trainer.checkpoint import save_classifier
 from trainer.config import Config
+from trainer.features import cached_head_datasets
 from trainer.optim import build_optimizer
 from trainer.report import RunReport
 from trainer.runtime import describe, make_accelerator
@@ -52,10 +53,14 @@ def train(cfg: Config) -> TrainResult:
     d = cfg.data
     train_ds = ImageListDataset(splits.train, train_transform(d.augment, d.image_size, mean, std, d.crop_pct))
     val_ds = ImageListDataset(splits.val, eval_transform(d.image_size, mean, std, d.crop_pct))
+    workers = d.num_workers
+    if cfg.train.cache_features:  # fixed backbone: train only the head, on features computed once
+        train_ds, val_ds, model = cached_head_datasets(accelerator, built, train_ds, val_ds, cfg)
+        workers = 0  # the features are already in memory
     pin = accelerator.device.type == "cuda"
-    train_loader = make_loader(train_ds, d.batch_size, True, d.num_workers, pin, cfg.train.seed)
-    val_loader = make_loader(val_ds, d.batch_size, False, d.num_workers, pin, cfg.train.seed)
-    optimizer = build_optimizer(param_groups(model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
+    train_loader = make_loader(train_ds, d.batch_size, True, workers, pin, cfg.train.seed)
+    val_loader = make_loader(val_ds, d.batch_size, False, workers, pin, cfg.train.seed)
+    optimizer = build_optimizer(param_groups(built.model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -113,7 +118,8 @@ def train(cfg: Config) -> TrainResult:
         tracking.epoch(record, predictions)
 
         if accelerator.is_main_process:
-            state = accelerator.get_state_dict(model)
+            # With cached features `model` is the head alone; the checkpoint holds the whole classifier.
+            state = built.model.state_dict() if cfg.train.cache_features else accelerator.get_state_dict(model)
             for name, keep in (("last", True), ("best", improved)):
                 if keep:
                     save_classifier(run_dir / f"{name}.safetensors", state, metrics=metrics, epoch=epoch,
