@@ -30,6 +30,7 @@ def test_cached_and_uncached_frozen_training_reach_the_same_metrics(image_folder
     a = load_classifier(plain.run_dir / "last.safetensors").model.state_dict()
     b = load_classifier(cached.run_dir / "last.safetensors").model.state_dict()
     assert a.keys() == b.keys()
+    assert (cached.run_dir / "predictions.png").is_file()  # the grid shows images, not features
     assert all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
 
     # A second run reuses the file instead of recomputing it.

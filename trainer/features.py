@@ -117,3 +117,15 @@ def cached_head_datasets(accelerator, built, train_ds, val_ds, cfg) -> tuple[Ten
                 out.append(TensorDataset(feats, torch.tensor([label for _, label in ds.samples])))
         accelerator.wait_for_everyone()
     return out[0], out[1], built.model.get_submodule(built.head_name)
+
+
+def with_sample_images(predictions, val_ds, num_processes: int, batch_size: int):
+    """With cached features the validation "images" the loop keeps for the prediction grid are
+    feature vectors; put the real images back. The main process's b-th batch is the sharded
+    loader's global batch b * num_processes (Accelerate gives whole batches round-robin)."""
+    import dataclasses
+
+    count = len(predictions.sample_labels)
+    indices = [(j // batch_size) * num_processes * batch_size + j % batch_size for j in range(count)]
+    images = torch.stack([val_ds[i][0] for i in indices]) if indices else predictions.sample_images
+    return dataclasses.replace(predictions, sample_images=images)

@@ -22,7 +22,7 @@ from models import HeadSpec, build_classifier, count_parameters, set_train_mode
 from models.finetune import apply_epoch, build_finetune_scheduler, make_plan, param_groups, prepare_for_wrapping
 from trainer.checkpoint import save_classifier
 from trainer.config import Config
-from trainer.features import cached_head_datasets
+from trainer.features import cached_head_datasets, with_sample_images
 from trainer.optim import build_optimizer
 from trainer.report import RunReport
 from trainer.runtime import describe, make_accelerator
@@ -53,13 +53,13 @@ def train(cfg: Config) -> TrainResult:
     d = cfg.data
     train_ds = ImageListDataset(splits.train, train_transform(d.augment, d.image_size, mean, std, d.crop_pct))
     val_ds = ImageListDataset(splits.val, eval_transform(d.image_size, mean, std, d.crop_pct))
-    workers = d.num_workers
+    train_data, val_data, workers = train_ds, val_ds, d.num_workers
     if cfg.train.cache_features:  # fixed backbone: train only the head, on features computed once
-        train_ds, val_ds, model = cached_head_datasets(accelerator, built, train_ds, val_ds, cfg)
+        train_data, val_data, model = cached_head_datasets(accelerator, built, train_ds, val_ds, cfg)
         workers = 0  # the features are already in memory
     pin = accelerator.device.type == "cuda"
-    train_loader = make_loader(train_ds, d.batch_size, True, workers, pin, cfg.train.seed)
-    val_loader = make_loader(val_ds, d.batch_size, False, workers, pin, cfg.train.seed)
+    train_loader = make_loader(train_data, d.batch_size, True, workers, pin, cfg.train.seed)
+    val_loader = make_loader(val_data, d.batch_size, False, workers, pin, cfg.train.seed)
     optimizer = build_optimizer(param_groups(built.model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
@@ -99,6 +99,8 @@ def train(cfg: Config) -> TrainResult:
                                       epoch, cfg.train.log_every_steps, tracking, runtime["global_batch_size"])
         val_stats, predictions = evaluate(accelerator, model, val_loader, criterion, len(splits.classes),
                                           return_predictions=True)
+        if cfg.train.cache_features:  # the grid needs images, not the features the head saw
+            predictions = with_sample_images(predictions, val_ds, accelerator.num_processes, d.batch_size)
         elapsed = time.perf_counter() - started
         metrics = {"epoch": epoch, **train_stats, **val_stats, "epoch_time": elapsed,
                    "images_per_sec": train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)}
