@@ -68,7 +68,8 @@ class ModelConfig:
     name: str = _doc("", "timm/<name>, torchvision/<name> or one of ours (simple_cnn)")
     pretrained: bool = _doc(False, "load the library's own pretrained weights (downloads)")
     weights: str = _doc("", "local weights file (.safetensors, or a .pth state dict)")
-    freeze: str = _choice("none", ("none", "backbone"), "backbone: train only the head")
+    freeze: str = _doc("none", "none: train everything; backbone: only the head; last_N (e.g. last_2): the head "
+                               "and the backbone's last N stages/blocks")
     head: str = _choice("linear", ("linear", "mlp"), "mlp: Linear-ReLU-Dropout-Linear")
     head_hidden: int = _doc(512, "hidden width of the mlp head")
     head_dropout: float = _doc(0.5, "dropout of the mlp head")
@@ -86,6 +87,8 @@ class OptimConfig:
     gamma: float = _doc(0.1, "decay factor of the step scheduler")
     warmup_epochs: float = _doc(0.0, "linear warmup before the cosine schedule")
     min_lr: float = _doc(0.0, "floor of the cosine schedule")
+    backbone_lr_mult: float = _doc(1.0, "backbone learning rate = lr x this (discriminative learning rates); "
+                                        "the head always gets lr")
 
 
 @dataclass
@@ -102,6 +105,11 @@ class TrainConfig:
                                  "balanced: loss weight n / (classes * n_class) per class, from the training split")
     grad_accum_steps: int = _doc(1, "batches whose gradients add up to one optimizer step")
     grad_clip_norm: float = _doc(0.0, "clip the gradients' total norm to this after unscaling (0: off)")
+    unfreeze_at_epoch: int = _doc(0, "progressive unfreezing: only the head trains for this many epochs, then "
+                                     "what model.freeze allows (0: off)")
+    cache_features: bool = _doc(False, "frozen backbone + deterministic transform: compute backbone features "
+                                       "once, train the head on them")
+    feature_cache_dir: str = _doc("~/.cache/imgtrain/features", "where cached features are kept (shared by runs)")
 
 
 @dataclass
@@ -315,6 +323,8 @@ def validate(cfg: Config) -> None:
         (t.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1 (1: no accumulation)"),
         (t.grad_clip_norm >= 0, "train.grad_clip_norm must be 0 (off) or a positive norm, e.g. 1.0"),
         (cfg.runtime.cpu_threads >= 0, "runtime.cpu_threads must be 0 (auto) or a positive count"),
+        (o.backbone_lr_mult > 0, "optim.backbone_lr_mult must be positive (to keep layers fixed use model.freeze)"),
+        (t.unfreeze_at_epoch >= 0, "train.unfreeze_at_epoch must be 0 (off) or more"),
     ]
     for ok, message in checks:
         if not ok:
@@ -332,6 +342,9 @@ def validate(cfg: Config) -> None:
 
         for spec in d.augment_ops:
             build_op(spec, d.image_size)
+    from models.finetune import check_finetune_config  # the fine-tuning rules live with their code
+
+    check_finetune_config(cfg)
     if m.weights and m.pretrained:
         raise ConfigError("set either model.pretrained = true or model.weights = FILE, not both")
     if m.weights and not Path(m.weights).expanduser().is_file():

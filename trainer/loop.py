@@ -22,10 +22,12 @@ from data.audit_training import prepare_training_data
 from data.balance import BalancedSampler, balanced_class_weights
 from data.dataset import read_load_failures
 from data.transforms import MixingCollate, batch_mixer
-from models import HeadSpec, build_classifier, count_parameters, freeze, set_train_mode
+from models import HeadSpec, build_classifier, count_parameters, set_train_mode
+from models.finetune import apply_epoch, build_finetune_scheduler, make_plan, param_groups, prepare_for_wrapping
 from trainer.checkpoint import save_classifier
 from trainer.config import Config
-from trainer.optim import build_optimizer, build_scheduler, trainable_parameters
+from trainer.features import cached_head_datasets, with_sample_images
+from trainer.optim import build_optimizer
 from trainer.report import RunReport
 from trainer.runtime import describe, make_accelerator, prepare_model
 from trainer.step import StepCounters, StepOptions, train_step
@@ -49,7 +51,9 @@ def train(cfg: Config) -> TrainResult:
     head = HeadSpec(cfg.model.head, cfg.model.head_hidden, cfg.model.head_dropout)
     built = build_classifier(cfg.model.name, len(splits.classes), head, cfg.model.pretrained, cfg.model.weights)
     model = built.model
-    freeze(model, built.head_name, cfg.model.freeze)
+    # What trains when (model.freeze, train.unfreeze_at_epoch): see models/finetune.py.
+    plan = make_plan(model, built.head_name, cfg.model.freeze, cfg.train.unfreeze_at_epoch)
+    prepare_for_wrapping(model, plan)
     # The main process audits (all cores, writes the cache); the others then read the cached answer.
     with accelerator.main_process_first():
         prepared = prepare_training_data(splits, cfg.data, accelerator.is_main_process, accelerator.print)
@@ -63,15 +67,19 @@ def train(cfg: Config) -> TrainResult:
                                                               d.augment_ops), failure_log, d.max_image_pixels)
     val_ds = ImageListDataset(splits.val, eval_transform(d.image_size, mean, std, d.crop_pct, d.augment),
                               failure_log, d.max_image_pixels)
+    train_data, val_data, workers = train_ds, val_ds, d.num_workers
+    if cfg.train.cache_features:  # fixed backbone: train only the head, on features computed once
+        train_data, val_data, model = cached_head_datasets(accelerator, built, train_ds, val_ds, cfg)
+        workers = 0  # the features are already in memory
     pin = accelerator.device.type == "cuda"
     labels = [label for _, label in splits.train]
     # Accelerate shards the balanced draw's batches across processes, so the sampler stays unsharded here.
     sampler = BalancedSampler(labels, seed=cfg.train.seed) if d.sampler == "balanced" else None
     mixer = batch_mixer(len(splits.classes), d.mixup_alpha, d.cutmix_alpha)
-    train_loader = make_loader(train_ds, d.batch_size, True, d.num_workers, pin, cfg.train.seed, sampler,
+    train_loader = make_loader(train_data, d.batch_size, True, workers, pin, cfg.train.seed, sampler,
                                MixingCollate(mixer) if mixer else None)
-    val_loader = make_loader(val_ds, d.batch_size, False, d.num_workers, pin, cfg.train.seed)
-    optimizer = build_optimizer(trainable_parameters(model), cfg.optim)
+    val_loader = make_loader(val_data, d.batch_size, False, workers, pin, cfg.train.seed)
+    optimizer = build_optimizer(param_groups(built.model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
     class_weights = (balanced_class_weights(labels, len(splits.classes)).to(accelerator.device)
                      if cfg.train.class_weights == "balanced" else None)
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.train.label_smoothing)
@@ -81,7 +89,8 @@ def train(cfg: Config) -> TrainResult:
     # After prepare, len(train_loader) is this process's share of batches; with accumulation the
     # optimizer steps once per grad_accum_steps of them (and once more for a partial tail).
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+    scheduler = build_finetune_scheduler(optimizer, cfg.optim, plan, steps_per_epoch, cfg.train.epochs)
+    apply_epoch(built.model, plan, 1)
     step_options = StepOptions(cfg.train.grad_clip_norm, cfg.runtime.channels_last)
 
     runtime = describe(accelerator, d.batch_size, cfg.train.grad_accum_steps, model)
@@ -110,14 +119,21 @@ def train(cfg: Config) -> TrainResult:
     # ---- epochs ----
     for epoch in range(1, cfg.train.epochs + 1):
         started = time.perf_counter()
+        apply_epoch(built.model, plan, epoch)  # a pure function of the epoch, so a resume recomputes it
+        group_lrs = scheduler.get_last_lr()  # the rates this epoch starts with, per parameter group
         train_stats = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler, criterion,
                                       epoch, cfg.train.log_every_steps, tracking, runtime["global_batch_size"],
                                       step_options)
         val_stats, predictions = evaluate(accelerator, model, val_loader, criterion, len(splits.classes),
                                           return_predictions=True)
+        if cfg.train.cache_features:  # the grid needs images, not the features the head saw
+            predictions = with_sample_images(predictions, val_ds, accelerator.num_processes, d.batch_size)
         elapsed = time.perf_counter() - started
         metrics = {"epoch": epoch, **train_stats, **val_stats, "epoch_time": elapsed,
                    "images_per_sec": train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)}
+        if len(group_lrs) > 1:
+            metrics["lr_backbone"] = group_lrs[1]
+        metrics["trainable_params"] = count_parameters(built.model)[1]
         history.append(metrics)
 
         score = metrics[cfg.train.best_metric]
@@ -131,7 +147,8 @@ def train(cfg: Config) -> TrainResult:
         tracking.epoch(record, predictions)
 
         if accelerator.is_main_process:
-            state = accelerator.get_state_dict(model)
+            # With cached features `model` is the head alone; the checkpoint holds the whole classifier.
+            state = built.model.state_dict() if cfg.train.cache_features else accelerator.get_state_dict(model)
             for name, keep in (("last", True), ("best", improved)):
                 if keep:
                     save_classifier(run_dir / f"{name}.safetensors", state, metrics=metrics, epoch=epoch,

@@ -17,7 +17,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, TorchDynamoPlugin
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, TorchDynamoPlugin
 from torch import nn
 
 from trainer.config import Config, RuntimeConfig
@@ -115,8 +115,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     log_with = [tracker] if tracker is not None else None
     # None lets `accelerate launch --dynamo_backend` decide; the config option asks for inductor.
     dynamo = TorchDynamoPlugin(backend="inductor") if rt.compile else None
+    from models.finetune import needs_unused_parameter_search
+
+    handlers = []
+    if needs_unused_parameter_search(cfg):  # frozen-then-unfrozen parameters are outside the graph at first
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision, log_with=log_with, dynamo_plugin=dynamo,
-                              gradient_accumulation_steps=cfg.train.grad_accum_steps)
+                              gradient_accumulation_steps=cfg.train.grad_accum_steps, kwargs_handlers=handlers)
 
     torch.set_num_threads(cpu_thread_count(rt.cpu_threads, available_cores(), local_process_count()))
     notes = [precision_note]

@@ -1,0 +1,113 @@
+"""predict.py and evaluate.py on real checkpoints and image folders, as subprocesses."""
+
+import csv
+import json
+
+import torch
+
+from helpers import make_image_folder, run_script
+from models import HeadSpec, build_classifier
+from trainer.checkpoint import load_classifier, save_classifier
+from trainer.inference import predict_files
+from trainer.metrics import classification_report
+
+CLASSES = ["blue", "green", "red"]
+
+
+def _checkpoint(tmp_path):
+    torch.manual_seed(0)
+    built = build_classifier("tiny_cnn", len(CLASSES))
+    path = tmp_path / "best.safetensors"
+    save_classifier(path, built.model.state_dict(), model_name="tiny_cnn", head=HeadSpec().to_dict(),
+                    class_names=CLASSES, mean=built.mean, std=built.std, image_size=16, crop_pct=1.0,
+                    config={}, metrics={"val_acc": 0.5}, epoch=1)
+    return path
+
+
+def test_report_matches_a_hand_computation():
+    y_true = torch.tensor([0, 0, 0, 1, 1, 2])
+    y_pred = torch.tensor([0, 0, 1, 1, 2, 2])
+    r = classification_report(y_true, y_pred, ["a", "b", "c"])
+    assert r["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert r["accuracy"] == 4 / 6
+    a, b, c = (r["per_class"][k] for k in "abc")
+    assert (a["precision"], a["recall"], a["support"]) == (1.0, 2 / 3, 3)
+    assert (b["precision"], b["recall"]) == (0.5, 0.5)
+    assert (c["precision"], c["recall"]) == (0.5, 1.0)
+    assert abs(a["f1"] - 0.8) < 1e-12 and abs(c["f1"] - 2 / 3) < 1e-12
+    assert abs(r["macro_f1"] - (0.8 + 0.5 + 2 / 3) / 3) < 1e-12
+
+
+def test_predict_writes_every_good_row_and_reports_the_bad_file(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    folder = make_image_folder(tmp_path / "imgs", per_class=3)
+    bad = folder / "red" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    out = tmp_path / "preds.csv"
+    result = run_script("predict.py", "--checkpoint", str(ckpt), str(folder), "--out", str(out), "--top-k", "2",
+                        "--tta", "--batch-size", "4", "--num-workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 10
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 9 and all(r["class"] in CLASSES and 0 < float(r["probability"]) <= 1 for r in good)
+    assert all(len(r["top2"].split(";")) == 2 for r in good)
+    (broken,) = [r for r in rows if r["error"]]
+    assert broken["path"] == str(bad) and broken["class"] == ""
+    assert "broken.png" in result.stderr and "1 file(s) could not be read" in result.stderr
+
+    # The probabilities are those of the model itself, flip-averaged.
+    loaded = load_classifier(ckpt)
+    direct = predict_files(loaded, [folder / "blue" / "blue_000.png"], tta_flip=True, num_workers=0)
+    row = next(r for r in rows if r["path"].endswith("blue_000.png"))
+    assert abs(direct.probs[0].max().item() - float(row["probability"])) < 1e-5
+
+    kaggle = tmp_path / "submission.csv"
+    result = run_script("predict.py", "--checkpoint", str(ckpt), str(folder / "blue"), "--kaggle",
+                        "--out", str(kaggle), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = kaggle.read_text().splitlines()
+    assert lines[0] == "Id,Class" and lines[1].split(",")[0] == "blue_000.png"
+    assert all(int(line.split(",")[1]) in range(3) for line in lines[1:])
+
+
+def test_predict_refuses_a_missing_input_in_one_line(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    result = run_script("predict.py", "--checkpoint", str(ckpt), str(tmp_path / "nope"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: not a file or folder: {tmp_path / 'nope'}"]
+
+
+def test_evaluate_numbers_match_the_models_own_predictions(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    folder = make_image_folder(tmp_path / "labelled", per_class=4)
+    out_dir = tmp_path / "eval"
+    result = run_script("evaluate.py", "--checkpoint", str(ckpt), str(folder), "--out-dir", str(out_dir),
+                        "--num-workers", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out_dir / "metrics.json").read_text())
+
+    # Hand computation from the model's own predictions.
+    loaded = load_classifier(ckpt)
+    cm = [[0] * 3 for _ in range(3)]
+    for true, name in enumerate(CLASSES):
+        for i in range(4):
+            image = loaded.eval_transform()(__import__("data").load_rgb(str(folder / name / f"{name}_{i:03d}.png")))
+            cm[true][loaded.model(image[None]).argmax().item()] += 1
+    assert report["confusion_matrix"] == cm
+    assert report["accuracy"] == sum(cm[i][i] for i in range(3)) / 12
+    for j, name in enumerate(CLASSES):
+        predicted = sum(cm[i][j] for i in range(3))
+        assert report["per_class"][name]["precision"] == (cm[j][j] / predicted if predicted else 0.0)
+        assert report["per_class"][name]["recall"] == cm[j][j] / 4
+    assert f"accuracy {report['accuracy']:.4f} on 12 images" in result.stdout
+    for png in ("confusion_matrix.png", "top_losses.png"):
+        assert (out_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_refuses_unknown_class_folders(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    folder = make_image_folder(tmp_path / "labelled", per_class=1, classes=("red", "purple"))
+    result = run_script("evaluate.py", "--checkpoint", str(ckpt), str(folder), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "purple" in result.stderr and "not classes of this checkpoint" in result.stderr

@@ -1,0 +1,50 @@
+"""lr_find.py and overfit_check.py as a user runs them; timm loads our checkpoints unchanged."""
+
+import pytest
+import torch
+
+from helpers import run_script
+from models import HeadSpec, build_classifier
+from trainer.checkpoint import save_classifier
+
+COMMON = ["model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
+          "data.augment=none"]
+
+
+def test_overfit_check_passes_on_a_learnable_batch(image_folder, tmp_path):
+    result = run_script("overfit_check.py", f"data.root={image_folder}", *COMMON, "optim.lr=0.01",
+                        "--steps", "150", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASSED" in result.stdout
+
+
+def test_overfit_check_fails_when_nothing_can_learn(image_folder, tmp_path):
+    result = run_script("overfit_check.py", f"data.root={image_folder}", *COMMON, "optim.lr=1e-9",
+                        "--steps", "5", cwd=tmp_path)
+    assert result.returncode == 1 and "FAILED" in result.stdout
+
+
+def test_lr_find_writes_a_plot_and_a_suggestion(image_folder, tmp_path):
+    out = tmp_path / "lr.png"
+    result = run_script("lr_find.py", f"data.root={image_folder}", *COMMON, "optim.backbone_lr_mult=0.1",
+                        "--steps", "30", "--start", "1e-5", "--end", "1", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    line = next(l for l in result.stdout.splitlines() if l.startswith("suggested optim.lr="))
+    assert 1e-5 <= float(line.split("=")[1].split()[0]) <= 1 and "backbone x0.1 kept" in line
+
+
+def test_timm_checkpoint_loads_with_plain_timm(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    built = build_classifier("timm/test_resnet", 3)
+    path = tmp_path / "best.safetensors"
+    save_classifier(path, built.model.state_dict(), model_name="timm/test_resnet", head=HeadSpec().to_dict(),
+                    class_names=["a", "b", "c"], mean=built.mean, std=built.std, image_size=32, crop_pct=1.0,
+                    config={}, metrics={}, epoch=1)
+    # file= is a local path: no network. num_classes in the overlay keeps timm from dropping our head.
+    plain = timm.create_model("test_resnet", num_classes=3, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
+    x = torch.rand(2, 3, 32, 32)
+    built.model.eval(), plain.eval()
+    assert torch.equal(built.model(x), plain(x))
