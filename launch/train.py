@@ -20,8 +20,13 @@
     # one process driving all visible GPUs with nn.DataParallel
     python launch/train.py --config configs/regnet.toml runtime.parallel=dp data.root=...
 
+    # continue a run that was killed or preempted, from its newest complete checkpoint
+    python launch/train.py --config configs/demo.toml run.resume=auto
+
 Bad input (unknown key, wrong type, missing folder, unknown model) ends with one line on stderr
-and exit code 2, before anything is written.
+and exit code 2, before anything is written. SIGTERM or SIGINT (a cluster's preemption notice,
+Ctrl-C) finishes the current step, writes a checkpoint and exits with code 75; run the same
+command with run.resume=auto to continue.
 """
 
 from __future__ import annotations

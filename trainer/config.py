@@ -110,6 +110,8 @@ class TrainConfig:
     cache_features: bool = _doc(False, "frozen backbone + deterministic transform: compute backbone features "
                                        "once, train the head on them")
     feature_cache_dir: str = _doc("~/.cache/imgtrain/features", "where cached features are kept (shared by runs)")
+    checkpoint_every_steps: int = _doc(0, "also write a resumable checkpoint every N optimizer steps (0: epoch ends only)")
+    keep_last: int = _doc(2, "resumable checkpoints kept in run.dir/checkpoints, besides the best epoch's")
 
 
 @dataclass
@@ -127,6 +129,8 @@ class RuntimeConfig:
 @dataclass
 class RunConfig:
     dir: str = _doc("runs/default", "where checkpoints, config and logs go")
+    resume: str = _doc("", "'auto': continue from the newest complete checkpoint in run.dir (or start fresh); "
+                           "a path: from that checkpoint folder; '': start fresh")
 
 
 @dataclass
@@ -325,6 +329,8 @@ def validate(cfg: Config) -> None:
         (cfg.runtime.cpu_threads >= 0, "runtime.cpu_threads must be 0 (auto) or a positive count"),
         (o.backbone_lr_mult > 0, "optim.backbone_lr_mult must be positive (to keep layers fixed use model.freeze)"),
         (t.unfreeze_at_epoch >= 0, "train.unfreeze_at_epoch must be 0 (off) or more"),
+        (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be 0 (epoch ends only) or more"),
+        (t.keep_last >= 1, "train.keep_last must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

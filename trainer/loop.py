@@ -21,6 +21,7 @@ from data import ImageListDataset, discover, eval_transform, make_loader, resolv
 from data.audit_training import prepare_training_data
 from data.balance import BalancedSampler, balanced_class_weights
 from data.dataset import read_load_failures
+from data.sampling import TrainBatches
 from data.transforms import MixingCollate, batch_mixer
 from models import HeadSpec, build_classifier, count_parameters, set_train_mode
 from models.finetune import apply_epoch, build_finetune_scheduler, make_plan, param_groups, prepare_for_wrapping
@@ -29,6 +30,7 @@ from trainer.config import Config
 from trainer.features import cached_head_datasets, with_sample_images
 from trainer.optim import build_optimizer
 from trainer.report import RunReport
+from trainer.resume import Progress
 from trainer.runtime import describe, make_accelerator, prepare_model
 from trainer.step import StepCounters, StepOptions, train_step
 from trainer.tracking import SAMPLE_IMAGES, Predictions, RunTracking
@@ -73,11 +75,11 @@ def train(cfg: Config) -> TrainResult:
         workers = 0  # the features are already in memory
     pin = accelerator.device.type == "cuda"
     labels = [label for _, label in splits.train]
-    # Accelerate shards the balanced draw's batches across processes, so the sampler stays unsharded here.
-    sampler = BalancedSampler(labels, seed=cfg.train.seed) if d.sampler == "balanced" else None
+    # The epoch's whole draw; TrainBatches shards it across processes and can start it mid-way.
+    draw = BalancedSampler(labels, seed=cfg.train.seed).indices if d.sampler == "balanced" else None
     mixer = batch_mixer(len(splits.classes), d.mixup_alpha, d.cutmix_alpha)
-    train_loader = make_loader(train_data, d.batch_size, True, workers, pin, cfg.train.seed, sampler,
-                               MixingCollate(mixer) if mixer else None)
+    train_loader = TrainBatches(train_data, d.batch_size, workers, pin, cfg.train.seed, accelerator,
+                                draw, MixingCollate(mixer) if mixer else None)
     val_loader = make_loader(val_data, d.batch_size, False, workers, pin, cfg.train.seed)
     optimizer = build_optimizer(param_groups(built.model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
     class_weights = (balanced_class_weights(labels, len(splits.classes)).to(accelerator.device)
@@ -85,7 +87,8 @@ def train(cfg: Config) -> TrainResult:
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.train.label_smoothing)
 
     model = prepare_model(model, accelerator, cfg.runtime)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    # The training batches are sharded by their own resumable sampler, not by accelerator.prepare.
+    model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     # After prepare, len(train_loader) is this process's share of batches; with accumulation the
     # optimizer steps once per grad_accum_steps of them (and once more for a partial tail).
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
@@ -94,6 +97,8 @@ def train(cfg: Config) -> TrainResult:
     step_options = StepOptions(cfg.train.grad_clip_norm, cfg.runtime.channels_last)
 
     runtime = describe(accelerator, d.batch_size, cfg.train.grad_accum_steps, model)
+    # Finds the checkpoint run.resume names and refuses config changes it cannot take, before any write.
+    progress = Progress(accelerator, cfg, run_dir, splits.classes)
     report = RunReport(accelerator, run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,9 +107,11 @@ def train(cfg: Config) -> TrainResult:
     accelerator.wait_for_everyone()
     tracking = RunTracking(accelerator, cfg, run_dir, splits.classes, mean, std)
     # Main process: the W&B run id (None without W&B), kept so a resumed run can continue it.
-    wandb_run_id = tracking.start(config={**cfg.to_dict(), "runtime": runtime}, run_id=None)
+    wandb_run_id = tracking.start(config={**cfg.to_dict(), "runtime": runtime}, run_id=progress.wandb_run_id or None)
     tracking.show_data(train_ds, {"train": splits.class_counts("train"), "val": splits.class_counts("val")},
                        cfg.train.seed)
+    # Loads the saved state when resuming (RNG last: nothing above may draw after it).
+    progress.attach(model, optimizer, scheduler, train_loader, accelerator.scaler, wandb_run_id)
     total, trainable = count_parameters(built.model)
     report.start(model_name=cfg.model.name, total_params=total, trainable_params=trainable, splits=splits,
                  runtime=runtime, notes=built.notes)
@@ -114,16 +121,18 @@ def train(cfg: Config) -> TrainResult:
                             runtime={k: runtime[k] for k in ("num_processes", "device", "precision",
                                                              "global_batch_size")})
     higher_is_better = cfg.train.best_metric == "val_acc"
-    best, history, epochs_without_improvement, stopped_early = None, [], 0, False
+    best, history, epochs_without_improvement = progress.best, progress.history, progress.epochs_without_improvement
+    stopped_early = progress.stopped_early
 
     # ---- epochs ----
-    for epoch in range(1, cfg.train.epochs + 1):
+    for epoch in range(progress.first_epoch, cfg.train.epochs + 1):
         started = time.perf_counter()
         apply_epoch(built.model, plan, epoch)  # a pure function of the epoch, so a resume recomputes it
         group_lrs = scheduler.get_last_lr()  # the rates this epoch starts with, per parameter group
+        progress.begin_epoch(epoch)  # this epoch's sample order, after the batches a checkpoint already did
         train_stats = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler, criterion,
                                       epoch, cfg.train.log_every_steps, tracking, runtime["global_batch_size"],
-                                      step_options)
+                                      step_options, progress)
         val_stats, predictions = evaluate(accelerator, model, val_loader, criterion, len(splits.classes),
                                           return_predictions=True)
         if cfg.train.cache_features:  # the grid needs images, not the features the head saw
@@ -153,17 +162,20 @@ def train(cfg: Config) -> TrainResult:
                 if keep:
                     save_classifier(run_dir / f"{name}.safetensors", state, metrics=metrics, epoch=epoch,
                                     **checkpoint_facts)
+        progress.end_epoch(epoch, best=best, history=history, epochs_without_improvement=epochs_without_improvement,
+                           improved=improved)  # the resumable checkpoint, rotated
         patience = cfg.train.early_stopping_patience
         if patience and epochs_without_improvement >= patience:
             stopped_early = True
             break
 
+    progress.close()
     accelerator.wait_for_everyone()
     failures = read_load_failures(failure_log)
     if failures:
         report.print(f"warning: {len(failures)} files failed to load during training and were skipped; "
                      f"listed in {failure_log}")
-    written = [run_dir / "best.safetensors", run_dir / "last.safetensors", run_dir / "config.toml",
+    written = [run_dir / "best.safetensors", run_dir / "last.safetensors", progress.root, run_dir / "config.toml",
                run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
     report.finish(best=best, stopped_early=stopped_early, written=written)
     accelerator.end_training()
@@ -172,13 +184,12 @@ def train(cfg: Config) -> TrainResult:
 
 def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler, criterion,
                     epoch: int, log_every: int, tracking: RunTracking, global_batch_size: int,
-                    options: StepOptions = StepOptions()) -> dict:
+                    options: StepOptions = StepOptions(), progress: Progress | None = None) -> dict:
     set_train_mode(accelerator.unwrap_model(model))
     device = accelerator.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = torch.zeros((), device=device, dtype=torch.long)
     counters = StepCounters()
+    # Zeros, or the totals and counters where a mid-epoch checkpoint was.
+    loss_sum, correct, seen = progress.epoch_totals(device, counters)
     started = time.perf_counter()
     # A bar redrawn into a log file is noise: only draw it on a terminal.
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
@@ -195,6 +206,7 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
             loss_value, lr = loss.item(), scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             tracking.train_step(epoch, step, len(loader), loss_value, lr, global_batch_size)
+        progress.step_done(loss_sum, correct, seen, counters)  # checkpoints every N steps; on SIGTERM: checkpoint, exit 75
     bar.close()
     seconds = time.perf_counter() - started
     # Sum over processes: every process reaches this collective once per epoch.

@@ -1,0 +1,288 @@
+"""Resume exactly and lose nothing: kill a real run anywhere, resume it, get the same bits.
+
+The end-to-end test runs `python launch/train.py` as subprocesses that SIGKILL or SIGTERM
+themselves at named points (trainer/faults.py), then compares with an uninterrupted run.
+The rest are fast in-process checks of the pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from data.sampling import ResumableSampler, SeededSamples
+from helpers import run_env, run_script
+from models.build import build_classifier, read_state_dict
+from trainer.config import Config
+from trainer.errors import UsageError
+from trainer.resume import EXIT_PREEMPTED, config_changes, find_checkpoint
+from trainer.state import (COMPLETE, flatten_optimizer, mark_best, newest_valid, rotate, save_checkpoint,
+                           unflatten_optimizer, verify)
+
+TIMING = ("epoch_time", "images_per_sec", "train_seconds", "wall_time")
+
+
+def tiny_run_args(image_folder: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.root={image_folder}", f"run.dir={run_dir}", "model.name=tiny_cnn", "data.image_size=16",
+            "data.batch_size=4", "data.val_fraction=0.25", "train.epochs=3", "optim.lr=0.01",
+            "optim.scheduler=cosine", "data.augment=standard", "train.checkpoint_every_steps=3",
+            "train.keep_last=2", *extra]
+
+
+def train(image_folder, run_dir, *extra, crash: str = "", crash_signal: str = "KILL"):
+    env = run_env(IMGTRAIN_CRASH_AT=crash, IMGTRAIN_CRASH_SIGNAL=crash_signal)
+    return run_script("train.py", *tiny_run_args(image_folder, run_dir, *extra), cwd=run_dir.parent, env=env)
+
+
+def assert_same_bits(a: Path, b: Path) -> None:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys()
+    for key in x:
+        assert x[key].dtype == y[key].dtype and torch.equal(x[key].reshape(-1).view(torch.uint8), y[key].reshape(-1).view(torch.uint8)), key
+
+
+def metrics_without_timing(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def step_folders(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+
+
+def test_killed_anywhere_and_resumed_ends_bitwise_identical(image_folder, tmp_path):
+    # 27 training images, batch 4: 7 steps per epoch, 21 in all; a checkpoint every 3 steps.
+    common = ("data.num_workers=1",)  # augmentation runs in a worker process and must replay there
+    reference = tmp_path / "reference"
+    done = train(image_folder, reference, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    # 1. SIGKILL mid-epoch at step 7: the checkpoint of step 6 is the newest, step 7 is trained again.
+    r = train(image_folder, run, *common, crash="after_step:7")
+    assert r.returncode == -signal.SIGKILL
+    assert step_folders(run) == ["step-00000003", "step-00000006"]
+    # 2. SIGKILL while checkpoint 12 is being written: its files exist, unmarked, under a hidden name;
+    # what was there before is untouched and still what `latest` names.
+    r = train(image_folder, run, *common, "run.resume=auto", crash="checkpoint_write:12")
+    assert r.returncode == -signal.SIGKILL
+    assert "resumed from" in r.stdout and "step-00000006" in r.stdout
+    tmp = run / "checkpoints" / ".tmp-step-00000012"
+    assert (tmp / "model.safetensors").is_file() and not (tmp / COMPLETE).exists()
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-00000009" and verify(run / "checkpoints" / latest)["global_step"] == 9
+    # 3. SIGKILL between epochs (after epoch 2's checkpoint, step 14).
+    r = train(image_folder, run, *common, "run.resume=auto", crash="epoch_end:2")
+    assert r.returncode == -signal.SIGKILL
+    assert not tmp.exists()  # the interrupted write was cleared away on resume
+    # 4. SIGTERM at step 19: the step finishes, a checkpoint is written, the documented exit code.
+    r = train(image_folder, run, *common, "run.resume=auto", crash="after_step:19", crash_signal="TERM")
+    assert r.returncode == EXIT_PREEMPTED, r.stderr[-3000:]
+    assert "stopped by signal SIGTERM after step 19" in r.stdout
+    assert verify(run / "checkpoints" / "step-00000019")["samples_done"] == 20
+    # 5. Truncate that newest checkpoint: `auto` names the file, skips it, resumes from step 18.
+    model_file = run / "checkpoints" / "step-00000019" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    r = train(image_folder, run, *common, "run.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{model_file} is truncated" in r.stdout
+    assert "resumed from" in r.stdout and "step-00000018" in r.stdout
+
+    for name in ("last.safetensors", "best.safetensors"):
+        assert_same_bits(reference / name, run / name)
+    assert metrics_without_timing(run) == metrics_without_timing(reference)
+    # Rotation: keep_last = 2 newest, plus the best epoch's (which may be one of them).
+    best = (run / "checkpoints" / "best").read_text().strip()
+    kept = step_folders(run)
+    assert kept[-2:] == ["step-00000018", "step-00000021"] and best in kept
+    assert len(kept) == 2 + (best not in kept[-2:])
+    assert (run / "checkpoints" / "step-00000019.damaged" / "model.safetensors").is_file()  # set aside, not lost
+
+    # A finished run resumed with a longer schedule is allowed; a changed model is refused by name.
+    r = train(image_folder, run, *common, "run.resume=auto", "model.head=mlp")
+    assert r.returncode == 2
+    assert "model.head is 'mlp' but the checkpoint was trained with 'linear'" in r.stderr
+    assert step_folders(run) == kept
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces, in-process
+
+
+def test_sampler_resumes_at_any_batch_and_shards_disjointly():
+    full = ResumableSampler(27, batch_size=4, seed=3)
+    full.start_epoch(2)
+    order = list(full)
+    assert sorted(i for i, _ in order) == list(range(27))
+    later = ResumableSampler(27, batch_size=4, seed=3)
+    later.start_epoch(2, samples_done=12)
+    assert list(later) == order[12:]  # same indices and same augmentation seeds
+    other_epoch = ResumableSampler(27, batch_size=4, seed=3)
+    other_epoch.start_epoch(3)
+    assert [i for i, _ in other_epoch] != [i for i, _ in order]
+
+    shards = [ResumableSampler(27, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for s in shards:
+        s.start_epoch(2)
+    a, b = list(shards[0]), list(shards[1])
+    assert len(a) == len(b) == 14 and shards[0].steps_per_epoch == 4
+    assert {i for i, _ in a + b} == set(range(27))  # padded by one repeat, nothing lost
+    # Resuming two processes' position with three: the same samples seen, the rest split three ways.
+    done = 2 * shards[0].samples_per_step
+    thirds = [ResumableSampler(27, batch_size=4, seed=3, rank=r, world_size=3) for r in range(3)]
+    for s in thirds:
+        s.start_epoch(2, samples_done=done)
+    rest = {i for s in thirds for i, _ in s}
+    seen = {i for i, _ in a[:8] + b[:8]}
+    assert rest | seen == set(range(27)) and not rest & seen
+
+
+def test_seeded_samples_replay_augmentation_and_leave_the_global_rng_alone():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3), random.random(), np.random.rand()
+
+    ds = SeededSamples(Noisy())
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    seed, first = ds[(1, 1234)]
+    assert seed == 1234 and torch.equal(torch.get_rng_state(), before)
+    _, again = ds[(1, 1234)]
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+    assert not torch.equal(first[0], ds[(1, 1235)][1][0])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_state_survives_safetensors_and_json(name, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if name == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=0.1))
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+    tensors, meta = flatten_optimizer(opt.state_dict())
+    tensors = {k: v.clone() for k, v in tensors.items()}  # as read from the file: not the live buffers
+    meta = json.loads(json.dumps(meta))
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    twin_opt = type(opt)(twin.parameters(), lr=1.0)
+    twin_opt.load_state_dict(unflatten_optimizer(tensors, meta))
+    assert twin_opt.param_groups[0]["lr"] == 0.1
+    batch = torch.randn(5, 4)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        m(batch).sum().backward()
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def _write_checkpoints(root: Path, steps) -> None:
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in steps:
+        save_checkpoint(accelerator, root, step, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                        trainer_state={"global_step": step}, rank_tensors={"torch_cpu": torch.get_rng_state()},
+                        rank_json={})
+
+
+def test_rotation_keeps_exactly_keep_last_plus_best(tmp_path):
+    root = tmp_path / "checkpoints"
+    _write_checkpoints(root, [1, 2])
+    mark_best(root, root / "step-00000002")
+    _write_checkpoints(root, [3, 4, 5, 6])
+    (root / "step-00000007").mkdir()  # a folder a kill left incomplete, newer than all: kept for now
+    rotate(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        "step-00000002", "step-00000005", "step-00000006", "step-00000007"]
+    assert (root / "latest").read_text().strip() == "step-00000006"
+
+
+def test_truncated_or_damaged_checkpoint_is_named_and_skipped(tmp_path):
+    root = tmp_path / "checkpoints"
+    _write_checkpoints(root, [3, 6, 9])
+    opt_file = root / "step-00000009" / "optimizer.safetensors"
+    opt_file.write_bytes(opt_file.read_bytes()[:-7])
+    model_file = root / "step-00000006" / "model.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    skipped = []
+    folder, state = newest_valid(root, skipped.append)
+    assert folder.name == "step-00000003" and state["global_step"] == 3
+    assert skipped == [f"skipping checkpoint step-00000009: {opt_file} is truncated or damaged: "
+                       f"{opt_file.stat().st_size} bytes, {opt_file.stat().st_size + 7} expected",
+                       f"skipping checkpoint step-00000006: {model_file} is damaged: its sha256 does not "
+                       f"match {COMPLETE}"]
+    with pytest.raises(UsageError, match="optimizer.safetensors is truncated"):
+        find_checkpoint(str(root / "step-00000009"), root, print)
+    with pytest.raises(UsageError, match="already holds checkpoints: set run.resume=auto"):
+        find_checkpoint("", root, print)
+
+
+@pytest.mark.parametrize("override, outcome", [
+    ("train.epochs=9", "ok"),
+    ("train.log_every_steps=1", "ok"),
+    ("wandb.mode=offline", "ok"),
+    ("optim.lr=0.5", "warning: optim.lr 0.001 -> 0.5"),
+    ("model.name=timm/test_vit", "cannot resume: model.name is 'timm/test_vit' but the checkpoint was trained "
+                                 "with 'tiny_cnn'; set model.name='tiny_cnn' or start a new run.dir"),
+    ("model.head=mlp", "cannot resume: model.head is 'mlp'"),
+    ("optim.name=sgd", "cannot resume: optim.name is 'sgd'"),
+    ("data.val_fraction=0.5", "cannot resume: data.val_fraction is 0.5"),
+])
+def test_config_changes_on_resume(override, outcome):
+    saved = Config()
+    saved.model.name = "tiny_cnn"
+    cfg = Config()
+    cfg.model.name = "tiny_cnn"
+    section, rest = override.split(".", 1)
+    key, value = rest.split("=")
+    current = getattr(getattr(cfg, section), key)
+    setattr(getattr(cfg, section), key, type(current)(value))
+    if outcome.startswith("cannot"):
+        with pytest.raises(UsageError) as e:
+            config_changes(saved.to_dict(), cfg, ["a", "b"], ["a", "b"])
+        assert str(e.value).startswith(outcome)
+    else:
+        warnings = config_changes(saved.to_dict(), cfg, ["a", "b"], ["a", "b"])
+        assert warnings == ([] if outcome == "ok" else [warnings[0]])
+        if outcome != "ok":
+            assert outcome.removeprefix("warning: ") in warnings[0]
+
+
+def test_changed_classes_are_refused_by_name():
+    with pytest.raises(UsageError, match=r"classes differ from the checkpoint's \(added \['c'\], missing \['b'\]\)"):
+        config_changes(Config().to_dict(), Config(), ["a", "b"], ["a", "c"])
+
+
+def test_malicious_pickle_given_as_weights_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": Payload()}, evil)
+    assert b"system" in evil.read_bytes()  # the payload really is in the file
+    with pytest.raises(UsageError, match="refusing .*evil.pth: it needs arbitrary objects unpickled"):
+        read_state_dict(evil)
+    with pytest.raises(UsageError, match="refusing"):
+        build_classifier("tiny_cnn", 3, weights=str(evil))
+    assert not marker.exists()

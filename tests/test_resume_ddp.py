@@ -1,0 +1,62 @@
+"""Kill-and-resume with 2-process CPU DDP (`accelerate launch --multi_gpu`), and resuming with 1 process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from helpers import accelerate_launch, run_env, run_script
+from test_resume import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
+from trainer.state import COMPLETE, verify
+
+TWO_PROCESSES = accelerate_launch("--multi_gpu", "--num_processes", "2", "--mixed_precision", "no")
+
+
+def train_ddp(image_folder, run_dir, *extra, crash: str = ""):
+    # 27 images padded to 28: 14 per process, 4 steps per epoch (4, 4, 4, 2 images), 12 in all.
+    args = tiny_run_args(image_folder, run_dir, "data.num_workers=0", "train.checkpoint_every_steps=2", *extra)
+    return run_script("train.py", *args, cwd=run_dir.parent, launcher=TWO_PROCESSES,
+                      env=run_env(IMGTRAIN_CRASH_AT=crash))
+
+
+def test_two_process_run_killed_and_resumed_ends_bitwise_identical(image_folder, tmp_path):
+    reference = tmp_path / "reference"
+    r = train_ddp(image_folder, reference)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    # Both processes SIGKILLed mid-epoch at step 7: the newest checkpoint is step 6.
+    r = train_ddp(image_folder, run, crash="after_step:7")
+    assert r.returncode != 0
+    assert step_folders(run)[-1] == "step-00000006"
+    assert verify(run / "checkpoints" / "step-00000006")["num_processes"] == 2
+    assert {p.name for p in (run / "checkpoints" / "step-00000006").glob("rank-*")} == {
+        "rank-0.json", "rank-0.safetensors", "rank-1.json", "rank-1.safetensors"}
+    one_process_copy = tmp_path / "resumed-with-one-process"
+    shutil.copytree(run, one_process_copy)
+    # Killed again while checkpoint 8 (the end of epoch 2) is written.
+    r = train_ddp(image_folder, run, "run.resume=auto", crash="checkpoint_write:8")
+    assert r.returncode != 0
+    assert not (run / "checkpoints" / ".tmp-step-00000008" / COMPLETE).exists()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    r = train_ddp(image_folder, run, "run.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step-00000006" in r.stdout
+
+    for name in ("last.safetensors", "best.safetensors"):
+        assert_same_bits(reference / name, run / name)
+    assert metrics_without_timing(run) == metrics_without_timing(reference)
+
+    # The same 2-process checkpoint resumed by 1 process: a warning, the same samples seen, no bitwise claim.
+    r = run_script("train.py", *tiny_run_args(image_folder, one_process_copy, "data.num_workers=0",
+                                              "train.checkpoint_every_steps=2", "run.resume=auto"),
+                   cwd=tmp_path, env=run_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("resuming a 2-process checkpoint with 1 processes: training continues from the same 44 samples "
+            "seen, but results will not be bitwise identical") in r.stdout
+    rows = [json.loads(line) for line in (one_process_copy / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    # Epoch 2 counts the 16 samples the two processes trained on before the kill plus the 11 left
+    # for one process; epoch 3 is one process's whole epoch.
+    assert [row["train_images"] for row in rows] == [28, 27, 27]
+    assert verify(one_process_copy / "checkpoints" / step_folders(one_process_copy)[-1])["num_processes"] == 1

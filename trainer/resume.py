@@ -1,0 +1,313 @@
+"""Where a run stands, and how it stops and continues: the training loop's one partner for resuming.
+
+`Progress` finds the checkpoint to resume from (`run.resume`), refuses config changes that would
+not fit it, puts the saved state back after `accelerator.prepare`, counts steps, writes a
+checkpoint every `train.checkpoint_every_steps` steps and at each epoch end, and turns SIGTERM or
+SIGINT into "finish this step, write a checkpoint, exit with EXIT_PREEMPTED".
+
+Exit codes of `launch/train.py`: 0 done, 2 bad input, 75 (EX_TEMPFAIL, "try again") preempted by
+SIGTERM/SIGINT after writing a checkpoint: run the same command with run.resume=auto to continue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from trainer.config import Config
+from trainer.errors import UsageError
+from trainer.faults import crash_point
+from trainer.state import (DamagedCheckpoint, LoadedState, complete_checkpoints, load_checkpoint,
+                           load_scheduler_state, mark_best, newest_valid, rng_state, rotate, save_checkpoint, set_aside,
+                           scheduler_state, set_rng_state, verify)
+
+EXIT_PREEMPTED = 75
+
+# Keys whose change makes a checkpoint meaningless for the new config: a different network, a
+# different optimizer state layout, or a different train/validation split.
+REFUSED_CHANGES = ("model.name", "model.head", "model.head_hidden", "model.head_dropout", "model.freeze",
+                   "optim.name", "data.val_fraction", "data.seed")
+# Keys that change nothing about what has been trained so far; anything else is allowed with a
+# warning that the continuation differs from the uninterrupted run.
+SAFE_CHANGES = ("train.epochs", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_last",
+                "train.early_stopping_patience", "data.root", "data.num_workers", "run.", "wandb.")
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written; exits the process with EXIT_PREEMPTED."""
+
+    def __init__(self, folder: Path):
+        super().__init__(EXIT_PREEMPTED)
+        self.folder = folder
+
+
+def config_changes(saved: dict, cfg: Config, saved_classes: list[str], classes: list[str]) -> list[str]:
+    """Warnings for changed keys; raises UsageError naming the first change that cannot resume."""
+    if saved_classes != classes:
+        added, gone = sorted(set(classes) - set(saved_classes)), sorted(set(saved_classes) - set(classes))
+        detail = f"added {added}, missing {gone}" if added or gone else "same names in another order"
+        raise UsageError(f"cannot resume: the classes differ from the checkpoint's ({detail}); "
+                         f"point data.root at the same classes or start a new run.dir")
+    changed = []
+    for section, table in cfg.to_dict().items():
+        for key, value in table.items():
+            dotted, old = f"{section}.{key}", saved.get(section, {}).get(key, value)
+            if old != value:
+                if dotted in REFUSED_CHANGES:
+                    raise UsageError(f"cannot resume: {dotted} is {value!r} but the checkpoint was trained with "
+                                     f"{old!r}; set {dotted}={old!r} or start a new run.dir")
+                if not any(dotted == s or (s.endswith(".") and dotted.startswith(s)) for s in SAFE_CHANGES):
+                    changed.append(f"{dotted} {old!r} -> {value!r}")
+    return [f"resuming with changed {c}: the rest of the run will differ from an uninterrupted one"
+            for c in changed]
+
+
+def find_checkpoint(resume: str, root: Path, warn, skipped: list[Path] | None = None) -> tuple[Path, dict] | None:
+    """What `run.resume` points at: "auto" the newest valid checkpoint (or None), a path that one."""
+    if resume == "":
+        if complete_checkpoints(root):
+            raise UsageError(f"{root} already holds checkpoints: set run.resume=auto to continue that run, "
+                             f"or choose another run.dir")
+        return None
+    if resume == "auto":
+        return newest_valid(root, warn, skipped)
+    path = Path(resume).expanduser().resolve()
+    if (path / "checkpoints").is_dir():  # a run folder: its newest checkpoint
+        path = path / "checkpoints"
+    if path.is_dir() and not (path / "state.json").exists() and complete_checkpoints(path):
+        found = newest_valid(path, warn)
+        if found is None:
+            raise UsageError(f"run.resume={resume}: no usable checkpoint in {path}")
+        return found
+    try:
+        return path, verify(path)
+    except DamagedCheckpoint as e:
+        raise UsageError(f"cannot resume from run.resume={resume}: {e}") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"cannot resume from run.resume={resume}: not a training checkpoint ({e})") from None
+
+
+class Progress:
+    """Epoch, step and position of the run, and its checkpoints. Built before anything is written."""
+
+    def __init__(self, accelerator, cfg: Config, run_dir: Path, classes: list[str]):
+        self.accelerator, self.cfg, self.classes = accelerator, cfg, classes
+        self.root = run_dir / "checkpoints"
+        self.epoch, self.samples_done, self.global_step = 1, 0, 0
+        self.best, self.history, self.epochs_without_improvement = None, [], 0
+        self.stopped_early, self.wandb_run_id = False, ""
+        self._stop_signal: int | None = None
+        self._previous_handlers: dict = {}
+        self._totals: list | None = None  # running totals of the epoch in progress, from a checkpoint
+        self._best_folder: Path | None = None
+        self._damaged: list[Path] = []
+        found = find_checkpoint(cfg.run.resume, self.root, self.warn, self._damaged)
+        self.resumed_from: Path | None = None
+        self._state: dict = {}
+        if found:
+            folder, state = found
+            for message in config_changes(state["config"], cfg, state["class_names"], classes):
+                self.warn(message)
+            self.resumed_from, self._state = folder, state
+            self.wandb_run_id = state.get("wandb_run_id", "")
+
+    def warn(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"warning: {message}", flush=True)
+
+    # ---- after accelerator.prepare ----
+
+    def attach(self, model, optimizer, scheduler, batches, scaler=None, wandb_run_id: str | None = None) -> None:
+        """Remember what a checkpoint holds; put the saved state back when resuming; catch signals."""
+        self.model, self.optimizer, self.scheduler, self.batches, self.scaler = model, optimizer, scheduler, batches, scaler
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-step-*"):  # a write that a kill interrupted
+                shutil.rmtree(stale, ignore_errors=True)
+            for folder in self._damaged:  # out of the way of rotation and of the next `auto`
+                self.warn(f"moved damaged checkpoint to {set_aside(folder)}")
+        if self.resumed_from is not None:
+            self._restore(load_checkpoint(self.resumed_from, acc.process_index, self._state))
+        if wandb_run_id:
+            self.wandb_run_id = wandb_run_id
+        self._install_signal_handlers()
+
+    def _restore(self, loaded: LoadedState) -> None:
+        acc, s = self.accelerator, loaded.state
+        acc.unwrap_model(self.model).load_state_dict(loaded.model)
+        self.optimizer.load_state_dict(loaded.optimizer)
+        if self.scaler is not None and s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        self.best, self.history = s["best"], s["history"]
+        self.epochs_without_improvement = s["epochs_without_improvement"]
+        self.epoch, self.samples_done, self.global_step = s["epoch"], s["samples_done"], s["global_step"]
+        if s["epoch_complete"]:
+            self.epoch, self.samples_done = self.epoch + 1, 0
+        self._best_folder = self.root / s["best_folder"] if s.get("best_folder") else None
+        patience = self.cfg.train.early_stopping_patience
+        self.stopped_early = bool(patience and self.epochs_without_improvement >= patience)
+        sampler = self.batches.sampler
+        same_world = s["num_processes"] == acc.num_processes
+        sched = dict(s["scheduler"])
+        if same_world:
+            set_rng_state(loaded.rank_tensors, loaded.rank_json)
+            self._totals = loaded.rank_json["totals"] if not s["epoch_complete"] else None
+        else:
+            self.warn(f"resuming a {s['num_processes']}-process checkpoint with {acc.num_processes} processes: "
+                      f"training continues from the same {s['samples_seen']} samples seen, but results will not "
+                      f"be bitwise identical to an uninterrupted run")
+            # Same samples seen: the step counter and the schedule are recounted in the new steps.
+            accum = self.cfg.train.grad_accum_steps
+            done_epochs = self.epoch - 1
+            self.global_step = (done_epochs * math.ceil(sampler.steps_per_epoch / accum)
+                                + self.samples_done // sampler.samples_per_step // accum)
+            sched["last_epoch"] = sched["_step_count"] = self.global_step
+            sched["_step_count"] += 1
+            torch.manual_seed(s["global_step"] * 1000 + acc.process_index)
+            if not s["epoch_complete"] and acc.is_main_process:
+                totals = [json.loads((loaded.folder / f"rank-{r}.json").read_text())["totals"]
+                          for r in range(s["num_processes"])]
+                self._totals = [sum(t[i] for t in totals) for i in range(3)] + list(totals[0][3:])
+            elif not s["epoch_complete"]:
+                self._totals = [0.0, 0, 0]
+        load_scheduler_state(self.scheduler, sched)
+        if acc.is_main_process:
+            self._trim_metrics_log(self.epoch - 1)
+            print(f"resumed from {loaded.folder}: epoch {self.epoch}, {self.samples_done} samples into it, "
+                  f"step {self.global_step}", flush=True)
+
+    def _trim_metrics_log(self, epochs_done: int) -> None:
+        """Drop metrics.jsonl lines of epochs the checkpoint had not finished; they are trained again."""
+        path = self.root.parent / "metrics.jsonl"
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines()
+                     if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+            path.write_text("".join(line + "\n" for line in lines))
+
+    # ---- the epoch loop ----
+
+    @property
+    def first_epoch(self) -> int:
+        return self.cfg.train.epochs + 1 if self.stopped_early else self.epoch
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Point the sampler at this epoch's order, after the samples a checkpoint already trained on."""
+        if epoch != self.epoch:
+            self.epoch, self.samples_done, self._totals = epoch, 0, None
+        self.batches.start_epoch(epoch, self.samples_done)
+
+    def epoch_totals(self, device, counters=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss sum, correct and seen of the epoch so far on this process: zeros, or the checkpoint's
+        (which also sets the epoch's optimizer-step `counters`)."""
+        loss_sum, correct, seen, *steps = self._totals or (0.0, 0, 0)
+        self._totals = None
+        if counters is not None and len(steps) == 2:
+            counters.optimizer_steps, counters.skipped_steps = steps
+        return (torch.tensor(loss_sum, device=device, dtype=torch.float64),
+                torch.tensor(correct, device=device, dtype=torch.long),
+                torch.tensor(seen, device=device, dtype=torch.long))
+
+    def step_done(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor, counters=None) -> None:
+        """Count a finished batch; at optimizer steps, checkpoint every N of them, and on SIGTERM/SIGINT
+        checkpoint and exit. Only at optimizer steps: accumulated gradients are not part of a checkpoint."""
+        sampler = self.batches.sampler
+        self.samples_done = min(self.samples_done + sampler.samples_per_step, sampler.padded_size)
+        if not self.accelerator.sync_gradients:
+            return
+        self.global_step += 1
+        crash_point("after_step", self.global_step)
+        every = self.cfg.train.checkpoint_every_steps
+        stop = self._should_stop()
+        # The epoch-end checkpoint follows the last step anyway.
+        periodic = every and self.global_step % every == 0 and self.samples_done < sampler.padded_size
+        if periodic or stop:
+            steps = (counters.optimizer_steps, counters.skipped_steps) if counters is not None else ()
+            folder = self._save(False, (loss_sum, correct, seen, *steps))
+        if stop:
+            self.accelerator.print(f"stopped by signal {signal.Signals(self._stop_signal).name} after step "
+                                   f"{self.global_step}; checkpoint {folder}; exit code {EXIT_PREEMPTED}. "
+                                   f"Continue with run.resume=auto")
+            self.close()
+            self.accelerator.end_training()
+            raise Preempted(folder)
+
+    def end_epoch(self, epoch: int, *, best: dict | None, history: list[dict], epochs_without_improvement: int,
+                  improved: bool) -> None:
+        """The epoch-end checkpoint, with the bookkeeping the loop updated after evaluation."""
+        self.best, self.history, self.epochs_without_improvement = best, history, epochs_without_improvement
+        self.samples_done = self.batches.sampler.padded_size
+        self._save(True, None, improved=improved)
+        crash_point("epoch_end", epoch)
+        self.epoch, self.samples_done = epoch + 1, 0
+
+    def close(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+
+    # ---- writing ----
+
+    def _save(self, epoch_complete: bool, totals, improved: bool = False) -> Path:
+        acc = self.accelerator
+        model_state = acc.get_state_dict(self.model)
+        cpu_rng, py_np_rng = rng_state()
+        rank_json = dict(py_np_rng)
+        if totals is not None:
+            rank_json["totals"] = [totals[0].item(), int(totals[1].item()), int(totals[2].item()), *totals[3:]]
+        best_folder = self._best_folder
+        sampler = self.batches.sampler
+        trainer_state = {
+            "epoch": self.epoch, "epoch_complete": epoch_complete, "samples_done": self.samples_done,
+            "global_step": self.global_step,
+            "samples_seen": (self.epoch - 1) * sampler.padded_size + self.samples_done,
+            "best": self.best, "history": self.history, "epochs_without_improvement": self.epochs_without_improvement,
+            "best_metric": self.cfg.train.best_metric, "wandb_run_id": self.wandb_run_id,
+            "scheduler": scheduler_state(self.scheduler),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "class_names": self.classes, "config": self.cfg.to_dict(),
+            "best_folder": best_folder.name if best_folder else None,
+        }
+        if improved:
+            trainer_state["best_folder"] = f"step-{self.global_step:08d}"
+        folder = save_checkpoint(acc, self.root, self.global_step, model_state=model_state,
+                                 optimizer_state=self.optimizer.state_dict() if acc.is_main_process else {},
+                                 trainer_state=trainer_state, rank_tensors=cpu_rng, rank_json=rank_json)
+        if acc.is_main_process:
+            if improved:
+                mark_best(self.root, folder)
+            rotate(self.root, self.cfg.train.keep_last)
+        if improved:
+            self._best_folder = folder
+        acc.wait_for_everyone()
+        return folder
+
+    # ---- signals ----
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self._stop_signal = signum
+
+    def _should_stop(self) -> bool:
+        """Whether any process was signalled; every process must take the same decision at the same step."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_signal is not None
+        flag = torch.tensor([int(self._stop_signal is not None)], device=self.accelerator.device)
+        flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return bool(flag.item())
+

@@ -1,0 +1,323 @@
+"""Training-state checkpoints: folders of safetensors and JSON from which a run resumes exactly.
+
+    run_dir/checkpoints/
+        step-00000120/           one checkpoint, named by the optimizer steps done
+            model.safetensors    the unwrapped model's state dict
+            optimizer.safetensors the optimizer's tensors, keyed state.<param index>.<name>
+            state.json           the rest: optimizer param groups (hyperparameters) and non-tensor
+                                 state, scheduler counters, grad scaler, epoch, step, position in
+                                 the epoch, best metric, early-stopping counter, history, W&B run
+                                 id, class names and the resolved config
+            rank-<r>.safetensors torch CPU and CUDA RNG states of process r
+            rank-<r>.json        python and numpy RNG states and epoch running totals of process r
+            COMPLETE             written last: the size and sha256 of every file above
+        latest                   name of the newest complete checkpoint, moved after it is complete
+        best                     name of the checkpoint that ended the best epoch, never rotated away
+
+A checkpoint is written into a hidden temporary folder, every file fsynced, then renamed into
+place, so a kill at any moment leaves either no new folder or a complete one, and the previous
+checkpoints untouched. Nothing is pickled: tensors go to safetensors, everything else to JSON
+(Python's json writes floats with repr, which reads back bit for bit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from trainer.checkpoint import fsync_dir, plain_tensors
+from trainer.faults import crash_point
+
+FORMAT = "imgtrain/state-v1"
+COMPLETE = "COMPLETE"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint folder that is incomplete, truncated or corrupt; the message names the file."""
+
+
+def folder_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_of(folder: Path) -> int | None:
+    match = _NAME.match(folder.name)
+    return int(match.group(1)) if match else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(plain_tensors(tensors), str(path), metadata={"format": FORMAT})
+    _fsync_file(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_pointer(path: Path, target: str) -> None:
+    """Replace a one-line pointer file atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(target + "\n")
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_pointer(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer, scheduler, scaler and RNG states as tensors + JSON
+
+
+def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into safetensors tensors and a JSON-able rest."""
+    tensors, scalars = {}, {}
+    for index, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value
+            else:  # plain numbers, or None (SGD without momentum keeps momentum_buffer = None)
+                scalars.setdefault(str(index), {})[key] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def scheduler_state(scheduler) -> dict:
+    # A LambdaLR's lambdas are code, rebuilt from the config; its state is only counters and lrs.
+    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+
+def load_scheduler_state(scheduler, state: dict) -> None:
+    scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's python, numpy, torch CPU and CUDA generator states."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(internal), gauss],
+                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda.")),
+                                        key=lambda k: int(k.split(".")[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_checkpoint(accelerator, root: Path, step: int, *, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict, trainer_state: dict, rank_tensors: dict[str, torch.Tensor],
+                    rank_json: dict) -> Path:
+    """Write checkpoint `step` under `root`; every process calls this (it has two barriers).
+
+    `model_state`, `optimizer_state` and `trainer_state` are only read on the main process;
+    each process passes its own `rank_*` payload (RNG states, running totals).
+    """
+    final = root / folder_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    write_tensors(tmp / f"rank-{rank}.safetensors", rank_tensors)
+    write_json(tmp / f"rank-{rank}.json", rank_json)
+    if accelerator.is_main_process:
+        write_tensors(tmp / "model.safetensors", model_state)
+        opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
+        write_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        write_json(tmp / "state.json", {**trainer_state, "format": FORMAT, "step": step,
+                                        "optimizer": opt_meta, "num_processes": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+    crash_point("checkpoint_write", step)
+    if accelerator.is_main_process:
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        write_json(tmp / COMPLETE, {"format": FORMAT, "step": step,
+                                    "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}})
+        fsync_dir(tmp)
+        if final.exists():
+            # Only a damaged folder or one from a run resumed further back can be in the way;
+            # it goes only once the new one is complete.
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(root)
+        write_pointer(root / "latest", final.name)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def mark_best(root: Path, folder: Path) -> None:
+    write_pointer(root / "best", folder.name)
+
+
+def rotate(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest complete checkpoints and the best; returns the deleted.
+
+    Incomplete folders older than the newest complete one go too: nothing can resume from them.
+    """
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
+    complete = [p for p in folders if (p / COMPLETE).is_file()]
+    keep = set(complete[-keep_last:]) if keep_last > 0 else set()
+    best = read_pointer(root / "best")
+    if best:
+        keep.add(root / best)
+    newest = step_of(complete[-1]) if complete else -1
+    doomed = [p for p in folders if p not in keep and step_of(p) <= newest]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def verify(folder: Path) -> dict:
+    """The checkpoint's state.json after checking every file against COMPLETE; else DamagedCheckpoint."""
+    marker = folder / COMPLETE
+    if not folder.is_dir():
+        raise DamagedCheckpoint(f"{folder} is not a folder")
+    if not marker.is_file():
+        raise DamagedCheckpoint(f"{folder} is incomplete: {COMPLETE} is missing (the run stopped while writing it)")
+    try:
+        manifest = json.loads(marker.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, OSError) as e:
+        raise DamagedCheckpoint(f"{marker} is damaged ({e})") from None
+    for name, facts in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"{path} is missing")
+        size = path.stat().st_size
+        if size != facts["bytes"]:
+            raise DamagedCheckpoint(f"{path} is truncated or damaged: {size} bytes, {facts['bytes']} expected")
+        if _sha256(path) != facts["sha256"]:
+            raise DamagedCheckpoint(f"{path} is damaged: its sha256 does not match {COMPLETE}")
+    state = json.loads((folder / "state.json").read_text())
+    missing = [f"rank-{r}.json" for r in range(state["num_processes"]) if f"rank-{r}.json" not in files]
+    if state.get("format") != FORMAT or missing or "model.safetensors" not in files:
+        raise DamagedCheckpoint(f"{folder} is not a complete {FORMAT} checkpoint")
+    return state
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders, newest first, not yet verified."""
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(folders, key=step_of, reverse=True)
+
+
+def newest_valid(root: Path, warn, skipped: list[Path] | None = None) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies; each one skipped is reported through `warn` (and listed)."""
+    for folder in complete_checkpoints(root):
+        try:
+            return folder, verify(folder)
+        except DamagedCheckpoint as e:
+            warn(f"skipping checkpoint {folder.name}: {e}")
+            if skipped is not None:
+                skipped.append(folder)
+    return None
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, no longer a step-N folder)."""
+    target = folder.with_name(folder.name + ".damaged")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(folder, target)
+    return target
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"{path} is not a readable safetensors file ({e})") from None
+
+
+@dataclass
+class LoadedState:
+    folder: Path
+    state: dict  # state.json
+    model: dict[str, torch.Tensor]
+    optimizer: dict  # an optimizer.state_dict()
+    rank_tensors: dict[str, torch.Tensor] | None  # None when this process has no file (other process count)
+    rank_json: dict | None
+
+
+def load_checkpoint(folder: Path, rank: int, state: dict | None = None) -> LoadedState:
+    state = state or verify(folder)
+    optimizer = unflatten_optimizer(_load(folder / "optimizer.safetensors"), state["optimizer"])
+    rank_file = folder / f"rank-{rank}.json"
+    rank_tensors = _load(folder / f"rank-{rank}.safetensors") if rank_file.is_file() else None
+    rank_json = json.loads(rank_file.read_text()) if rank_file.is_file() else None
+    return LoadedState(folder, state, _load(folder / "model.safetensors"), optimizer, rank_tensors, rank_json)
