@@ -128,8 +128,8 @@ def train(cfg: Config) -> TrainResult:
     for epoch in range(progress.first_epoch, cfg.train.epochs + 1):
         started = time.perf_counter()
         apply_epoch(built.model, plan, epoch)  # a pure function of the epoch, so a resume recomputes it
-        group_lrs = scheduler.get_last_lr()  # the rates this epoch starts with, per parameter group
         progress.begin_epoch(epoch)  # this epoch's sample order, after the batches a checkpoint already did
+        group_lrs = progress.epoch_start_lrs  # the rates this epoch started with (also after a mid-epoch resume)
         train_stats = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler, criterion,
                                       epoch, cfg.train.log_every_steps, tracking, runtime["global_batch_size"],
                                       step_options, progress)

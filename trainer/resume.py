@@ -106,6 +106,8 @@ class Progress:
         self._previous_handlers: dict = {}
         self._totals: list | None = None  # running totals of the epoch in progress, from a checkpoint
         self._best_folder: Path | None = None
+        self.epoch_start_lrs: list[float] = []  # learning rates when the current epoch started, per group
+        self._saved_start_lrs: list[float] | None = None
         self._damaged: list[Path] = []
         found = find_checkpoint(cfg.run.resume, self.root, self.warn, self._damaged)
         self.resumed_from: Path | None = None
@@ -151,6 +153,7 @@ class Progress:
         if s["epoch_complete"]:
             self.epoch, self.samples_done = self.epoch + 1, 0
         self._best_folder = self.root / s["best_folder"] if s.get("best_folder") else None
+        self._saved_start_lrs = s.get("epoch_start_lrs")
         patience = self.cfg.train.early_stopping_patience
         self.stopped_early = bool(patience and self.epochs_without_improvement >= patience)
         sampler = self.batches.sampler
@@ -201,6 +204,11 @@ class Progress:
         """Point the sampler at this epoch's order, after the samples a checkpoint already trained on."""
         if epoch != self.epoch:
             self.epoch, self.samples_done, self._totals = epoch, 0, None
+        if self.samples_done == 0 or self._saved_start_lrs is None:
+            self.epoch_start_lrs = self.scheduler.get_last_lr()
+        else:
+            self.epoch_start_lrs = self._saved_start_lrs
+        self._saved_start_lrs = None
         self.batches.start_epoch(epoch, self.samples_done)
 
     def epoch_totals(self, device, counters=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,6 +281,7 @@ class Progress:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "class_names": self.classes, "config": self.cfg.to_dict(),
             "best_folder": best_folder.name if best_folder else None,
+            "epoch_start_lrs": self.epoch_start_lrs,
         }
         if improved:
             trainer_state["best_folder"] = f"step-{self.global_step:08d}"
