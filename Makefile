@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
+# --no-compile: byte-compiling torch's thousands of modules at install costs about a minute;
+# Python compiles what it imports on first use anyway.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --quiet --upgrade pip
+	$(PY) -m pip install --quiet --quiet --no-compile -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
