@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 from accelerate.data_loader import prepare_data_loader
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 _ORDER, _AUGMENT, _WORKERS, _COLLATE = 0x5EED_0, 0x5EED_1, 0x5EED_2, 0x5EED_3  # keep the seed streams apart
 
@@ -113,16 +113,26 @@ class SeededSamples(Dataset):
 
 def seeded_call(seed: int, fn: Callable, *args):
     """fn(*args) with the python, numpy and torch CPU RNGs seeded, then put back as they were."""
-    py_state, np_state = random.getstate(), np.random.get_state()
+    if get_worker_info() is not None:
+        # In a DataLoader worker every fetch reseeds, so nothing needs putting back (and saving
+        # numpy's state costs more than the seeding).
+        _seed_cpu_rngs(seed)
+        return fn(*args)
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            return fn(*args)
+        _seed_cpu_rngs(seed)
+        return fn(*args)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+def _seed_cpu_rngs(seed: int) -> None:
+    # Not torch.manual_seed: it also seeds every CUDA device, 50x slower, and samples are CPU work.
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 class SeededCollate:
