@@ -233,7 +233,10 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, criterion, num_
     per_sample = nn.CrossEntropyLoss(reduction="none", label_smoothing=criterion.label_smoothing)
     losses, hits, hits5, all_labels, all_top1 = [], [], [], [], []
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    kept = 0
+    kept, seen_locally = 0, 0
+    # The validation order is sorted by class: pick grid images spread over the whole shard, not
+    # the first batch (which would show one class).
+    stride = max(1, math.ceil(len(loader.dataset) / accelerator.num_processes) // SAMPLE_IMAGES)
     k = min(5, num_classes)
     for images, labels in loader:
         with accelerator.autocast():
@@ -242,9 +245,11 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, criterion, num_
         top = logits.topk(k, dim=1).indices
         if return_predictions and kept < SAMPLE_IMAGES:
             # Local images, no collective: the grid shows part of the main process's shard.
-            take = SAMPLE_IMAGES - kept
-            samples.append((images[:take].float().cpu(), labels[:take].cpu(), top[:take, 0].cpu()))
-            kept += len(samples[-1][1])
+            positions = torch.arange(seen_locally, seen_locally + len(labels), device=labels.device)
+            pick = (positions % stride == 0).nonzero().squeeze(1)[:SAMPLE_IMAGES - kept]
+            samples.append((images[pick].float().cpu(), labels[pick].cpu(), top[pick, 0].cpu()))
+            kept += len(pick)
+        seen_locally += len(labels)
         # gather_for_metrics drops the samples the distributed sampler duplicated for even shards.
         loss, labels, top = accelerator.gather_for_metrics((loss, labels, top))
         losses.append(loss.double())
