@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.folders import is_image_file, list_images
+from data.folders import list_images
 from data.images import load_rgb
 from trainer.errors import UsageError
 

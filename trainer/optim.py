@@ -1,8 +1,9 @@
 """Optimizers and per-step learning-rate schedules.
 
-Every schedule is a LambdaLR stepped once per optimizer step, with its length in optimizer
-steps. The scheduler is deliberately not passed through `accelerator.prepare`: Accelerate would
-step a prepared scheduler once per process, so the curve would depend on the process count.
+Every schedule is a per-step factor (`lr_factor`), turned into one LambdaLR per parameter group
+by `models.finetune.build_finetune_scheduler` and stepped once per optimizer step. The scheduler
+is deliberately not passed through `accelerator.prepare`: Accelerate would step a prepared
+scheduler once per process, so the curve would depend on the process count.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from trainer.config import OptimConfig
 
@@ -38,14 +38,3 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: in
         floor = cfg.min_lr / cfg.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    total = steps_per_epoch * epochs
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch, total))
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
