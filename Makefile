@@ -11,7 +11,6 @@ STAMP := $(VENV)/.installed
 # would otherwise recompile torch from source on import, doubling the test suite's time.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --quiet --upgrade pip
 	$(PY) -m pip install --quiet --quiet --no-compile -c constraints.txt -e '.[test]'
 	$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true  # a few packages ship deliberately invalid test files
 	touch $(STAMP)
