@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from helpers import make_image_folder
-    from trainer.config import load_config
+    from trainer.build import load_config
     from trainer.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:

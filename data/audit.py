@@ -359,7 +359,7 @@ def dataset_moments(result: AuditResult, paths: list[str]) -> tuple[list[float],
 
 
 def check_quarantine_folder(root: Path, dest: str | Path) -> Path:
-    from trainer.errors import UsageError
+    from configs.errors import UsageError
 
     dest, root = Path(dest).expanduser().resolve(), Path(root).resolve()
     if dest == root or root in dest.parents:

@@ -15,7 +15,7 @@ from typing import Callable
 from data.audit import AuditResult, audit_splits
 from data.folders import Splits
 from data.stats import training_stats
-from trainer.errors import UsageError
+from configs.errors import UsageError
 
 
 @dataclass

@@ -28,8 +28,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from models.build import IMAGENET_MEAN, IMAGENET_STD
-from trainer.errors import UsageError
+from configs.schema import IMAGENET_MEAN, IMAGENET_STD
+from configs.errors import UsageError
 
 PRESETS = ("standard", "crop", "stretch", "square", "randaugment", "trivialaugment", "none")
 
@@ -115,6 +115,12 @@ def build_op(spec: str, image_size: int):
         return name, OPS[name](image_size, **kwargs)
     except (TypeError, ValueError) as e:
         raise UsageError(f"data.augment_ops entry {spec!r}: {e}") from None
+
+
+def check_augment_ops(specs: list[str], image_size: int) -> None:
+    """Raise a UsageError naming the first entry of data.augment_ops that does not build."""
+    for spec in specs:
+        build_op(spec, image_size)
 
 
 def _finish(mean, std) -> list:

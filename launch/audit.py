@@ -47,7 +47,7 @@ def main() -> int:
     from data.audit import audit_splits, check_quarantine_folder, quarantine
     from data.folders import discover
     from data.images import DEFAULT_MAX_PIXELS
-    from trainer.errors import UsageError
+    from configs.errors import UsageError
 
     args = parse_args()
     if args.image_size < 1 or args.min_side < 0 or args.workers < 0:

@@ -1,4 +1,5 @@
-"""What every entry point shares: turn a UsageError into one stderr line and exit code 2."""
+"""What every entry point shares: a ProjectError becomes one stderr line and its exit code
+(2 for bad input, 1 for a run that failed)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from typing import Callable
 
 import _paths  # noqa: F401
 
-from trainer.errors import UsageError
+from configs.errors import ProjectError
 
 
 def run_main(main: Callable[[], int | None]) -> None:
     try:
         code = main()
-    except UsageError as e:
+    except ProjectError as e:
         # Under several processes every rank fails the same way; one line is enough.
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def labelled_files(folder: Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
     from data.folders import list_images
-    from trainer.errors import UsageError
+    from configs.errors import UsageError
 
     if not folder.is_dir():
         raise UsageError(f"not a folder: {folder}")
@@ -106,7 +106,7 @@ def main() -> int:
     args = parse_args()
     import torch
 
-    from trainer.checkpoint import load_classifier
+    from trainer.model_file import load_classifier
     from trainer.inference import pick_device, predict_files
     from trainer.metrics import classification_report
 

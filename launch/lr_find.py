@@ -37,8 +37,8 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args()
     from models import set_train_mode
-    from trainer.config import load_config
-    from trainer.errors import UsageError
+    from trainer.build import load_config
+    from configs.errors import UsageError
     from trainer.probe import build_probe
 
     if not (0 < args.start < args.end) or args.steps < 3:

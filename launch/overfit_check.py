@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args()
     from models import set_train_mode
-    from trainer.config import load_config
+    from trainer.build import load_config
     from trainer.probe import build_probe
 
     probe = build_probe(load_config(args.config, args.overrides), args.device)

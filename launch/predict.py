@@ -53,8 +53,8 @@ def write_csv_atomically(path: Path, header: list[str], rows: list[list]) -> Non
 
 def main() -> int:
     args = parse_args()
-    from trainer.checkpoint import load_classifier
-    from trainer.errors import UsageError
+    from trainer.model_file import load_classifier
+    from configs.errors import UsageError
     from trainer.inference import collect_images, pick_device, predict_files
 
     if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:

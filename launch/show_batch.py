@@ -30,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> int:
-    from trainer.config import load_config
-    from trainer.errors import UsageError
+    from trainer.build import load_config
+    from configs.errors import UsageError
 
     args = parse_args()
     if args.count < 1 or args.tile < 8:

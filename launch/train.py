@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> int:
-    from trainer.config import describe_keys, load_config
+    from configs.schema import describe_keys
+    from trainer.build import load_config
 
     args = parse_args()
     if args.keys:

@@ -19,10 +19,9 @@ from torch import nn
 
 from models import simple_cnn as _simple_cnn  # noqa: F401  (registers our models)
 from models.registry import MODELS
-from trainer.errors import UsageError
+from configs.errors import UsageError
+from configs.schema import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Where the final Linear lives in torchvision's classification families, tried in order:
 # resnet/regnet/resnext/shufflenet/googlenet: fc; alexnet/vgg/efficientnet/mobilenet/convnext/
@@ -81,7 +80,7 @@ def _unknown(name: str, candidates: list[str], where: str) -> UsageError:
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
     hint = f"; close matches: {', '.join(close)}" if close else ""
     return UsageError(f"unknown model '{name}' ({where}){hint}. List names with "
-                      f"`python launch/models.py --search 'PATTERN'`")
+                      f"`python launch/list_models.py --search 'PATTERN'`")
 
 
 def check_model_name(name: str) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.errors import ConfigError, UsageError
+from configs.errors import ConfigError, UsageError
 
 _LAST_N = re.compile(r"^last_(\d+)$")
 # Containers whose children are a network's stages or blocks (torchvision naming).
@@ -54,7 +54,7 @@ def parse_freeze(mode: str) -> int | None:
 
 
 def check_finetune_config(cfg) -> None:
-    """Cross-key rules of fine-tuning; called from `trainer.config.validate`."""
+    """Cross-key rules of fine-tuning; called from `trainer.build.load_config`."""
     frozen_units = parse_freeze(cfg.model.freeze)
     k, epochs = cfg.train.unfreeze_at_epoch, cfg.train.epochs
     if k and frozen_units == 0:
@@ -175,30 +175,11 @@ def param_groups(model: nn.Module, plan: FinetunePlan, lr: float, backbone_lr_mu
     return groups
 
 
-def build_finetune_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, plan: FinetunePlan,
-                             steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The run's schedule (`trainer.optim.lr_factor`) for every group, times 0 for the backbone group
-    before its unfreeze epoch. A function of the step count only: resuming restores it exactly."""
-    from trainer.optim import lr_factor
-
-    total = steps_per_epoch * epochs
-
-    def head(step: int) -> float:
-        return lr_factor(step, optim_cfg, steps_per_epoch, total)
-
-    def backbone(step: int) -> float:
-        epoch = step // steps_per_epoch + 1  # the epoch this step belongs to
-        return head(step) if plan.backbone_trains(epoch) else 0.0
-
-    lambdas = [head if group.get("name") != "backbone" else backbone for group in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
 def needs_unused_parameter_search(cfg) -> bool:
     """DDP must look for parameters outside the graph when requires_grad changes during the run."""
     return cfg.train.unfreeze_at_epoch > 0
 
 
-__all__ = ["FinetunePlan", "apply_epoch", "backbone_units", "build_finetune_scheduler", "check_finetune_config",
+__all__ = ["FinetunePlan", "apply_epoch", "backbone_units", "check_finetune_config",
            "make_plan", "needs_unused_parameter_search", "param_groups", "parse_freeze", "prepare_for_wrapping",
            "unit_names"]

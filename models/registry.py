@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable
 
-from trainer.errors import UsageError
+from configs.errors import UsageError
 
 
 class Registry:

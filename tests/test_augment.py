@@ -8,7 +8,7 @@ from PIL import Image
 
 from helpers import run_script
 from data.transforms import PRESETS, MixingCollate, PadToSquare, batch_mixer, eval_transform, parse_op, train_transform
-from trainer.errors import UsageError
+from configs.errors import UsageError
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -2,8 +2,9 @@
 
 import pytest
 
-from trainer.config import Config, load_config
-from trainer.errors import ConfigError
+from configs.schema import Config
+from trainer.build import load_config
+from configs.errors import ConfigError
 
 BASE = ["data.root=/tmp/x", "model.name=tiny_cnn"]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, make_image_folder
-from trainer.config import load_config
+from trainer.build import load_config
 from trainer.loop import train
 
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))

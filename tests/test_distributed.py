@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import ACCELERATE, REPO, make_image_folder, run_env
-from trainer.checkpoint import read_metadata
+from trainer.model_file import read_metadata
 
 EPOCHS = 3
 # fp32 round-off of a mean over 16 samples computed as (8 + 8) / 2 instead, over 9 optimizer steps.

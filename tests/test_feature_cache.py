@@ -3,8 +3,8 @@
 import pytest
 from safetensors import safe_open
 
-from trainer.checkpoint import load_classifier
-from trainer.config import load_config
+from trainer.model_file import load_classifier
+from trainer.build import load_config
 from trainer.loop import train
 
 

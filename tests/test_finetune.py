@@ -8,11 +8,12 @@ from torch import nn
 
 from helpers import accelerate_launch, run_script
 from models import build_classifier
-from models.finetune import (apply_epoch, backbone_units, build_finetune_scheduler, make_plan, param_groups,
+from models.finetune import (apply_epoch, backbone_units, make_plan, param_groups,
                              parse_freeze, prepare_for_wrapping, unit_names)
-from trainer.config import OptimConfig, load_config
-from trainer.errors import ConfigError, UsageError
-from trainer.optim import build_optimizer
+from configs.schema import OptimConfig
+from trainer.build import load_config
+from configs.errors import ConfigError, UsageError
+from trainer.optim import build_optimizer, build_scheduler
 
 
 def _trained_by_one_step(model_name: str, freeze: str, epoch: int = 1, unfreeze_at: int = 0) -> tuple[set, set]:
@@ -93,13 +94,13 @@ def test_schedule_is_a_pure_function_of_the_step_so_resume_recomputes_it():
 
     def lrs_by_epoch(resume_at_step: int | None = None):
         opt = build_optimizer(param_groups(built.model, plan, cfg.lr, cfg.backbone_lr_mult), cfg)
-        sched = build_finetune_scheduler(opt, cfg, plan, steps_per_epoch, epochs)
+        sched = build_scheduler(opt, cfg, plan, steps_per_epoch, epochs)
         out = {}
         for step in range(steps_per_epoch * epochs):
             if resume_at_step is not None and step == resume_at_step:  # a fresh process picks up here
                 state, opt_state = sched.state_dict(), opt.state_dict()
                 opt = build_optimizer(param_groups(built.model, plan, cfg.lr, cfg.backbone_lr_mult), cfg)
-                sched = build_finetune_scheduler(opt, cfg, plan, steps_per_epoch, epochs)
+                sched = build_scheduler(opt, cfg, plan, steps_per_epoch, epochs)
                 opt.load_state_dict(opt_state)
                 sched.load_state_dict(state)
                 assert "lr_lambdas" not in state or all(x is None for x in state["lr_lambdas"])  # nothing pickled

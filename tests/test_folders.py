@@ -8,7 +8,7 @@ import pytest
 
 from data.folders import discover
 from helpers import REPO, make_image_folder
-from trainer.errors import UsageError
+from configs.errors import UsageError
 
 
 def test_class_folder_split_is_stratified_and_deterministic(tmp_path):

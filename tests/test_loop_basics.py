@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from trainer.config import OptimConfig, load_config
+from configs.schema import OptimConfig
+from trainer.build import load_config
 from trainer.loop import train
 from trainer.optim import lr_factor
 

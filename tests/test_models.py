@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from models import HeadSpec, build_classifier, check_model_name, freeze, set_train_mode
 from models.registry import Registry
-from trainer.errors import UsageError
+from configs.errors import UsageError
 
 # (name, input size): the smallest member of each family the seeds use, and a few more.
 FAMILIES = [
@@ -117,9 +117,9 @@ def test_freeze_none_trains_everything():
 def test_models_cli_lists_and_checks_names(tmp_path):
     from helpers import run_script
 
-    listed = run_script("models.py", "--search", "*resnet18", cwd=tmp_path)
+    listed = run_script("list_models.py", "--search", "*resnet18", cwd=tmp_path)
     assert listed.returncode == 0
     names = listed.stdout.split()
     assert "torchvision/resnet18" in names and "timm/resnet18" in names
-    unknown = run_script("models.py", "--check", "timm/resnet18x", cwd=tmp_path)
+    unknown = run_script("list_models.py", "--check", "timm/resnet18x", cwd=tmp_path)
     assert unknown.returncode == 2 and "close matches: timm/resnet18" in unknown.stderr

@@ -14,9 +14,9 @@ from torch import nn
 
 from helpers import make_image_folder
 from models.registry import MODELS
-from trainer.checkpoint import read_metadata
-from trainer.config import load_config
-from trainer.errors import ConfigError
+from trainer.model_file import read_metadata
+from trainer.build import load_config
+from configs.errors import ConfigError
 from trainer.loop import train
 from trainer.runtime import (cpu_has_native_bf16, cpu_thread_count, make_accelerator, prepare_model, resolve_cpu,
                              resolve_parallel, resolve_precision)

@@ -7,7 +7,7 @@ import torch
 
 from helpers import make_image_folder, run_script
 from models import HeadSpec, build_classifier
-from trainer.checkpoint import load_classifier, save_classifier
+from trainer.model_file import load_classifier, save_classifier
 from trainer.inference import predict_files
 from trainer.metrics import classification_report
 

@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 from data.sampling import ResumableSampler, SeededSamples
 from helpers import run_env, run_script
 from models.build import build_classifier, read_state_dict
-from trainer.config import Config
-from trainer.errors import UsageError
-from trainer.resume import EXIT_PREEMPTED, config_changes, find_checkpoint
-from trainer.state import (COMPLETE, flatten_optimizer, mark_best, newest_valid, rotate, save_checkpoint,
+from configs.schema import Config
+from configs.errors import UsageError
+from trainer.progress import EXIT_PREEMPTED, config_changes, find_checkpoint
+from trainer.state_folder import (COMPLETE, flatten_optimizer, mark_best, newest_valid, rotate, save_checkpoint,
                            unflatten_optimizer, verify)
 
 TIMING = ("epoch_time", "images_per_sec", "train_seconds", "wall_time")

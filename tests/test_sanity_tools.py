@@ -5,7 +5,7 @@ import torch
 
 from helpers import run_script
 from models import HeadSpec, build_classifier
-from trainer.checkpoint import save_classifier
+from trainer.model_file import save_classifier
 
 COMMON = ["model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
           "data.augment=none"]

@@ -15,7 +15,7 @@ from PIL import Image
 import wandb_records as wr
 from helpers import PYTHON, REPO, accelerate_launch, run_env, run_script
 from trainer import plots
-from trainer.errors import ConfigError
+from configs.errors import ConfigError
 from trainer.tracking import resolve_mode
 
 PNGS = ["curves.png", "confusion_matrix.png", "predictions.png", "train_samples.png", "class_distribution.png"]
@@ -141,7 +141,7 @@ def test_run_id_is_kept_for_resume(tmp_path, image_folder):
     # What a resumed run does: start tracking with the id stored in its training state.
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from trainer.config import load_config\nfrom trainer.runtime import make_accelerator\n"
+        "from trainer.build import load_config\nfrom trainer.runtime import make_accelerator\n"
         "from trainer.tracking import RunTracking\n"
         "cfg = load_config(None, [f'data.root={sys.argv[2]}', f'run.dir={sys.argv[3]}', 'model.name=tiny_cnn',"
         " 'wandb.mode=offline'])\n"

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.checkpoint import atomic_save_safetensors
+from trainer.model_file import atomic_save_safetensors
 
 
 def file_digest(path: str | Path) -> str:

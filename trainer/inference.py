@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.folders import list_images
 from data.images import load_rgb
-from trainer.errors import UsageError
+from configs.errors import UsageError
 
 
 def collect_images(inputs: list[str]) -> list[Path]:

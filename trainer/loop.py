@@ -24,13 +24,13 @@ from data.dataset import read_load_failures
 from data.sampling import TrainBatches
 from data.transforms import MixingCollate, batch_mixer
 from models import HeadSpec, build_classifier, count_parameters, set_train_mode
-from models.finetune import apply_epoch, build_finetune_scheduler, make_plan, param_groups, prepare_for_wrapping
-from trainer.checkpoint import save_classifier
-from trainer.config import Config
+from models.finetune import apply_epoch, make_plan, param_groups, prepare_for_wrapping
+from trainer.model_file import save_classifier
+from configs.schema import Config
 from trainer.features import cached_head_datasets, with_sample_images
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, build_scheduler
 from trainer.report import RunReport
-from trainer.resume import Progress
+from trainer.progress import Progress
 from trainer.runtime import describe, make_accelerator, prepare_model
 from trainer.step import StepCounters, StepOptions, train_step
 from trainer.tracking import SAMPLE_IMAGES, Predictions, RunTracking
@@ -92,7 +92,7 @@ def train(cfg: Config) -> TrainResult:
     # After prepare, len(train_loader) is this process's share of batches; with accumulation the
     # optimizer steps once per grad_accum_steps of them (and once more for a partial tail).
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
-    scheduler = build_finetune_scheduler(optimizer, cfg.optim, plan, steps_per_epoch, cfg.train.epochs)
+    scheduler = build_scheduler(optimizer, cfg.optim, plan, steps_per_epoch, cfg.train.epochs)
     apply_epoch(built.model, plan, 1)
     step_options = StepOptions(cfg.train.grad_clip_norm, cfg.runtime.channels_last)
 

@@ -1,7 +1,7 @@
 """Optimizers and per-step learning-rate schedules.
 
 Every schedule is a per-step factor (`lr_factor`), turned into one LambdaLR per parameter group
-by `models.finetune.build_finetune_scheduler` and stepped once per optimizer step. The scheduler
+by `build_scheduler` and stepped once per optimizer step. The scheduler
 is deliberately not passed through `accelerator.prepare`: Accelerate would step a prepared
 scheduler once per process, so the curve would depend on the process count.
 """
@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from trainer.config import OptimConfig
+from configs.schema import OptimConfig
+from models.finetune import FinetunePlan
 
 
 def build_optimizer(params: list, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -38,3 +39,20 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: in
         floor = cfg.min_lr / cfg.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, plan: FinetunePlan,
+                             steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's schedule (`trainer.optim.lr_factor`) for every group, times 0 for the backbone group
+    before its unfreeze epoch. A function of the step count only: resuming restores it exactly."""
+    total = steps_per_epoch * epochs
+
+    def head(step: int) -> float:
+        return lr_factor(step, optim_cfg, steps_per_epoch, total)
+
+    def backbone(step: int) -> float:
+        epoch = step // steps_per_epoch + 1  # the epoch this step belongs to
+        return head(step) if plan.backbone_trains(epoch) else 0.0
+
+    lambdas = [head if group.get("name") != "backbone" else backbone for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, TorchDynamoPlugin
 from torch import nn
 
-from trainer.config import Config, RuntimeConfig
-from trainer.errors import ConfigError
+from configs.schema import Config, RuntimeConfig
+from configs.errors import ConfigError
 from trainer.tracking import make_wandb_tracker
 
 

@@ -17,13 +17,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from trainer.errors import UsageError
+from configs.errors import TrainingFailed
 
 
-class NonFiniteLoss(UsageError):
+class NonFiniteLoss(TrainingFailed):
     """Training diverged. Raised on every process at the same step, so no process waits in a collective."""
-
-    exit_code = 1
 
 
 @dataclass

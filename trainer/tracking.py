@@ -34,8 +34,8 @@ from accelerate import Accelerator
 from accelerate.tracking import WandBTracker, on_main_process
 
 from trainer import plots
-from trainer.config import Config
-from trainer.errors import ConfigError
+from configs.schema import Config
+from configs.errors import ConfigError
 
 MODES = ("online", "offline", "disabled")
 # Spellings older wandb versions and their docs still use.
@@ -289,7 +289,7 @@ class RunTracking:
     def _log_checkpoint(self, path: Path) -> None:
         import wandb
 
-        from trainer.checkpoint import read_metadata
+        from trainer.model_file import read_metadata
 
         meta = read_metadata(path)
         artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=meta,

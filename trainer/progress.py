@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import Config
-from trainer.errors import UsageError
+from configs.schema import Config
+from configs.errors import UsageError
 from trainer.faults import crash_point
-from trainer.state import (DamagedCheckpoint, LoadedState, complete_checkpoints, load_checkpoint,
+from trainer.state_folder import (DamagedCheckpoint, LoadedState, complete_checkpoints, load_checkpoint,
                            load_scheduler_state, mark_best, newest_valid, rng_state, rotate, save_checkpoint, set_aside,
                            scheduler_state, set_rng_state, verify)
 

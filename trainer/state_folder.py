@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trainer.checkpoint import fsync_dir, plain_tensors
+from trainer.model_file import fsync_dir, plain_tensors
 from trainer.faults import crash_point
 
 FORMAT = "imgtrain/state-v1"

@@ -1,8 +1,8 @@
 """List and search the backbone names `model.name` accepts.
 
-    python launch/models.py --search 'resnet*'          # timm, torchvision and ours
-    python launch/models.py --search 'torchvision/*'    # one library
-    python launch/models.py --check timm/regnety_016    # exit 2 with close matches if unknown
+    python launch/list_models.py --search 'resnet*'          # timm, torchvision and ours
+    python launch/list_models.py --search 'torchvision/*'    # one library
+    python launch/list_models.py --check timm/regnety_016    # exit 2 with close matches if unknown
 """
 
 from __future__ import annotations

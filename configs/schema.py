@@ -1,5 +1,9 @@
 """The run configuration: a TOML file plus `key=value` overrides, typed and validated once.
 
+The bottom layer of the project: it imports nothing of `data`, `models`, `trainer` or `launch`,
+so every layer can read a Config. Rules that need those layers (augmentation op names,
+fine-tuning combinations) are checked by `trainer.build.load_config`, which every entry point uses.
+
 The schema is the dataclasses below. Each section is a table in the TOML file; each field is a
 key. A field's type annotation decides how an override string is parsed, and `choices` in its
 metadata restricts the allowed values. Every problem is reported as one `ConfigError` line that
@@ -18,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import ConfigError
+from configs.errors import ConfigError
+
+
+# The ImageNet statistics: what `data.normalize = "imagenet"` means and what backbones without a
+# pretrained config of their own are normalized with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _choice(default: Any, choices: tuple, doc: str = "") -> Any:
@@ -259,8 +269,9 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
 # Loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate."""
+def read_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate the
+    schema's own rules. `trainer.build.load_config` adds the rules of the data and model layers."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -302,7 +313,7 @@ def validate(cfg: Config) -> None:
                           "or one with train/ and val/)")
     if not m.name:
         raise ConfigError("model.name is not set: e.g. model.name=timm/resnet18 "
-                          "(see `python launch/models.py --search resnet`)")
+                          "(see `python launch/list_models.py --search resnet`)")
     checks = [
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be between 0 and 1 (exclusive)"),
         (d.image_size >= 8, "data.image_size must be at least 8"),
@@ -343,14 +354,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.std values must be positive")
     elif d.mean or d.std:
         raise ConfigError("data.mean/data.std are only used with data.normalize = 'custom'; set that too")
-    if d.augment_ops:
-        from data.transforms import build_op
-
-        for spec in d.augment_ops:
-            build_op(spec, d.image_size)
-    from models.finetune import check_finetune_config  # the fine-tuning rules live with their code
-
-    check_finetune_config(cfg)
     if m.weights and m.pretrained:
         raise ConfigError("set either model.pretrained = true or model.weights = FILE, not both")
     if m.weights and not Path(m.weights).expanduser().is_file():
@@ -382,22 +385,7 @@ def dump_toml(tables: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def config_from_dict(tables: dict[str, dict[str, Any]]) -> Config:
-    """Rebuild a Config from `Config.to_dict()` output (as stored in checkpoints), leniently:
-    keys this version does not know are ignored so old checkpoints stay loadable."""
-    cfg = Config()
-    sections = _sections()
-    for section, table in tables.items():
-        if section not in sections:
-            continue
-        known = _fields(sections[section])
-        for key, value in table.items():
-            if key in known:
-                setattr(getattr(cfg, section), key, value)
-    return cfg
-
-
-__all__ = ["Config", "load_config", "validate", "dump_toml", "config_from_dict", "all_keys"]
+__all__ = ["Config", "read_config", "validate", "dump_toml", "all_keys", "describe_keys"]
 
 
 def describe_keys() -> str:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from trainer.errors import UsageError
+from configs.errors import UsageError
 
 FORMAT = "imgtrain/classifier-v1"
 _JSON_KEYS = ("head", "class_names", "mean", "std", "config", "metrics", "runtime")
