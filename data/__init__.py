@@ -6,7 +6,7 @@ This package is code. Keep datasets elsewhere (for example `datasets/NAME`, whic
 from data.dataset import ImageListDataset, make_loader
 from data.folders import Splits, discover
 from data.images import load_rgb
-from data.transforms import eval_transform, resolve_normalization, train_transform
+from data.transforms import Preprocessing, resolve_normalization, train_transform
 
-__all__ = ["ImageListDataset", "Splits", "discover", "eval_transform", "load_rgb", "make_loader",
+__all__ = ["ImageListDataset", "Splits", "Preprocessing", "discover", "load_rgb", "make_loader",
            "resolve_normalization", "train_transform"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -127,21 +128,42 @@ def _finish(mean, std) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
-def _eval_geometry(preset: str, image_size: int, crop_pct: float) -> list:
-    if preset == "square":
+# The eval geometry of each preset, in timm's crop_mode names: "center" resizes the short side to
+# image_size / crop_pct and takes the center; "squash" resizes to a square, ignoring the aspect
+# ratio; "border" pads to a square first (timm pads with the mean; we pad with black, as the
+# campus seed does).
+CROP_MODES = {"stretch": "squash", "square": "border"}
+
+
+def crop_mode_of(preset: str) -> str:
+    return CROP_MODES.get(preset, "center")
+
+
+def _eval_geometry(crop_mode: str, image_size: int, crop_pct: float) -> list:
+    if crop_mode == "border":
         return [PadToSquare(), v2.Resize((image_size, image_size), antialias=True)]
-    if preset == "stretch":
+    if crop_mode == "squash":
         return [v2.Resize((image_size, image_size), antialias=True)]
     # Resize the short side to image_size / crop_pct (256 for 224), then take the center.
     resize = max(image_size, round(image_size / crop_pct))
     return [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
 
 
-def eval_transform(image_size: int, mean, std, crop_pct: float = 0.875, preset: str = "standard") -> v2.Compose:
-    return v2.Compose([*_eval_geometry(preset, image_size, crop_pct), *_finish(mean, std)])
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a trained model expects to see: the one definition of the eval transform.
 
+    Validation during training, predict.py, evaluate.py and TTA all build their transform from
+    this, and every checkpoint records it, so a checkpoint evaluated later sees exactly the
+    pixels its validation score was measured on."""
 
-_PRESET_OPS = {
+    image_size: int
+    crop_pct: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_mode: str = "center"  # center | squash | border (timm's names)
+
+    _PRESET_OPS = {
     "standard": ["random_resized_crop", "hflip"],
     "crop": ["random_resized_crop(scale=(0.7, 1.0), ratio=(0.9, 1.1))"],
     "stretch": ["resize_square", "hflip"],
@@ -157,7 +179,7 @@ def train_transform(preset: str, image_size: int, mean, std, crop_pct: float = 0
     if preset not in PRESETS:
         raise UsageError(f"unknown data.augment preset {preset!r} (known: {', '.join(PRESETS)})")
     if preset == "none":
-        before = _eval_geometry("standard", image_size, crop_pct)
+        before = _eval_geometry("center", image_size, crop_pct)
         specs: list[str] = list(extra_ops)
     else:
         before, specs = [], [*_PRESET_OPS[preset], *extra_ops]

@@ -1,17 +1,31 @@
-"""One way to build a run: config -> split -> audit -> transforms -> datasets -> loaders -> model
+"""One way to build a run: config -> split -> model -> audit -> transforms -> datasets -> loaders
 -> optimizer -> schedule -> criterion.
 
-The training loop, the LR finder, the overfit check, the batch grid and evaluation of a run's own
-split all call `build_run` (or its data half, `build_data`); none of them assembles its own.
+The training loop, the LR finder, the overfit check, the batch grid and the evaluation of a run's
+own split all call `build_run` (or, for the data alone, `audited_splits`); none of them assembles
+its own, so what the LR finder measures is what training sees.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
 from configs.schema import Config, read_config
-from data.transforms import check_augment_ops
-from models.finetune import check_finetune_config
+from data import ImageListDataset, Preprocessing, Splits, discover, make_loader, resolve_normalization, train_transform
+from data.audit_training import prepare_training_data
+from data.balance import BalancedSampler, balanced_class_weights
+from data.sampling import TrainBatches
+from data.transforms import MixingCollate, batch_mixer, check_augment_ops, crop_mode_of
+from models import BuiltModel, HeadSpec, build_classifier
+from models.finetune import FinetunePlan, apply_epoch, check_finetune_config, make_plan, param_groups, prepare_for_wrapping
+from trainer.features import cached_head_datasets
+from trainer.optim import build_optimizer, build_scheduler
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -20,3 +34,126 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     check_augment_ops(cfg.data.augment_ops, cfg.data.image_size)
     check_finetune_config(cfg)
     return cfg
+
+
+def head_spec(cfg: Config) -> HeadSpec:
+    return HeadSpec(cfg.model.head, cfg.model.head_hidden, cfg.model.head_dropout)
+
+
+@dataclass
+class RunData:
+    """The audited split and the datasets built on it (images, not cached features)."""
+
+    splits: Splits
+    preprocessing: Preprocessing  # the eval transform every checkpoint records
+    train_images: ImageListDataset  # training transform
+    val_images: ImageListDataset  # eval transform
+    failure_log: Path  # files that fail to decode mid-epoch are skipped and listed here
+
+    @property
+    def classes(self) -> list[str]:
+        return self.splits.classes
+
+    @property
+    def train_labels(self) -> list[int]:
+        return [label for _, label in self.splits.train]
+
+
+@dataclass
+class RunParts:
+    """Everything a run trains with, before `accelerator.prepare`."""
+
+    cfg: Config
+    data: RunData
+    built: BuiltModel  # the whole classifier: what checkpoints hold, never wrapped
+    plan: FinetunePlan
+    model: nn.Module  # what trains: `built.model`, or its head alone on cached features
+    train_loader: TrainBatches
+    val_loader: DataLoader
+    optimizer: object
+    scheduler: object
+    criterion: nn.Module
+    steps_per_epoch: int  # optimizer steps per epoch on this process count
+
+    def enter_epoch(self, epoch: int) -> None:
+        """What trains in `epoch` (model.freeze, train.unfreeze_at_epoch): a pure function of the epoch."""
+        apply_epoch(self.built.model, self.plan, epoch)
+
+
+def audited_splits(cfg: Config) -> Splits:
+    """The split a run of `cfg` trains and validates on (after the audit left bad files out), for
+    one process outside training: evaluation of a run's own validation or test split."""
+    splits = discover(cfg.data.root, cfg.data.val_fraction, cfg.data.seed)
+    return _audit(cfg, splits, None, ((), ()))[0].splits
+
+
+def _audit(cfg: Config, splits: Splits, accelerator: Accelerator | None, backbone_stats):
+    """(TrainingData, mean, std). With an accelerator, the main process audits first (all cores,
+    writes the cache); the others then read the cached answer."""
+    is_main = accelerator is None or accelerator.is_main_process
+    say = accelerator.print if accelerator is not None else print
+    if accelerator is None:
+        prepared = prepare_training_data(splits, cfg.data, True, say)
+    else:
+        with accelerator.main_process_first():
+            prepared = prepare_training_data(splits, cfg.data, is_main, say)
+    d = cfg.data
+    mean, std = resolve_normalization(d.normalize, *backbone_stats, prepared.mean or d.mean, prepared.std or d.std)
+    return prepared, mean, std
+
+
+def build_data(cfg: Config, accelerator: Accelerator, splits: Splits, built: BuiltModel) -> RunData:
+    prepared, mean, std = _audit(cfg, splits, accelerator, (built.mean, built.std))
+    d = cfg.data
+    preprocessing = Preprocessing(d.image_size, d.crop_pct, tuple(mean), tuple(std), crop_mode_of(d.augment))
+    failure_log = Path(cfg.run.dir).expanduser().resolve() / "load_failures.jsonl"
+    train_tf = train_transform(d.augment, d.image_size, mean, std, d.crop_pct, d.augment_ops)
+    train_images = ImageListDataset(prepared.splits.train, train_tf, failure_log, d.max_image_pixels)
+    val_images = ImageListDataset(prepared.splits.val, preprocessing.eval_transform(), failure_log,
+                                  d.max_image_pixels)
+    return RunData(prepared.splits, preprocessing, train_images, val_images, failure_log)
+
+
+def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
+    """Every part of a run, built once. Everything that can fail on user input fails here, before
+    a file is written (the audit's cache and report aside)."""
+    splits = discover(cfg.data.root, cfg.data.val_fraction, cfg.data.seed)
+    m = cfg.model
+    built = build_classifier(m.name, len(splits.classes), head_spec(cfg), m.pretrained, m.weights)
+    plan = make_plan(built.model, built.head_name, m.freeze, cfg.train.unfreeze_at_epoch)
+    # DDP registers the parameters that require grad when it wraps the model: all that ever train.
+    prepare_for_wrapping(built.model, plan)
+    data = build_data(cfg, accelerator, splits, built)
+
+    model, train_set, val_set, workers = built.model, data.train_images, data.val_images, cfg.data.num_workers
+    if cfg.train.cache_features:  # fixed backbone: train only the head, on features computed once
+        train_set, val_set, model = cached_head_datasets(accelerator, built, data.train_images, data.val_images, cfg)
+        workers = 0  # the features are already in memory
+    train_loader, val_loader = _loaders(cfg, accelerator, data, train_set, val_set, workers)
+
+    optimizer = build_optimizer(param_groups(built.model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
+    # len(train_loader) is this process's share of batches; with accumulation the optimizer steps
+    # once per grad_accum_steps of them (and once more for a partial tail).
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, plan, steps_per_epoch, cfg.train.epochs)
+    return RunParts(cfg, data, built, plan, model, train_loader, val_loader, optimizer, scheduler,
+                    _criterion(cfg, accelerator, data), steps_per_epoch)
+
+
+def _loaders(cfg: Config, accelerator: Accelerator, data: RunData, train_set: Dataset, val_set: Dataset,
+             workers: int) -> tuple[TrainBatches, DataLoader]:
+    d, seed = cfg.data, cfg.train.seed
+    pin = accelerator.device.type == "cuda"
+    # The epoch's whole draw; TrainBatches shards it across processes and can start it mid-way.
+    draw = BalancedSampler(data.train_labels, seed=seed).indices if d.sampler == "balanced" else None
+    mixer = batch_mixer(len(data.classes), d.mixup_alpha, d.cutmix_alpha)
+    train_loader = TrainBatches(train_set, d.batch_size, workers, pin, seed, accelerator, draw,
+                                MixingCollate(mixer) if mixer else None)
+    return train_loader, make_loader(val_set, d.batch_size, False, workers, pin, seed)
+
+
+def _criterion(cfg: Config, accelerator: Accelerator, data: RunData) -> nn.Module:
+    weights = None
+    if cfg.train.class_weights == "balanced":
+        weights = balanced_class_weights(data.train_labels, len(data.classes)).to(accelerator.device)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing)
