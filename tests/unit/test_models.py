@@ -112,14 +112,3 @@ def test_freeze_none_trains_everything():
     built = build_classifier("tiny_cnn", 3)
     freeze(built.model, built.head_name, "none")
     assert all(p.requires_grad for p in built.model.parameters())
-
-
-def test_models_cli_lists_and_checks_names(tmp_path):
-    from helpers import run_script
-
-    listed = run_script("list_models.py", "--search", "*resnet18", cwd=tmp_path)
-    assert listed.returncode == 0
-    names = listed.stdout.split()
-    assert "torchvision/resnet18" in names and "timm/resnet18" in names
-    unknown = run_script("list_models.py", "--check", "timm/resnet18x", cwd=tmp_path)
-    assert unknown.returncode == 2 and "close matches: timm/resnet18" in unknown.stderr

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
-from helpers import run_script
 from data.transforms import PRESETS, MixingCollate, PadToSquare, batch_mixer, eval_transform, parse_op, train_transform
 from configs.errors import UsageError
 
@@ -52,13 +50,3 @@ def test_mixup_and_cutmix_make_soft_labels():
     assert images.shape == (6, 3, 8, 8) and labels.shape == (6, 3)
     assert torch.allclose(labels.sum(1), torch.ones(6))
     assert batch_mixer(3, 0.0, 0.0) is None
-
-
-def test_show_batch_writes_a_grid_png(image_folder, tmp_path):
-    out = tmp_path / "grid.png"
-    result = run_script("show_batch.py", "--out", str(out), "--count", "6", "--tile", "32",
-                        f"data.root={image_folder}", "model.name=tiny_cnn", "data.image_size=16",
-                        "data.augment=square", f"data.audit_dir={tmp_path / 'audit'}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    with Image.open(out) as grid:
-        assert grid.size == (3 * 32, 2 * (32 + 14))

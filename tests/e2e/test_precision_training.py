@@ -1,0 +1,84 @@
+"""Whole tiny in-process trainings on CPU: bf16, accumulation, channels_last, non-finite losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from torch import nn
+
+from helpers import make_image_folder
+from trainer.model_file import read_metadata
+from trainer.build import load_config
+from trainer.loop import train
+from trainer.step import NonFiniteLoss
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # Accelerate keeps process-wide singletons; each in-process run must start from scratch.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    # 48 train images: 3 batches of 16 or 6 batches of 8; 15 val images.
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16, layout="split-folders")
+
+
+def _cfg(images, run_dir, *extra):
+    return load_config(None, [f"data.root={images}", f"run.dir={run_dir}", "model.name=tiny_cnn_nobn",
+                              "data.image_size=16", "data.num_workers=0", "data.augment=none", "optim.lr=0.01",
+                              *extra])
+
+
+def test_bf16_training_on_cpu(images, tmp_path):
+    result = train(_cfg(images, tmp_path / "run", "train.precision=bf16", "train.epochs=1", "data.batch_size=16",
+                        "runtime.device=cpu"))
+    meta = read_metadata(result.run_dir / "last.safetensors")
+    assert meta["precision"] == "bf16" and meta["device"] == "cpu"
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+    # Autocast must really run the convolutions in bf16, not silently fall back to fp32.
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    with accelerator.autocast():
+        assert nn.Conv2d(3, 4, 3)(torch.rand(1, 3, 8, 8)).dtype == torch.bfloat16
+
+
+# ---- accumulation, clipping, channels_last ----
+
+def test_accumulating_two_batches_of_8_matches_one_batch_of_16(images, tmp_path):
+    common = ("train.epochs=2", "optim.scheduler=cosine", "optim.warmup_epochs=1")
+    big = train(_cfg(images, tmp_path / "big", "data.batch_size=16", *common))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accumulated = train(_cfg(images, tmp_path / "acc", "data.batch_size=8", "train.grad_accum_steps=2", *common))
+    for a, b in zip(big.history, accumulated.history):
+        assert a["optimizer_steps"] == b["optimizer_steps"] == 3
+        assert a["lr"] == b["lr"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    wa, wb = load_file(big.run_dir / "last.safetensors"), load_file(accumulated.run_dir / "last.safetensors")
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < 1e-5, f"weights differ by {worst}"
+    assert read_metadata(accumulated.run_dir / "last.safetensors")["global_batch_size"] == "16"
+
+
+def test_channels_last_option_trains(images, tmp_path):
+    result = train(_cfg(images, tmp_path / "run", "runtime.channels_last=true", "train.epochs=1",
+                        "data.batch_size=16", "model.name=tiny_cnn"))
+    assert result.history[0]["optimizer_steps"] == 3
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(images, tmp_path):
+    cfg = _cfg(images, tmp_path / "run", "model.name=nan_in_epoch_2_test", "train.epochs=3", "data.batch_size=16")
+    with pytest.raises(NonFiniteLoss, match=r"loss is not finite .* at epoch 2, step 1") as caught:
+        train(cfg)
+    assert caught.value.exit_code != 0
+    last = tmp_path / "run" / "last.safetensors"
+    assert read_metadata(last)["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(last).values())

@@ -1,0 +1,74 @@
+"""Resume exactly and lose nothing: kill a real run anywhere, resume it, get the same bits.
+
+Runs `python launch/train.py` as subprocesses that SIGKILL or SIGTERM themselves at named
+points (trainer/faults.py), then compares with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from helpers import run_env, run_script
+from resume_runs import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
+from trainer.progress import EXIT_PREEMPTED
+from trainer.state_folder import COMPLETE, verify
+
+
+def train(image_folder, run_dir, *extra, crash: str = "", crash_signal: str = "KILL"):
+    env = run_env(IMGTRAIN_CRASH_AT=crash, IMGTRAIN_CRASH_SIGNAL=crash_signal)
+    return run_script("train.py", *tiny_run_args(image_folder, run_dir, *extra), cwd=run_dir.parent, env=env)
+
+
+def test_killed_anywhere_and_resumed_ends_bitwise_identical(image_folder, tmp_path):
+    # 27 training images, batch 4: 7 steps per epoch, 21 in all; a checkpoint every 3 steps.
+    common = ("data.num_workers=1",)  # augmentation runs in a worker process and must replay there
+    reference = tmp_path / "reference"
+    done = train(image_folder, reference, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    # 1. SIGKILL mid-epoch at step 7: the checkpoint of step 6 is the newest, step 7 is trained again.
+    r = train(image_folder, run, *common, crash="after_step:7")
+    assert r.returncode == -signal.SIGKILL
+    assert step_folders(run) == ["step-00000003", "step-00000006"]
+    # 2. SIGKILL while checkpoint 12 is being written: its files exist, unmarked, under a hidden name;
+    # what was there before is untouched and still what `latest` names.
+    r = train(image_folder, run, *common, "run.resume=auto", crash="checkpoint_write:12")
+    assert r.returncode == -signal.SIGKILL
+    assert "resumed from" in r.stdout and "step-00000006" in r.stdout
+    tmp = run / "checkpoints" / ".tmp-step-00000012"
+    assert (tmp / "model.safetensors").is_file() and not (tmp / COMPLETE).exists()
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-00000009" and verify(run / "checkpoints" / latest)["global_step"] == 9
+    # 3. SIGKILL between epochs (after epoch 2's checkpoint, step 14).
+    r = train(image_folder, run, *common, "run.resume=auto", crash="epoch_end:2")
+    assert r.returncode == -signal.SIGKILL
+    assert not tmp.exists()  # the interrupted write was cleared away on resume
+    # 4. SIGTERM at step 19: the step finishes, a checkpoint is written, the documented exit code.
+    r = train(image_folder, run, *common, "run.resume=auto", crash="after_step:19", crash_signal="TERM")
+    assert r.returncode == EXIT_PREEMPTED, r.stderr[-3000:]
+    assert "stopped by signal SIGTERM after step 19" in r.stdout
+    assert verify(run / "checkpoints" / "step-00000019")["samples_done"] == 20
+    # 5. Truncate that newest checkpoint: `auto` names the file, skips it, resumes from step 18.
+    model_file = run / "checkpoints" / "step-00000019" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    r = train(image_folder, run, *common, "run.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{model_file} is truncated" in r.stdout
+    assert "resumed from" in r.stdout and "step-00000018" in r.stdout
+
+    for name in ("last.safetensors", "best.safetensors"):
+        assert_same_bits(reference / name, run / name)
+    assert metrics_without_timing(run) == metrics_without_timing(reference)
+    # Rotation: keep_last = 2 newest, plus the best epoch's (which may be one of them).
+    best = (run / "checkpoints" / "best").read_text().strip()
+    kept = step_folders(run)
+    assert kept[-2:] == ["step-00000018", "step-00000021"] and best in kept
+    assert len(kept) == 2 + (best not in kept[-2:])
+    assert (run / "checkpoints" / "step-00000019.damaged" / "model.safetensors").is_file()  # set aside, not lost
+
+    # A finished run resumed with a longer schedule is allowed; a changed model is refused by name.
+    r = train(image_folder, run, *common, "run.resume=auto", "model.head=mlp")
+    assert r.returncode == 2
+    assert "model.head is 'mlp' but the checkpoint was trained with 'linear'" in r.stderr
+    assert step_folders(run) == kept
