@@ -1,8 +1,16 @@
-"""Shared test helpers: tiny learnable image folders and running entry points as subprocesses."""
+"""Shared test helpers: tiny learnable image folders and running entry points as subprocesses.
+
+Every helper module of the suite lives here, at tests/ (conftest.py puts this folder on sys.path):
+helpers.py, dirty_data.py, wandb_records.py, resume_runs.py, and ddp_balanced_probe.py (a script
+run under `accelerate launch`). Tests are in tests/unit/ (in-process) and tests/e2e/ (entry scripts
+as subprocesses, `accelerate launch`, whole trainings)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +65,32 @@ def run_script(script: str, *args: str, cwd: Path, launcher: tuple[str, ...] = (
 
 def accelerate_launch(*flags: str) -> tuple[str, ...]:
     return (ACCELERATE, "launch", "--num_machines", "1", "--dynamo_backend", "no", *flags)
+
+
+def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run launch/<script> in this interpreter, as `python launch/<script> args` would run: its exit code,
+    stdout and stderr as a CompletedProcess. For checks of bad input, which end before any training and
+    need no fresh interpreter (one costs seconds of imports). Every entry script keeps real subprocess tests."""
+    argv, path, old_cwd = sys.argv, list(sys.path), os.getcwd()
+    threads = __import__("torch").get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        sys.argv = [str(REPO / "launch" / script), *args]
+        sys.path.insert(0, str(REPO / "launch"))  # what `python launch/x.py` puts first
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv, sys.path[:] = argv, path
+        os.chdir(old_cwd)
+        __import__("torch").set_num_threads(threads)
+        if "accelerate.state" in sys.modules:  # process-wide singletons a run may have created
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
