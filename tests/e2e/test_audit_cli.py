@@ -1,4 +1,4 @@
-"""audit.py as a subprocess: the report, quarantine moves without deleting, bad arguments."""
+"""audit.py as a subprocess: the report, quarantine moves without deleting; bad arguments (in-process main)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dirty_data import BOMB_LIMIT, expected_problems, make_dirty_folder
-from helpers import run_script
+from helpers import run_in_process, run_script
 
 
 @pytest.fixture
@@ -48,6 +48,7 @@ def test_cli_reports_and_quarantine_moves_without_deleting(dirty, tmp_path):
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(image_folder, tmp_path, args, message):
     args = [a.format(root=image_folder) for a in args]
-    result = run_script("audit.py", str(image_folder), *args, cwd=tmp_path)
+    # Argument checks end before any work: the entry point runs in-process (the test above runs it for real).
+    result = run_in_process("audit.py", str(image_folder), *args, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -7,18 +7,18 @@ import re
 from pathlib import Path
 
 from dirty_data import BOMB_LIMIT, expected_problems, make_dirty_folder
-from helpers import run_script
+from helpers import run_in_process, run_script
 from trainer.model_file import read_metadata
 
 UNDECODABLE = {"train/cat/empty.jpg", "train/cat/error_page.jpg", "train/dog/notes.png", "train/cat/truncated.jpg",
                "train/dog/corrupt.png", "train/dog/bomb.png"}
 
 
-def _train(root: Path, tmp_path: Path, *overrides: str):
-    return run_script("train.py", f"data.root={root}", f"run.dir={tmp_path / 'run'}", "model.name=tiny_cnn",
-                      "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",
-                      f"data.max_image_pixels={BOMB_LIMIT}", f"data.audit_dir={tmp_path / 'audit'}", *overrides,
-                      cwd=tmp_path)
+def _train(root: Path, tmp_path: Path, *overrides: str, runner=run_script):
+    return runner("train.py", f"data.root={root}", f"run.dir={tmp_path / 'run'}", "model.name=tiny_cnn",
+                  "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",
+                  f"data.max_image_pixels={BOMB_LIMIT}", f"data.audit_dir={tmp_path / 'audit'}", *overrides,
+                  cwd=tmp_path)
 
 
 def test_training_over_dirty_folder_leaves_out_what_the_audit_finds(tmp_path):
@@ -59,7 +59,8 @@ def test_with_the_audit_off_files_that_fail_to_load_are_skipped_and_recorded(tmp
 
 def test_leakage_is_an_error_when_asked(tmp_path):
     root = make_dirty_folder(tmp_path / "dirty")
-    result = _train(root, tmp_path, "data.leakage=error")
+    # Refused before training starts: the entry point runs in-process (the tests above run it for real).
+    result = _train(root, tmp_path, "data.leakage=error", runner=run_in_process)
     assert result.returncode == 2
     assert "identical to training images" in result.stderr and "data.leakage=warn" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

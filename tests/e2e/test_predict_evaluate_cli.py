@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from helpers import make_image_folder, run_script
+from helpers import make_image_folder, run_in_process, run_script
 from models import HeadSpec, build_classifier
 from trainer.model_file import load_classifier, save_classifier
 from trainer.inference import predict_files
@@ -58,7 +58,8 @@ def test_predict_writes_every_good_row_and_reports_the_bad_file(tmp_path):
 
 def test_predict_refuses_a_missing_input_in_one_line(tmp_path):
     ckpt = _checkpoint(tmp_path)
-    result = run_script("predict.py", "--checkpoint", str(ckpt), str(tmp_path / "nope"), cwd=tmp_path)
+    # In-process: the error comes before any work; predict.py runs as a subprocess above.
+    result = run_in_process("predict.py", "--checkpoint", str(ckpt), str(tmp_path / "nope"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: not a file or folder: {tmp_path / 'nope'}"]
 
@@ -93,6 +94,7 @@ def test_evaluate_numbers_match_the_models_own_predictions(tmp_path):
 def test_evaluate_refuses_unknown_class_folders(tmp_path):
     ckpt = _checkpoint(tmp_path)
     folder = make_image_folder(tmp_path / "labelled", per_class=1, classes=("red", "purple"))
-    result = run_script("evaluate.py", "--checkpoint", str(ckpt), str(folder), cwd=tmp_path)
+    # In-process: the error comes before any work; evaluate.py runs as a subprocess above.
+    result = run_in_process("evaluate.py", "--checkpoint", str(ckpt), str(folder), cwd=tmp_path)
     assert result.returncode == 2
     assert "purple" in result.stderr and "not classes of this checkpoint" in result.stderr
