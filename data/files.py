@@ -1,0 +1,81 @@
+"""Files that are either wholly there or not at all, and files' content digests.
+
+Every file the project writes goes through `atomic_output`: the content goes to a temporary file in
+the same folder (a rename is only atomic within one file system), which replaces the target only
+once it is complete, so a reader or a killed run never sees half a file and a failed write leaves
+the previous file as it was. `durable=True` adds the fsyncs that make the result survive a power
+cut too: the file's bytes before the rename, the folder's entry after it. Checkpoints need that;
+caches and pictures, which can be made again, do not pay for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new file inside folder `path` durable (POSIX keeps names in the folder)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_output(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write to; on a clean exit it replaces `path`.
+
+    The temporary name keeps the suffix, for writers that pick the format from it (matplotlib).
+    On an exception the temporary file is removed and `path` is left untouched.
+
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        if durable:
+            fsync_file(tmp)
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:
+    path = Path(path)
+    with atomic_output(path, durable=durable) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = None, sort_keys: bool = False,
+                      durable: bool = False) -> Path:
+    # Python's json writes floats with repr, which reads back bit for bit.
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys), durable=durable)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["atomic_output", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file", "sha256_file"]
