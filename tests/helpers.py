@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,7 @@ def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedPr
     need no fresh interpreter (one costs seconds of imports). Every entry script keeps real subprocess tests."""
     argv, path, old_cwd = sys.argv, list(sys.path), os.getcwd()
     threads = __import__("torch").get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     out, err = io.StringIO(), io.StringIO()
     code = 0
     try:
@@ -88,6 +90,8 @@ def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedPr
         sys.argv, sys.path[:] = argv, path
         os.chdir(old_cwd)
         __import__("torch").set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if "accelerate.state" in sys.modules:  # process-wide singletons a run may have created
             from accelerate.state import AcceleratorState, GradientState
 

@@ -1,6 +1,6 @@
 """lr_find.py and overfit_check.py as a user runs them; timm loads our checkpoints unchanged."""
 
-from helpers import run_script
+from helpers import run_in_process, run_script
 
 COMMON = ["model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
           "data.augment=none"]
@@ -14,8 +14,9 @@ def test_overfit_check_passes_on_a_learnable_batch(image_folder, tmp_path):
 
 
 def test_overfit_check_fails_when_nothing_can_learn(image_folder, tmp_path):
-    result = run_script("overfit_check.py", f"data.root={image_folder}", *COMMON, "optim.lr=1e-9",
-                        "--steps", "5", cwd=tmp_path)
+    # In-process (5 steps, no fresh interpreter needed); the test above runs overfit_check.py for real.
+    result = run_in_process("overfit_check.py", f"data.root={image_folder}", *COMMON, "optim.lr=1e-9",
+                            "--steps", "5", cwd=tmp_path)
     assert result.returncode == 1 and "FAILED" in result.stdout
 
 
