@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import sys
@@ -26,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from data.audit_cache import MeasurementCache, atomic_write_text, audit_dir_for
+from data.audit_cache import MeasurementCache, audit_dir_for
+from data.files import atomic_write_json, atomic_write_text
 from data.folders import IMAGE_EXTENSIONS, Splits
 from data.images import DEFAULT_MAX_PIXELS, DecompressionBomb, decode_rgb
 
@@ -157,7 +157,7 @@ class AuditResult:
             writer.writerows(p.to_dict() for p in self.problems)
             atomic_write_text(path, buffer.getvalue())
         else:
-            atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+            atomic_write_json(path, self.to_dict(), indent=1)
         return path
 
     def summary_lines(self) -> list[str]:

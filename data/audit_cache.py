@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from data.files import atomic_write_json
+
 CACHE_VERSION = 1
 
 
@@ -30,16 +32,6 @@ def audit_dir_for(root: Path, audit_dir: str = "") -> Path:
     base = Path(audit_dir).expanduser() if audit_dir else default_cache_root()
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
     return base / f"{root.name or 'root'}-{digest}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class MeasurementCache:
@@ -69,4 +61,4 @@ class MeasurementCache:
         if not self.enabled:
             return
         self.entries = measurements
-        atomic_write_text(self.path, json.dumps({"version": CACHE_VERSION, "files": measurements}))
+        atomic_write_json(self.path, {"version": CACHE_VERSION, "files": measurements})
