@@ -1,23 +1,17 @@
-"""Class balance: a weighted sampler that works under DDP, and loss weights.
+"""Class balance: a class-balanced draw of each epoch's training order, and loss weights.
 
-`BalancedSampler` draws each epoch's indices with replacement, each class equally likely, from a
-generator seeded by (seed, epoch) alone, so every process computes the same draw without talking
-to the others. It then keeps every `num_replicas`-th index starting at `rank`: each process gets
-its own share and the shares together are one epoch as long as the dataset.
-
-Under `accelerator.prepare` leave `num_replicas=1`: Accelerate shards the loader's batches across
-processes itself (and calls `set_epoch`). Pass `num_replicas`/`rank` when building a per-process
-loader by hand.
+`BalancedDraw(labels, seed).indices(epoch)` is one epoch's indices, drawn with replacement, each
+class equally likely, from a generator seeded by (seed, epoch) alone: every process computes the
+same draw without talking to the others, and a resumed run draws it again. It is the `draw` of
+`data.sampling.ResumableSampler`, which shards it across processes and can start it mid-way.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-from torch.utils.data import Sampler
 
 
 def class_balanced_weights(labels: Sequence[int]) -> torch.Tensor:
@@ -35,27 +29,18 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
     return weights.float()
 
 
-class BalancedSampler(Sampler[int]):
-    def __init__(self, labels: Sequence[int], seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 num_samples: int | None = None):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        self.weights = class_balanced_weights(labels)
-        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
-        # The whole epoch, rounded up so every process gets the same number of indices.
-        self.total = math.ceil((num_samples or len(labels)) / num_replicas) * num_replicas
-        self.epoch = 0
+class BalancedDraw:
+    """Epochs as long as the dataset, in which every class is drawn equally often on average."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, labels: Sequence[int], seed: int = 0):
+        self.weights = class_balanced_weights(labels)
+        self.seed = seed
+        self.total = len(labels)
 
     def indices(self, epoch: int) -> list[int]:
-        """The whole epoch's draw (all processes), a pure function of (seed, epoch)."""
+        """The whole epoch's draw (all processes together), a pure function of (seed, epoch)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.multinomial(self.weights, self.total, replacement=True, generator=generator).tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices(self.epoch)[self.rank::self.num_replicas])
 
-    def __len__(self) -> int:
-        return self.total // self.num_replicas
+BalancedSampler = BalancedDraw  # the old name, until trainer/build.py imports BalancedDraw

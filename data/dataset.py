@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from data.folders import Sample
 from data.images import DEFAULT_MAX_PIXELS, load_rgb
@@ -73,19 +73,17 @@ def read_load_failures(path: str | Path) -> list[dict]:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool,
-                seed: int, sampler: Sampler | None = None, collate_fn: Callable | None = None) -> DataLoader:
+                seed: int) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
+        shuffle=shuffle,
         num_workers=num_workers,
         # Workers outlive the epoch: re-forking them every epoch costs seconds on big datasets.
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
         generator=generator,
         drop_last=False,
-        collate_fn=collate_fn,
     )

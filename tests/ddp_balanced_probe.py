@@ -1,5 +1,5 @@
-"""Run under `accelerate launch --num_processes 2`: draw one epoch through a prepared DataLoader with
-BalancedSampler and write, per process, the labels it received (for test_balance.py)."""
+"""Run under `accelerate launch --num_processes 2`: draw two epochs through training's TrainBatches
+with a BalancedDraw and write, per process, the indices it received (for test_balance_ddp.py)."""
 
 import json
 import sys
@@ -7,11 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
-from data.balance import BalancedSampler  # noqa: E402
+from data.balance import BalancedDraw  # noqa: E402
+from data.sampling import TrainBatches  # noqa: E402
 
 
 class Labels(Dataset):
@@ -28,10 +28,10 @@ class Labels(Dataset):
 def main(out: str) -> None:
     accelerator = Accelerator(cpu=True)
     labels = [0] * 600 + [1] * 300 + [2] * 60  # 10:5:1 imbalance
-    sampler = BalancedSampler(labels, seed=3)
-    loader = accelerator.prepare(DataLoader(Labels(labels), batch_size=16, sampler=sampler))
+    loader = TrainBatches(Labels(labels), 16, 0, False, 3, accelerator, BalancedDraw(labels, seed=3).indices)
     record = {}
     for epoch in range(2):
+        loader.start_epoch(epoch)
         indices = [int(i) for batch_indices, _ in loader for i in batch_indices]
         record[f"epoch{epoch}"] = indices
     record["world"] = accelerator.num_processes

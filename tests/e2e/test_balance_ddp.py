@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from helpers import REPO, accelerate_launch, run_env
-from data.balance import BalancedSampler
+from data.balance import BalancedDraw
 
 LABELS = [0] * 600 + [1] * 300 + [2] * 60
 
@@ -27,8 +27,8 @@ def test_two_process_ddp_draws_each_class_about_equally(tmp_path):
         assert abs(len(per_rank[0]) - len(per_rank[1])) <= 16
         together = per_rank[0] + per_rank[1]
         assert len(together) == len(LABELS)  # the epoch stays the dataset's length (960 = 60 batches of 16)
-        # The two shares are exactly the (seed, epoch) draw; Accelerate calls set_epoch each pass.
-        assert Counter(together) == Counter(BalancedSampler(LABELS, seed=3).indices(int(epoch[-1])))
+        # The two shares are exactly the (seed, epoch) draw.
+        assert Counter(together) == Counter(BalancedDraw(LABELS, seed=3).indices(int(epoch[-1])))
         shares = Counter(LABELS[i] for i in together)
         for cls in range(3):
             assert shares[cls] / len(together) == pytest.approx(1 / 3, abs=0.05), shares
