@@ -1,11 +1,17 @@
 """Run a checkpoint over image files: batched, multi-worker, CPU or GPU, bad files reported.
 
-Used by `launch/predict.py` and `launch/evaluate.py`. A file that does not decode never stops the
-run: its row is marked failed with the reason, and every other image still gets its prediction.
+`predict_files` is what `launch/predict.py` and `launch/evaluate.py` (via trainer.evaluation) run;
+`predict_to_csv` is all of predict.py after its arguments are parsed. Every image goes through the
+checkpoint's own `Preprocessing` (the eval transform its validation used), flip TTA included. A
+file that does not decode never stops the run: its row is marked failed with the reason, and
+every other image still gets its prediction.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,9 +19,26 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.folders import list_images
-from data.images import load_rgb
 from configs.errors import UsageError
+from data.files import atomic_write_text
+from data.folders import IMAGE_EXTENSIONS, list_images
+from data.images import DEFAULT_MAX_PIXELS, load_rgb
+from trainer.model_file import LoadedClassifier, load_classifier
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run the model over files (not what it computes: that is the checkpoint's)."""
+
+    batch_size: int | None = None  # None: 64, or the run's data.batch_size on its own split
+    num_workers: int = 2
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    tta_flip: bool = False  # average with the horizontally mirrored image's probabilities
+
+    def check(self) -> None:
+        if (self.batch_size is not None and self.batch_size < 1) or self.num_workers < 0:
+            raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size}) and --num-workers 0 or "
+                             f"more (got {self.num_workers})")
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -31,31 +54,34 @@ def collect_images(inputs: list[str]) -> list[Path]:
             raise UsageError(f"not a file or folder: {path}")
     if not found:
         raise UsageError(f"no images found in {', '.join(inputs)} (extensions tried: "
-                         f"{'/'.join(sorted(e.lstrip('.') for e in ('.jpg', '.png', '.webp', '.bmp')))}...)")
+                         f"{'/'.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))})")
     return found
 
 
 class TolerantImageDataset(Dataset):
     """(image, index, error): a blank image and the decoding error for a file that fails."""
 
-    def __init__(self, paths: list[Path], transform: Callable, image_size: int):
-        self.paths, self.transform, self.image_size = paths, transform, image_size
+    def __init__(self, paths: list[Path], transform: Callable, image_size: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.paths, self.transform, self.image_size, self.max_pixels = paths, transform, image_size, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(load_rgb(str(self.paths[index]))), index, ""
+            return self.transform(load_rgb(str(self.paths[index]), self.max_pixels)), index, ""
         except Exception as e:  # any decoder failure: truncated, not an image, unsupported mode
             return torch.zeros(3, self.image_size, self.image_size), index, f"{type(e).__name__}: {e}"
 
 
 @dataclass
-class Predictions:
+class FilePredictions:
+    """Softmax probabilities for a list of image files, and why the failed ones failed."""
+
     paths: list[Path]
-    probs: torch.Tensor                     # (N, C) softmax; rows of failed files are NaN
-    errors: dict[int, str] = field(default_factory=dict)
+    probs: torch.Tensor  # (N, C); rows of failed files are NaN
+    errors: dict[int, str] = field(default_factory=dict)  # index in paths -> decoding error
 
     @property
     def ok(self) -> torch.Tensor:
@@ -71,12 +97,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def predict_files(loaded, paths: list[Path], *, batch_size: int = 64, num_workers: int = 2,
-                  device: torch.device = torch.device("cpu"), tta_flip: bool = False) -> Predictions:
-    """Softmax probabilities for every file; with `tta_flip` averaged with the mirrored image's."""
-    dataset = TolerantImageDataset(paths, loaded.eval_transform(), loaded.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                        pin_memory=device.type == "cuda")
+def predict_files(loaded: LoadedClassifier, paths: list[Path], options: InferenceOptions = InferenceOptions(),
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> FilePredictions:
+    """Softmax probabilities for every file, in fp32 and eval mode, through the checkpoint's eval
+    transform; with `options.tta_flip` averaged with the mirrored image's."""
+    device = pick_device(options.device)
+    dataset = TolerantImageDataset(paths, loaded.eval_transform(), loaded.image_size, max_pixels)
+    loader = DataLoader(dataset, batch_size=options.batch_size or 64, num_workers=options.num_workers,
+                        shuffle=False, pin_memory=device.type == "cuda")
     model = loaded.model.to(device).eval()
     probs = torch.full((len(paths), len(loaded.class_names)), float("nan"))
     errors: dict[int, str] = {}
@@ -89,7 +117,55 @@ def predict_files(loaded, paths: list[Path], *, batch_size: int = 64, num_worker
             continue
         images = images[good].to(device, non_blocking=True)
         p = model(images).float().softmax(1)
-        if tta_flip:
+        if options.tta_flip:
             p = (p + model(images.flip(-1)).float().softmax(1)) / 2
         probs[indices[good]] = p.cpu()
-    return Predictions(paths, probs, errors)
+    return FilePredictions(paths, probs, errors)
+
+
+def prediction_rows(preds: FilePredictions, class_names: list[str], top_k: int,
+                    kaggle: bool = False) -> tuple[list[str], list[list]]:
+    """(header, rows) of the predictions CSV: `path, class, probability, topK, error`, or Kaggle's
+    `Id, Class` (file name, class index). Failed files keep their row, with an empty prediction."""
+    k = min(top_k, len(class_names))
+    rows = []
+    for i, path in enumerate(preds.paths):
+        if i in preds.errors:
+            rows.append([path.name, ""] if kaggle else [str(path), "", "", "", preds.errors[i]])
+            continue
+        top = preds.probs[i].topk(k)
+        best = top.indices[0].item()
+        if kaggle:
+            rows.append([path.name, best])
+        else:
+            listing = ";".join(f"{class_names[c]}:{p:.4f}" for p, c in zip(top.values.tolist(), top.indices.tolist()))
+            rows.append([str(path), class_names[best], f"{top.values[0].item():.6f}", listing, ""])
+    header = ["Id", "Class"] if kaggle else ["path", "class", "probability", f"top{k}", "error"]
+    return header, rows
+
+
+def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, options: InferenceOptions, *,
+                   top_k: int = 5, kaggle: bool = False) -> FilePredictions:
+    """predict.py: every image under `inputs` -> one CSV row each, written atomically to `out`;
+    a summary line on stdout, unreadable files listed on stderr."""
+    options.check()
+    if top_k < 1:
+        raise UsageError(f"--top-k must be at least 1 (got {top_k})")
+    loaded = load_classifier(checkpoint)
+    paths = collect_images(inputs)
+    preds = predict_files(loaded, paths, options)
+    header, rows = prediction_rows(preds, loaded.class_names, top_k, kaggle)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text.getvalue())
+    print(f"wrote {out}: {len(paths) - len(preds.errors)} prediction(s) from {checkpoint} on "
+          f"{pick_device(options.device)}" + (" with flip TTA" if options.tta_flip else ""))
+    if preds.errors:
+        print(f"warning: {len(preds.errors)} file(s) could not be read and have no prediction:", file=sys.stderr)
+        for i, problem in sorted(preds.errors.items()):
+            print(f"  {paths[i]}: {problem}", file=sys.stderr)
+    return preds

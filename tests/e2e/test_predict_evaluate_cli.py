@@ -6,9 +6,10 @@ import json
 import torch
 
 from helpers import make_image_folder, run_in_process, run_script
+from data.transforms import Preprocessing
 from models import HeadSpec, build_classifier
-from trainer.model_file import load_classifier, save_classifier
-from trainer.inference import predict_files
+from trainer.model_file import ClassifierFacts, load_classifier, save_classifier
+from trainer.inference import InferenceOptions, predict_files
 
 CLASSES = ["blue", "green", "red"]
 
@@ -17,9 +18,9 @@ def _checkpoint(tmp_path):
     torch.manual_seed(0)
     built = build_classifier("tiny_cnn", len(CLASSES))
     path = tmp_path / "best.safetensors"
-    save_classifier(path, built.model.state_dict(), model_name="tiny_cnn", head=HeadSpec().to_dict(),
-                    class_names=CLASSES, mean=built.mean, std=built.std, image_size=16, crop_pct=1.0,
-                    config={}, metrics={"val_acc": 0.5}, epoch=1)
+    facts = ClassifierFacts("tiny_cnn", HeadSpec().to_dict(), CLASSES,
+                            Preprocessing(16, 1.0, tuple(built.mean), tuple(built.std)), config={})
+    save_classifier(path, built.model.state_dict(), facts, metrics={"val_acc": 0.5}, epoch=1)
     return path
 
 
@@ -43,13 +44,14 @@ def test_predict_writes_every_good_row_and_reports_the_bad_file(tmp_path):
 
     # The probabilities are those of the model itself, flip-averaged.
     loaded = load_classifier(ckpt)
-    direct = predict_files(loaded, [folder / "blue" / "blue_000.png"], tta_flip=True, num_workers=0)
+    direct = predict_files(loaded, [folder / "blue" / "blue_000.png"], InferenceOptions(num_workers=0, tta_flip=True))
     row = next(r for r in rows if r["path"].endswith("blue_000.png"))
     assert abs(direct.probs[0].max().item() - float(row["probability"])) < 1e-5
 
+    # The Kaggle format in-process: the same entry point, one interpreter start fewer.
     kaggle = tmp_path / "submission.csv"
-    result = run_script("predict.py", "--checkpoint", str(ckpt), str(folder / "blue"), "--kaggle",
-                        "--out", str(kaggle), cwd=tmp_path)
+    result = run_in_process("predict.py", "--checkpoint", str(ckpt), str(folder / "blue"), "--kaggle",
+                            "--out", str(kaggle), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = kaggle.read_text().splitlines()
     assert lines[0] == "Id,Class" and lines[1].split(",")[0] == "blue_000.png"

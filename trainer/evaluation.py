@@ -1,0 +1,262 @@
+"""Evaluate a checkpoint on labelled images: the run's own validation or test split, or any folder
+of class folders. All of `launch/evaluate.py` after its arguments are parsed.
+
+The run's own split is rebuilt from the config the checkpoint records, with the same function
+training used (`trainer.build.audited_splits`): the same files, through the checkpoint's own
+eval transform, in eval mode and fp32, so the validation split gives back exactly the val_acc the
+checkpoint recorded. A folder that holds training images of the run (the same files, or copies
+with the same content) gets a warning: its accuracy is not a held-out score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from configs.errors import UsageError
+from configs.schema import Config
+from data.audit_cache import MeasurementCache, audit_dir_for
+from data.files import atomic_write_json, sha256_file
+from data.folders import TEST_NAMES, discover, list_images
+from data.images import DEFAULT_MAX_PIXELS, load_rgb
+from trainer import plots
+from trainer.build import audited_splits
+from trainer.inference import FilePredictions, InferenceOptions, predict_files
+from trainer.metrics import classification_report
+from trainer.model_file import LoadedClassifier, load_classifier
+
+SPLITS = ("val", "test")
+
+
+def config_from_dict(tables: dict) -> Config:
+    """A Config from `Config.to_dict()` as a checkpoint records it. Lenient: keys this version does
+    not know (a checkpoint from an older or newer version) are ignored and missing ones keep their
+    defaults, so every checkpoint's config can be read back. Not a check of user input: that is
+    `configs.schema.read_config`."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = tables.get(section.name) or {}
+        sections[section.name] = cls(**{k: v for k, v in values.items() if k in known})
+    return Config(**sections)
+
+
+def run_config(meta: dict, data_root: str | None = None) -> Config:
+    """The config of the run that wrote a checkpoint; `data_root` replaces data.root (the data moved)."""
+    cfg = config_from_dict(meta.get("config") or {})
+    if data_root:
+        cfg.data.root = str(Path(data_root).expanduser())
+    if not cfg.data.root:
+        raise UsageError("the checkpoint records no data.root; pass --data-root FOLDER (the run's image folder)")
+    if not Path(cfg.data.root).expanduser().is_dir():
+        raise UsageError(f"the run's data root {cfg.data.root} is not a folder here; pass --data-root FOLDER "
+                         f"where the run's images are now")
+    return cfg
+
+
+@dataclass
+class LabelledFiles:
+    paths: list[Path]
+    labels: list[int]  # indices into the checkpoint's class names
+    source: str  # what these files are, for the report: a folder, or "the validation split of ROOT"
+
+
+def labelled_folder(folder: Path, class_names: list[str]) -> LabelledFiles:
+    """Every image under folder/<class name>/; class folders the checkpoint does not know are refused."""
+    if not folder.is_dir():
+        raise UsageError(f"not a folder: {folder}")
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    unknown = [d.name for d in subdirs if d.name not in class_names]
+    if unknown:
+        raise UsageError(f"class folder(s) {', '.join(unknown[:5])} in {folder} are not classes of this checkpoint "
+                         f"({', '.join(class_names[:8])}{'...' if len(class_names) > 8 else ''})")
+    paths, labels = [], []
+    for d in subdirs:
+        for p in list_images(d):
+            paths.append(p)
+            labels.append(class_names.index(d.name))
+    if not paths:
+        raise UsageError(f"no labelled images in {folder}: expected {folder}/<class name>/<image files>")
+    return LabelledFiles(paths, labels, str(folder))
+
+
+def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
+    """The run's own validation split (as training used it, after the audit), or the labelled
+    test/ folder of its data root."""
+    if split not in SPLITS:
+        raise UsageError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
+    root = Path(cfg.data.root).expanduser().resolve()
+    if split == "test":
+        test_dir = next((d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in TEST_NAMES), None)
+        if test_dir is None:
+            raise UsageError(f"the run's data root {root} has no test/ folder; evaluate another labelled folder "
+                             f"by naming it instead of --split")
+        files = labelled_folder(test_dir, class_names)
+        return LabelledFiles(files.paths, files.labels, f"the test split of {root}")
+    splits = audited_splits(cfg)
+    if splits.classes != class_names:
+        raise UsageError(f"the classes in {root} ({', '.join(splits.classes[:8])}) are not the checkpoint's "
+                         f"({', '.join(class_names[:8])}); pass --data-root with the run's own image folder")
+    return LabelledFiles([Path(p) for p, _ in splits.val], [label for _, label in splits.val],
+                         f"the validation split of {root}")
+
+
+def training_images_among(paths: list[Path], cfg: Config) -> int:
+    """How many of `paths` the run trained on: the same file, or a copy with the same content.
+    Only files with the size of some training image are hashed (copies have equal sizes); the
+    audit's cached hashes stand in for reading training images where they are still valid."""
+    root = Path(cfg.data.root).expanduser().resolve()
+    train = {Path(p).resolve() for p, _ in discover(root, cfg.data.val_fraction, cfg.data.seed).train}
+    by_size: dict[int, list[Path]] = defaultdict(list)
+    for p in train:
+        by_size[_size(p)].append(p)
+    cache = MeasurementCache(audit_dir_for(root, cfg.data.audit_dir))
+
+    def training_hash(p: Path) -> str:
+        stat = p.stat()
+        cached = cache.get(p.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns)
+        return cached["sha256"] if cached and cached.get("sha256") else sha256_file(p)
+
+    count, train_hashes, hashed_sizes = 0, set(), set()
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in train:
+            count += 1
+            continue
+        size = _size(resolved)
+        if size not in by_size:
+            continue
+        if size not in hashed_sizes:
+            hashed_sizes.add(size)
+            train_hashes |= {training_hash(p) for p in by_size[size]}
+        count += sha256_file(resolved) in train_hashes
+    return count
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def evaluation_report(files: LabelledFiles, preds: FilePredictions, class_names: list[str]) -> dict:
+    """Accuracy, mean cross-entropy loss, macro F1, per-class precision / recall / F1 and the
+    confusion matrix of the readable files."""
+    ok = preds.ok
+    y_true = torch.tensor(files.labels)[ok]
+    probs = preds.probs[ok]
+    truth = probs[torch.arange(len(y_true)), y_true].clamp_min(torch.finfo(torch.float32).tiny)
+    return classification_report(y_true, probs.argmax(1), class_names) | {
+        "loss": -truth.double().log().mean().item() if len(y_true) else None,
+        "unreadable": [str(files.paths[i]) for i in sorted(preds.errors)]}
+
+
+def top_losses(files: LabelledFiles, preds: FilePredictions, count: int) -> list[int]:
+    """Indices of the wrong predictions with the highest loss (least probability on the truth), fastai's name."""
+    labels = torch.tensor(files.labels)
+    predicted = preds.probs.argmax(1)
+    wrong = [i for i in range(len(files.paths)) if i not in preds.errors and predicted[i] != labels[i]]
+    wrong.sort(key=lambda i: preds.probs[i, labels[i]].item())
+    return wrong[:count]
+
+
+def plot_top_losses(path: Path, loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions,
+                    indices: list[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+    """The images as the model saw them (its eval transform), titled "actual / predicted (probability)"."""
+    p, names, transform = loaded.preprocessing, loaded.class_names, loaded.eval_transform()
+    images = np.zeros((len(indices), 3, p.image_size, p.image_size), dtype=np.float32)
+    for row, i in enumerate(indices):
+        images[row] = transform(load_rgb(str(files.paths[i]), max_pixels)).numpy()
+    titles = []
+    for i in indices:
+        guess = int(preds.probs[i].argmax())
+        titles.append(f"{names[files.labels[i]]} / {names[guess]} ({preds.probs[i, guess].item():.2f})")
+    return plots.image_grid(path, plots.denormalize(images, p.mean, p.std), titles, wrong=[True] * len(indices),
+                            title="top losses: actual / predicted (probability)" if indices else "no mistakes")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, folder: str | None = None,
+                        split: str | None = None, data_root: str | None = None, out_dir: str | Path | None = None,
+                        top_loss_count: int = 16) -> dict:
+    """evaluate.py: the report of `checkpoint` on `folder` or on the run's own `split`, printed and
+    written to `out_dir` (metrics.json, confusion_matrix.png, top_losses.png). Everything that can
+    fail on bad input fails before a file is written."""
+    options.check()
+    if (folder is None) == (split is None):
+        raise UsageError("name a labelled folder or --split val|test (one of the two)")
+    checkpoint = Path(checkpoint)
+    loaded = load_classifier(checkpoint)
+    meta, names = loaded.metadata, loaded.class_names
+    max_pixels, overlap = DEFAULT_MAX_PIXELS, None
+    if split is not None:
+        cfg = run_config(meta, data_root)
+        files = run_split(cfg, split, names)
+        max_pixels = cfg.data.max_image_pixels or DEFAULT_MAX_PIXELS
+        # Validation's batch size: per-image results do not depend on it, but kernels may.
+        options = dataclasses.replace(options, batch_size=options.batch_size or cfg.data.batch_size)
+    else:
+        files = labelled_folder(Path(folder).expanduser(), names)
+        cfg = _reachable_run_config(meta, data_root)
+        if cfg is not None:
+            overlap = training_images_among(files.paths, cfg)
+    preds = predict_files(loaded, files.paths, options, max_pixels)
+
+    report = evaluation_report(files, preds, names)
+    report |= {"checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
+               "tta": options.tta_flip, "preprocessing": loaded.preprocessing.to_dict(),
+               "checkpoint_epoch": meta["epoch"], "checkpoint_metrics": meta.get("metrics", {})}
+    if overlap is not None:
+        report["training_images"] = overlap
+    out = Path(out_dir) if out_dir else checkpoint.parent / (f"eval-{split}" if split else "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", report)
+    written = [
+        out / "metrics.json",
+        plots.confusion_plot(out / "confusion_matrix.png", np.array(report["confusion_matrix"]), names,
+                             title=f"{checkpoint.name} on {files.source}"),
+        plot_top_losses(out / "top_losses.png", loaded, files, preds, top_losses(files, preds, top_loss_count),
+                        max_pixels),
+    ]
+    _print_report(report, names, meta, split, preds, written)
+    return report
+
+
+def _reachable_run_config(meta: dict, data_root: str | None) -> Config | None:
+    """The run's config when its data root is here (to find its training images), else None."""
+    cfg = config_from_dict(meta.get("config") or {})
+    if data_root:
+        cfg.data.root = str(Path(data_root).expanduser())
+    if cfg.data.root and Path(cfg.data.root).expanduser().is_dir():
+        return cfg
+    return None
+
+
+def _print_report(report: dict, names: list[str], meta: dict, split: str | None, preds: FilePredictions,
+                  written: list[Path]) -> None:
+    print(f"accuracy {report['accuracy']:.4f} on {report['images']} images ({report['source']}), "
+          f"macro F1 {report['macro_f1']:.4f}")
+    recorded = meta.get("metrics", {}).get("val_acc")
+    if split == "val" and recorded is not None:
+        print(f"the checkpoint recorded val_acc {recorded:.4f} at epoch {meta['epoch']}")
+    width = max(len(n) for n in names)
+    print(f"{'class':<{width}}  precision  recall      f1  support")
+    for name, m in report["per_class"].items():
+        print(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {m['support']:>7d}")
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    overlap, total = report.get("training_images"), report["images"] + len(preds.errors)
+    if overlap:
+        print(f"warning: {overlap} of {total} images in {report['source']} were training images of this "
+              f"checkpoint (same file or same content), so this accuracy is not a held-out score; "
+              f"use --split val for the run's own validation split", file=sys.stderr)
+    if preds.errors:
+        print(f"warning: {len(preds.errors)} unreadable file(s) left out:", file=sys.stderr)
+        for i in sorted(preds.errors):
+            print(f"  {preds.paths[i]}: {preds.errors[i]}", file=sys.stderr)
