@@ -20,18 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.model_file import atomic_save_safetensors
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from data.files import atomic_output, sha256_file
 
 
 def backbone_key(model: nn.Module, head_name: str, model_name: str, preprocessing: dict) -> str:
@@ -77,7 +70,7 @@ def compute_features(model: nn.Module, head_name: str, dataset, device: torch.de
 def cached_features(model: nn.Module, head_name: str, dataset, cache_file: Path, device: torch.device,
                     batch_size: int, num_workers: int) -> torch.Tensor:
     """Features for every sample of an `ImageListDataset`, computing only those not in `cache_file`."""
-    digests = [file_digest(path) for path, _ in dataset.samples]
+    digests = [sha256_file(path) for path, _ in dataset.samples]
     known: dict[str, torch.Tensor] = {}
     if cache_file.is_file():
         with safe_open(str(cache_file), framework="pt") as f:
@@ -92,9 +85,9 @@ def cached_features(model: nn.Module, head_name: str, dataset, cache_file: Path,
             with safe_open(str(cache_file), framework="pt") as f:
                 everything = {k: f.get_tensor(k) for k in f.keys()}
         everything.update(new)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors({k: v.contiguous() for k, v in everything.items()}, cache_file,
-                                {"format": "imgtrain/features-v1"})
+        with atomic_output(cache_file, durable=True) as tmp:
+            save_file({k: v.contiguous() for k, v in everything.items()}, str(tmp),
+                      metadata={"format": "imgtrain/features-v1"})
         known.update(new)
     return torch.stack([known[d] for d in digests])
 

@@ -22,7 +22,6 @@ checkpoints untouched. Nothing is pickled: tensors go to safetensors, everything
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -37,7 +36,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trainer.model_file import fsync_dir, plain_tensors
+from data.files import atomic_output, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from trainer.model_file import plain_tensors
 from trainer.faults import crash_point
 
 FORMAT = "imgtrain/state-v1"
@@ -62,38 +62,18 @@ def step_of(folder: Path) -> int | None:
 # Files
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_json(path, data, sort_keys=True, durable=True)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file(plain_tensors(tensors), str(path), metadata={"format": FORMAT})
-    _fsync_file(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    with atomic_output(path, durable=True) as tmp:
+        save_file(plain_tensors(tensors), str(tmp), metadata={"format": FORMAT})
 
 
 def write_pointer(path: Path, target: str) -> None:
-    """Replace a one-line pointer file atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(target + "\n")
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """Replace a one-line pointer file atomically and durably."""
+    atomic_write_text(path, target + "\n", durable=True)
 
 
 def read_pointer(path: Path) -> str | None:
@@ -197,7 +177,7 @@ def save_checkpoint(accelerator, root: Path, step: int, *, model_state: dict[str
     if accelerator.is_main_process:
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         write_json(tmp / COMPLETE, {"format": FORMAT, "step": step,
-                                    "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}})
+                                    "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}})
         fsync_dir(tmp)
         if final.exists():
             # Only a damaged folder or one from a run resumed further back can be in the way;
@@ -260,7 +240,7 @@ def verify(folder: Path) -> dict:
         size = path.stat().st_size
         if size != facts["bytes"]:
             raise DamagedCheckpoint(f"{path} is truncated or damaged: {size} bytes, {facts['bytes']} expected")
-        if _sha256(path) != facts["sha256"]:
+        if sha256_file(path) != facts["sha256"]:
             raise DamagedCheckpoint(f"{path} is damaged: its sha256 does not match {COMPLETE}")
     state = json.loads((folder / "state.json").read_text())
     missing = [f"rank-{r}.json" for r in range(state["num_processes"]) if f"rank-{r}.json" not in files]
