@@ -1,14 +1,31 @@
-"""Classification metrics from labels and predictions: accuracy, per-class P/R/F1, confusion matrix."""
+"""Classification metrics from labels and predictions: accuracy, per-class P/R/F1, confusion matrix.
+
+The one place metrics are computed; trainer/plots.py only draws them."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 
-def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Rows: true class, columns: predicted class."""
-    flat = y_true.long() * num_classes + y_pred.long()
+def confusion_matrix(y_true, y_pred, num_classes: int) -> torch.Tensor:
+    """counts[actual, predicted], from labels as torch tensors, numpy arrays or lists."""
+    flat = torch.as_tensor(y_true).long().flatten() * num_classes + torch.as_tensor(y_pred).long().flatten()
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(matrix, class_names: Sequence[str]) -> list[dict]:
+    """One row per class of a confusion matrix (tensor, array or nested lists); accuracy NaN for a
+    class without images."""
+    matrix = torch.as_tensor(matrix)
+    rows = []
+    for i, name in enumerate(class_names):
+        images = int(matrix[i].sum())
+        correct = int(matrix[i, i])
+        rows.append({"class": name, "images": images, "correct": correct,
+                     "accuracy": correct / images if images else float("nan")})
+    return rows
 
 
 def classification_report(y_true: torch.Tensor, y_pred: torch.Tensor, class_names: list[str]) -> dict:

@@ -1,14 +1,14 @@
-"""The run's pictures as PNG files: curves, confusion matrix, image grids, class distribution.
+"""Every PNG the project draws: curves, LR finder, confusion matrix, image grids, class distribution.
 
 Pure functions of plain data (numpy arrays, lists, dicts) so they are easy to test and the same
-files can be shown locally and logged to W&B. They use matplotlib's object API (`Figure`), which
-renders with Agg and never touches pyplot's global state or needs a display. Every file is
-written to a temporary name and renamed, so a reader never sees half a PNG.
+files can be shown locally and logged to W&B. They only draw: the numbers come from
+`trainer.metrics`. They use matplotlib's object API (`Figure`), which renders with Agg and never
+touches pyplot's global state or needs a display. Every file is written through
+`data.files.atomic_output`, so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -16,18 +16,18 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from data.files import atomic_output
+# Re-exported from their old home until trainer/tracking.py imports them from trainer.metrics.
+from trainer.metrics import confusion_matrix, per_class_accuracy  # noqa: F401
+
 WRONG = "#d62728"
 RIGHT = "#2ca02c"
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
+    with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -37,27 +37,14 @@ def denormalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float])
     return np.clip(images, 0.0, 1.0).transpose(0, 2, 3, 1)
 
 
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
-    """counts[actual, predicted]."""
-    flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(predicted, dtype=np.int64)
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def per_class_accuracy(matrix: np.ndarray, class_names: Sequence[str]) -> list[dict]:
-    rows = []
-    for i, name in enumerate(class_names):
-        images = int(matrix[i].sum())
-        correct = int(matrix[i, i])
-        rows.append({"class": name, "images": images, "correct": correct,
-                     "accuracy": correct / images if images else float("nan")})
-    return rows
-
-
-def image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str], wrong: Sequence[bool] | None = None,
-               title: str = "") -> Path:
-    """A grid of (N, H, W, 3) images in [0, 1], one title each; wrong ones get a red frame and title."""
+def image_grid(path: str | Path, images: Sequence[np.ndarray], titles: Sequence[str],
+               wrong: Sequence[bool] | None = None, title: str = "", columns: int = 8,
+               empty: str = "no images") -> Path:
+    """A grid of images, one title each; with `wrong`, wrong ones get a red frame and title, right
+    ones a green title. `images`: (N, H, W, 3) floats in [0, 1], or a list of (H, W, 3) arrays (floats
+    in [0, 1] or uint8) whose sizes may differ. With no images the grid says `empty`."""
     n = len(images)
-    cols = min(n, 8) or 1
+    cols = min(n, columns) or 1
     rows = max(1, -(-n // cols))
     fig = Figure(figsize=(1.8 * cols, 2.1 * rows + 0.4), layout="constrained")
     for i in range(rows * cols):
@@ -66,6 +53,8 @@ def image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str], wron
         ax.set_yticks([])
         if i >= n:
             ax.axis("off")
+            if n == 0:
+                ax.text(0.5, 0.5, empty, ha="center", va="center")
             continue
         ax.imshow(images[i], interpolation="nearest")
         color = "black"
@@ -103,8 +92,9 @@ def curves(path: str | Path, epochs: Sequence[dict], steps: Sequence[dict] = ())
     return _save(fig, path)
 
 
-def confusion_plot(path: str | Path, matrix: np.ndarray, class_names: Sequence[str], title: str = "") -> Path:
+def confusion_plot(path: str | Path, matrix, class_names: Sequence[str], title: str = "") -> Path:
     """Rows are actual classes, columns predictions; colour is the row share, text the count."""
+    matrix = np.asarray(matrix)  # a tensor or nested lists draw the same
     n = len(class_names)
     side = min(max(4.0, 0.45 * n + 2), 30.0)
     fig = Figure(figsize=(side, side), layout="constrained")
@@ -122,6 +112,19 @@ def confusion_plot(path: str | Path, matrix: np.ndarray, class_names: Sequence[s
                     ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if shares[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="actual", title=title or "confusion matrix")
+    return _save(fig, path)
+
+
+def lr_curve(path: str | Path, lrs: Sequence[float], losses: Sequence[float], suggested: float) -> Path:
+    """The LR finder's smoothed loss against the learning rate (log scale), the suggestion marked."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(lrs, losses)
+    ax.axvline(suggested, color=WRONG, linestyle="--", label=f"suggested {suggested:.2e}")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (head)", ylabel="smoothed training loss", title="learning rate finder")
+    ax.grid(alpha=0.3)
+    ax.legend()
     return _save(fig, path)
 
 

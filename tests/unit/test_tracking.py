@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from trainer import plots
+from trainer.metrics import confusion_matrix, per_class_accuracy
 from configs.errors import ConfigError
 from trainer.tracking import resolve_mode
 
@@ -30,9 +32,10 @@ def test_bad_wandb_mode_env_is_a_usage_error(monkeypatch):
 
 
 def test_confusion_matrix_and_per_class_accuracy():
-    matrix = plots.confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 2, 0]), 4)
+    matrix = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 2, 0]), 4)
     assert matrix.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
-    rows = plots.per_class_accuracy(matrix, ["a", "b", "c", "d"])
+    assert confusion_matrix(torch.tensor([0, 0, 1, 2, 2, 2]), [0, 1, 1, 2, 2, 0], 4).tolist() == matrix.tolist()
+    rows = per_class_accuracy(matrix.numpy(), ["a", "b", "c", "d"])
     assert [(r["class"], r["images"], r["correct"]) for r in rows] == [("a", 2, 1), ("b", 1, 1), ("c", 3, 2),
                                                                       ("d", 0, 0)]
     assert rows[2]["accuracy"] == pytest.approx(2 / 3) and np.isnan(rows[3]["accuracy"])
