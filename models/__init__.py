@@ -1,4 +1,4 @@
-"""Backbones behind one naming scheme, with head replacement, local weights and freezing."""
+"""Backbones behind one naming scheme, with head replacement and local weights (freezing: models.finetune)."""
 
 from models.build import (
     BuiltModel,
@@ -8,7 +8,6 @@ from models.build import (
     check_model_name,
     count_parameters,
     find_classifier,
-    freeze,
     read_state_dict,
     set_train_mode,
 )
@@ -16,6 +15,6 @@ from models.registry import MODELS, Registry
 
 __all__ = [
     "BuiltModel", "HeadSpec", "MODELS", "Registry", "available_models", "build_classifier",
-    "check_model_name", "count_parameters", "find_classifier", "freeze", "read_state_dict",
+    "check_model_name", "count_parameters", "find_classifier", "read_state_dict",
     "set_train_mode",
 ]

@@ -1,4 +1,4 @@
-"""Build a classifier by name: resolve the backbone, load weights, fit the head, freeze.
+"""Build a classifier by name: resolve the backbone, load weights, fit the head.
 
 Names: `timm/<name>` goes to `timm.create_model`, `torchvision/<name>` to
 `torchvision.models.get_model`, a bare name to our own registry (`models.registry.MODELS`).
@@ -255,14 +255,6 @@ def build_classifier(name: str, num_classes: int, head: HeadSpec = HeadSpec(), p
         if pretrained:
             notes.append(f"loaded {name}'s pretrained weights; new head for {num_classes} classes starts fresh")
     return BuiltModel(model=model, name=name, head_name=head_name, mean=mean, std=std, notes=notes)
-
-
-def freeze(model: nn.Module, head_name: str, mode: str) -> None:
-    """`backbone`: only the head trains. `none`: everything trains."""
-    if mode not in ("none", "backbone"):
-        raise UsageError(f"model.freeze = {mode!r} is not one of 'none', 'backbone'")
-    for param_name, param in model.named_parameters():
-        param.requires_grad = mode == "none" or param_name.startswith(head_name + ".")
 
 
 def set_train_mode(model: nn.Module) -> None:

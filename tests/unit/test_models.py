@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models import HeadSpec, build_classifier, check_model_name, freeze, set_train_mode
+from models import HeadSpec, build_classifier, check_model_name, set_train_mode
+from models.finetune import make_plan, prepare_for_wrapping
 from models.registry import Registry
 from configs.errors import UsageError
 
@@ -94,7 +95,7 @@ def test_file_for_another_architecture_names_the_differing_tensors(tmp_path):
 def test_freeze_backbone_keeps_weights_and_batchnorm_statistics():
     built = build_classifier("tiny_cnn", 3)
     model = built.model
-    freeze(model, built.head_name, "backbone")
+    prepare_for_wrapping(model, make_plan(model, built.head_name, "backbone"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["fc.weight", "fc.bias"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -106,9 +107,3 @@ def test_freeze_backbone_keeps_weights_and_batchnorm_statistics():
     after = model.state_dict()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed == ["fc.bias", "fc.weight"]  # running_mean/var and num_batches_tracked untouched
-
-
-def test_freeze_none_trains_everything():
-    built = build_classifier("tiny_cnn", 3)
-    freeze(built.model, built.head_name, "none")
-    assert all(p.requires_grad for p in built.model.parameters())
