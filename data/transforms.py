@@ -163,7 +163,22 @@ class Preprocessing:
     std: tuple[float, ...]
     crop_mode: str = "center"  # center | squash | border (timm's names)
 
-    _PRESET_OPS = {
+    def eval_transform(self) -> v2.Compose:
+        return v2.Compose([*_eval_geometry(self.crop_mode, self.image_size, self.crop_pct),
+                           *_finish(self.mean, self.std)])
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "crop_pct": self.crop_pct, "mean": list(self.mean),
+                "std": list(self.std), "crop_mode": self.crop_mode}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        # Checkpoints written before crop_mode was recorded were always evaluated center-cropped.
+        return cls(int(d["image_size"]), float(d["crop_pct"]), tuple(d["mean"]), tuple(d["std"]),
+                   d.get("crop_mode", "center"))
+
+
+_PRESET_OPS = {
     "standard": ["random_resized_crop", "hflip"],
     "crop": ["random_resized_crop(scale=(0.7, 1.0), ratio=(0.9, 1.1))"],
     "stretch": ["resize_square", "hflip"],

@@ -4,7 +4,8 @@
     python launch/overfit_check.py --config configs/demo.toml --steps 200 --target 0.02
 
 A model, loss and optimizer that are wired correctly memorize one batch in a few dozen steps
-(the campus-buildings seed does this first). Exit 0 when the loss went below --target, 1 when not.
+(the campus-buildings seed does this first). The batch is the trainer's first one (trainer/build.py).
+Exit 0 when the loss went below --target, 1 when not.
 """
 
 from __future__ import annotations
@@ -14,39 +15,34 @@ import argparse
 from cli import run_main
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--target", type=float, default=0.05, help="loss counted as near zero")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="same as runtime.device=...")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args()
-    from models import set_train_mode
-    from trainer.build import load_config
-    from trainer.probe import build_probe
+    args = parser.parse_intermixed_args(argv)
+    if args.device:
+        args.overrides.append(f"runtime.device={args.device}")
+    return args
 
-    probe = build_probe(load_config(args.config, args.overrides), args.device)
-    images, labels = next(iter(probe.loader))
-    images, labels = images.to(probe.device), labels.to(probe.device)
-    set_train_mode(probe.model)
-    first = None
-    for step in range(1, args.steps + 1):
-        loss = probe.criterion(probe.model(images), labels)
-        first = loss.item() if first is None else first
-        probe.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        probe.optimizer.step()
-        if step == 1 or step % 20 == 0:
-            print(f"step {step:>4}  loss {loss.item():.4f}")
-    probe.model.eval()  # the final check without dropout, as the batch would be seen at evaluation
-    with __import__("torch").no_grad():
-        logits = probe.model(images)
-        final = probe.criterion(logits, labels).item()
-        acc = (logits.argmax(1) == labels).float().mean().item()
-    ok = final < args.target
-    print(f"one batch of {len(labels)}: loss {first:.4f} -> {final:.4f}, accuracy {acc:.2f} after {args.steps} steps: "
+
+def main() -> int:
+    args = parse_args()
+    from configs.errors import UsageError
+    from trainer.build import load_config
+    from trainer.diagnostics import overfit_one_batch
+
+    if args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    result = overfit_one_batch(load_config(args.config, args.overrides), args.steps)
+    for step, loss in result.losses.items():
+        print(f"step {step:>4}  loss {loss:.4f}")
+    ok = result.final_loss < args.target
+    print(f"one batch of {result.images}: loss {result.first_loss:.4f} -> {result.final_loss:.4f}, accuracy "
+          f"{result.accuracy:.2f} after {args.steps} steps: "
           + ("PASSED, the model can fit" if ok else
              f"FAILED, loss did not go below {args.target}; check the labels, the learning rate and what is frozen"))
     return 0 if ok else 1

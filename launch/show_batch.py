@@ -8,7 +8,8 @@
     # MixUp / CutMix as the loss sees them (labels show the two strongest classes)
     python launch/show_batch.py --config configs/demo.toml --out mixed.png data.cutmix_alpha=1.0
 
-Files the audit leaves out are left out here too (data.audit=off shows the folder as it is).
+The samples are the trainer's first batches (trainer/build.py): files the audit leaves out are left
+out here too (data.audit=off shows the folder as it is).
 """
 
 from __future__ import annotations
@@ -24,25 +25,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="TOML config file (see configs/)")
     parser.add_argument("--out", default="batch.png", help="PNG file to write (default batch.png)")
     parser.add_argument("--count", type=int, default=16, help="how many samples (default 16)")
-    parser.add_argument("--tile", type=int, default=128, help="side of one tile in pixels (default 128)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config keys")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main() -> int:
-    from trainer.build import load_config
     from configs.errors import UsageError
+    from trainer.build import load_config
 
     args = parse_args()
-    if args.count < 1 or args.tile < 8:
-        raise UsageError("--count must be at least 1 and --tile at least 8")
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: name a .png file")
     cfg = load_config(args.config, args.overrides)
+    from trainer.diagnostics import batch_grid
 
-    from data.batch_grid import augmented_grid
-
-    path = augmented_grid(cfg, args.out, args.count, args.tile)
+    path = batch_grid(cfg, args.out, args.count)
     print(f"wrote {path}")
     return 0
 

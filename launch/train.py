@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config keys")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main() -> int:

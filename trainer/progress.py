@@ -1,6 +1,11 @@
-"""Where a run stands, and how it stops and continues: the training loop's one partner for resuming.
+"""Where a run stands, what it has achieved, and how it stops and continues.
 
-`Progress` finds the checkpoint to resume from (`run.resume`), refuses config changes that would
+`Progress` is the one owner of the run's state: epoch, optimizer step, position in the epoch and
+the history (`RunHistory`: one record per finished epoch, the best one, the early-stopping
+count). The loop updates it, the training-state checkpoint serializes it, and metrics.jsonl,
+curves.png and W&B read it, so after a resume they continue without a gap or a repeat.
+
+It also finds the checkpoint to resume from (`run.resume`), refuses config changes that would
 not fit it, puts the saved state back after `accelerator.prepare`, counts steps, writes a
 checkpoint every `train.checkpoint_every_steps` steps and at each epoch end, and turns SIGTERM or
 SIGINT into "finish this step, write a checkpoint, exit with EXIT_PREEMPTED".
@@ -16,6 +21,7 @@ import math
 import signal
 import shutil
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -93,15 +99,55 @@ def find_checkpoint(resume: str, root: Path, warn, skipped: list[Path] | None = 
         raise UsageError(f"cannot resume from run.resume={resume}: not a training checkpoint ({e})") from None
 
 
+@dataclass
+class RunHistory:
+    """One record per finished epoch (the lines of metrics.jsonl), the best of them and how many
+    epochs have passed without beating it."""
+
+    best_metric: str  # train.best_metric: val_acc (higher is better) or val_loss (lower)
+    epochs: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    epochs_without_improvement: int = 0
+
+    def record(self, metrics: dict) -> bool:
+        """Add an epoch's metrics; True when it is the new best."""
+        score = metrics[self.best_metric]
+        if self.best is None:
+            improved = True
+        elif self.best_metric == "val_acc":
+            improved = score > self.best[self.best_metric]
+        else:
+            improved = score < self.best[self.best_metric]
+        record = {**metrics, "is_best": improved}
+        self.epochs.append(record)
+        if improved:
+            self.best, self.epochs_without_improvement = record, 0
+        else:
+            self.epochs_without_improvement += 1
+        return improved
+
+    def patience_spent(self, patience: int) -> bool:
+        return bool(patience) and self.epochs_without_improvement >= patience
+
+    def to_state(self) -> dict:
+        return {"best": self.best, "history": self.epochs, "epochs_without_improvement": self.epochs_without_improvement}
+
+    @classmethod
+    def from_state(cls, best_metric: str, state: dict) -> "RunHistory":
+        return cls(best_metric, list(state["history"]), state["best"], state["epochs_without_improvement"])
+
+
 class Progress:
-    """Epoch, step and position of the run, and its checkpoints. Built before anything is written."""
+    """Epoch, step and position of the run, its history, and its checkpoints. Built before anything
+    is written."""
 
     def __init__(self, accelerator, cfg: Config, run_dir: Path, classes: list[str]):
         self.accelerator, self.cfg, self.classes = accelerator, cfg, classes
+        self.run_dir = run_dir
         self.root = run_dir / "checkpoints"
         self.epoch, self.samples_done, self.global_step = 1, 0, 0
-        self.best, self.history, self.epochs_without_improvement = None, [], 0
-        self.stopped_early, self.wandb_run_id = False, ""
+        self.history = RunHistory(cfg.train.best_metric)
+        self.wandb_run_id = ""
         self._stop_signal: int | None = None
         self._previous_handlers: dict = {}
         self._totals: list | None = None  # running totals of the epoch in progress, from a checkpoint
@@ -126,7 +172,10 @@ class Progress:
     # ---- after accelerator.prepare ----
 
     def attach(self, model, optimizer, scheduler, batches, scaler=None, wandb_run_id: str | None = None) -> None:
-        """Remember what a checkpoint holds; put the saved state back when resuming; catch signals."""
+        """Remember what a checkpoint holds; put the saved state back when resuming; catch signals.
+
+        `model` is the module that trains, unwrapped (no DDP, DataParallel or compile wrapper), so
+        checkpoint keys never carry a wrapper's prefix."""
         self.model, self.optimizer, self.scheduler, self.batches, self.scaler = model, optimizer, scheduler, batches, scaler
         acc = self.accelerator
         if acc.is_main_process:
@@ -143,19 +192,16 @@ class Progress:
 
     def _restore(self, loaded: LoadedState) -> None:
         acc, s = self.accelerator, loaded.state
-        acc.unwrap_model(self.model).load_state_dict(loaded.model)
+        self.model.load_state_dict(loaded.model)
         self.optimizer.load_state_dict(loaded.optimizer)
         if self.scaler is not None and s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
-        self.best, self.history = s["best"], s["history"]
-        self.epochs_without_improvement = s["epochs_without_improvement"]
+        self.history = RunHistory.from_state(self.cfg.train.best_metric, s)
         self.epoch, self.samples_done, self.global_step = s["epoch"], s["samples_done"], s["global_step"]
         if s["epoch_complete"]:
             self.epoch, self.samples_done = self.epoch + 1, 0
         self._best_folder = self.root / s["best_folder"] if s.get("best_folder") else None
         self._saved_start_lrs = s.get("epoch_start_lrs")
-        patience = self.cfg.train.early_stopping_patience
-        self.stopped_early = bool(patience and self.epochs_without_improvement >= patience)
         sampler = self.batches.sampler
         same_world = s["num_processes"] == acc.num_processes
         sched = dict(s["scheduler"])
@@ -182,23 +228,61 @@ class Progress:
                 self._totals = [0.0, 0, 0]
         load_scheduler_state(self.scheduler, sched)
         if acc.is_main_process:
-            self._trim_metrics_log(self.epoch - 1)
+            self._trim_log("metrics.jsonl", "epoch", self.epoch - 1)
+            self._trim_log("train_steps.jsonl", "step", self.batches_done)
             print(f"resumed from {loaded.folder}: epoch {self.epoch}, {self.samples_done} samples into it, "
                   f"step {self.global_step}", flush=True)
+            self._announce_schedule(s)
 
-    def _trim_metrics_log(self, epochs_done: int) -> None:
-        """Drop metrics.jsonl lines of epochs the checkpoint had not finished; they are trained again."""
-        path = self.root.parent / "metrics.jsonl"
+    def _trim_log(self, name: str, key: str, last: int) -> None:
+        """Drop the lines a killed run wrote after its checkpoint: those epochs and batches are
+        trained (and logged) again, so the log continues without a repeat."""
+        path = self.run_dir / name
         if path.is_file():
             lines = [line for line in path.read_text().splitlines()
-                     if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+                     if line.strip() and json.loads(line)[key] <= last]
             path.write_text("".join(line + "\n" for line in lines))
+
+    def _announce_schedule(self, saved: dict) -> None:
+        """The schedule is a function of train.epochs and [optim]; if those changed, say in one line
+        what it does now (a longer run re-stretches a cosine schedule)."""
+        old, new = saved["config"], self.cfg.to_dict()
+        keys = [f"train.epochs {old['train']['epochs']} -> {new['train']['epochs']}"] \
+            if old["train"]["epochs"] != new["train"]["epochs"] else []
+        keys += [f"optim.{k} {v!r} -> {new['optim'][k]!r}" for k, v in old.get("optim", {}).items()
+                 if k in new["optim"] and new["optim"][k] != v]
+        if not keys:
+            return
+        sched = self.scheduler
+        was = saved["scheduler"].get("_last_lr", [])[:1]
+        now = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)][:1]
+        print(f"note: resuming with changed {', '.join(keys)}: the learning-rate schedule is recomputed for "
+              f"{self.cfg.train.epochs} epochs; at step {self.global_step} the head's rate goes from "
+              f"{was[0] if was else float('nan'):.3g} to {now[0]:.3g}", flush=True)
 
     # ---- the epoch loop ----
 
     @property
-    def first_epoch(self) -> int:
-        return self.cfg.train.epochs + 1 if self.stopped_early else self.epoch
+    def stopped_early(self) -> bool:
+        return self.history.patience_spent(self.cfg.train.early_stopping_patience)
+
+    def epochs(self) -> range:
+        """The epochs left to train: none when a resumed run had already stopped early."""
+        return range(self.cfg.train.epochs + 1 if self.stopped_early else self.epoch, self.cfg.train.epochs + 1)
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """0-based index of the next batch in the epoch, the same before and after a resume."""
+        return self.samples_done // self.batches.sampler.samples_per_step
+
+    @property
+    def batches_done(self) -> int:
+        """Batches trained in the whole run (this process's count): the x axis of train_steps.jsonl."""
+        return (self.epoch - 1) * self.batches.sampler.steps_per_epoch + self.batch_in_epoch
+
+    def record_epoch(self, metrics: dict) -> bool:
+        """The epoch's metrics into the history; True when they are the new best."""
+        return self.history.record(metrics)
 
     def begin_epoch(self, epoch: int) -> None:
         """Point the sampler at this epoch's order, after the samples a checkpoint already trained on."""
@@ -246,10 +330,8 @@ class Progress:
             self.accelerator.end_training()
             raise Preempted(folder)
 
-    def end_epoch(self, epoch: int, *, best: dict | None, history: list[dict], epochs_without_improvement: int,
-                  improved: bool) -> None:
-        """The epoch-end checkpoint, with the bookkeeping the loop updated after evaluation."""
-        self.best, self.history, self.epochs_without_improvement = best, history, epochs_without_improvement
+    def end_epoch(self, epoch: int, improved: bool) -> None:
+        """The epoch-end checkpoint, after the epoch's record is in the history."""
         self.samples_done = self.batches.sampler.padded_size
         self._save(True, None, improved=improved)
         crash_point("epoch_end", epoch)
@@ -264,7 +346,7 @@ class Progress:
 
     def _save(self, epoch_complete: bool, totals, improved: bool = False) -> Path:
         acc = self.accelerator
-        model_state = acc.get_state_dict(self.model)
+        model_state = self.model.state_dict()
         cpu_rng, py_np_rng = rng_state()
         rank_json = dict(py_np_rng)
         if totals is not None:
@@ -275,8 +357,7 @@ class Progress:
             "epoch": self.epoch, "epoch_complete": epoch_complete, "samples_done": self.samples_done,
             "global_step": self.global_step,
             "samples_seen": (self.epoch - 1) * sampler.padded_size + self.samples_done,
-            "best": self.best, "history": self.history, "epochs_without_improvement": self.epochs_without_improvement,
-            "best_metric": self.cfg.train.best_metric, "wandb_run_id": self.wandb_run_id,
+            **self.history.to_state(), "best_metric": self.cfg.train.best_metric, "wandb_run_id": self.wandb_run_id,
             "scheduler": scheduler_state(self.scheduler),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "class_names": self.classes, "config": self.cfg.to_dict(),

@@ -77,10 +77,12 @@ class RunReport:
         lines.append(f"run dir  {self.run_dir}")
         self.print(*lines)
 
-    def epoch(self, metrics: dict, is_best: bool) -> dict | None:
-        """One row of the epoch table and one line of metrics.jsonl; returns that line's record."""
+    def epoch(self, metrics: dict) -> dict | None:
+        """One row of the epoch table and one line of metrics.jsonl; returns that line's record.
+        `metrics` is the history's record of the epoch (with `is_best`)."""
         if not self.active:
             return None
+        is_best = metrics["is_best"]
         columns = [c for c in _COLUMNS if c[0] in metrics]
         if not self._header_printed:
             header = "  ".join(title.rjust(len(fmt.format(0 if "d" in fmt else 0.0))) for _, title, fmt in columns)
@@ -88,7 +90,7 @@ class RunReport:
             self._header_printed = True
         row = "  ".join(fmt.format(metrics[key]) for key, _, fmt in columns)
         self.print(row + ("  *" if is_best else ""))
-        record = {**metrics, "is_best": is_best, "wall_time": time.time() - self._started}
+        record = {**metrics, "wall_time": time.time() - self._started}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

@@ -98,7 +98,8 @@ def local_process_count() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, log: bool = True) -> Accelerator:
+    """The run's Accelerator; `log=False` (the diagnostic tools) starts no W&B tracker."""
     rt = cfg.runtime
     on_cpu = resolve_cpu(rt.device, torch.cuda.is_available())
     requested = cfg.train.precision
@@ -111,7 +112,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
     # Accelerate takes its trackers at construction; the W&B run itself starts (main process only)
     # in RunTracking.start, once the run folder exists.
-    tracker = make_wandb_tracker(cfg)
+    tracker = make_wandb_tracker(cfg) if log else None
     log_with = [tracker] if tracker is not None else None
     # None lets `accelerate launch --dynamo_backend` decide; the config option asks for inductor.
     dynamo = TorchDynamoPlugin(backend="inductor") if rt.compile else None

@@ -8,12 +8,15 @@ is printed and the run is recorded offline, to be uploaded later with `wandb syn
 
 The local files are written whatever the mode, so a run without W&B tells the same story:
   train_steps.jsonl      train loss, learning rate and throughput every train.log_every_steps
-  curves.png             loss and accuracy
-  confusion_matrix.png   of the latest validation pass (per_class_accuracy.csv beside it)
-  predictions.png        validation images, actual vs predicted, wrong ones framed in red
+  curves.png             loss and accuracy over the whole run (also across resumes)
+  confusion_matrix.png   of the best epoch's validation pass, the one best.safetensors holds
+                         (per_class_accuracy.csv beside it); each names its epoch
+  predictions.png        the latest epoch's validation images, actual vs predicted, wrong ones
+                         framed in red
   train_samples.png      training images after augmentation, as the model sees them
   class_distribution.png images per class in each split
-(metrics.jsonl, one line per epoch, is written by trainer/report.py and logged here.)
+(metrics.jsonl, one line per epoch, is written by trainer/report.py and logged here; the history
+both read is owned by trainer/progress.py.)
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import WandBTracker, on_main_process
 
-from trainer import plots
-from configs.schema import Config
 from configs.errors import ConfigError
+from configs.schema import Config
+from data.transforms import Preprocessing
+from trainer import plots
+from trainer.metrics import confusion_matrix
 
 MODES = ("online", "offline", "disabled")
 # Spellings older wandb versions and their docs still use.
@@ -134,7 +139,7 @@ def make_wandb_tracker(cfg: Config) -> FallbackWandBTracker | None:
 
 
 @dataclass
-class Predictions:
+class ValidationPredictions:
     """One validation pass: every image's label and prediction, plus a few images to show."""
     labels: np.ndarray
     predicted: np.ndarray
@@ -146,16 +151,15 @@ class Predictions:
 class RunTracking:
     """Every method is a no-op off the main process, so callers need no rank checks."""
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, class_names: list[str], mean, std):
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, class_names: list[str],
+                 preprocessing: Preprocessing):
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.class_names = list(class_names)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = preprocessing.mean, preprocessing.std
         self.project = cfg.wandb.project
         self.log_model = cfg.wandb.log_model
         self.tracker: FallbackWandBTracker | None = None
-        self.epochs: list[dict] = []
-        self.steps: list[dict] = []
         self._mark: tuple[int, int, float] | None = None  # (epoch, global step, time) of the last step log
 
     @property
@@ -215,46 +219,50 @@ class RunTracking:
 
     # ---- training steps and epochs ----
 
-    def train_step(self, epoch: int, step: int, steps_per_epoch: int, loss: float, lr: float,
+    def train_step(self, epoch: int, global_step: int, epoch_progress: float, loss: float, lr: float,
                    global_batch_size: int) -> None:
-        """Called every train.log_every_steps; `loss` is the main process's batch loss."""
+        """Called every train.log_every_steps; `global_step` counts batches over the whole run (it
+        continues after a resume), `loss` is the main process's batch loss."""
         if not self.active:
             return
-        global_step = (epoch - 1) * steps_per_epoch + step + 1
         now = time.perf_counter()
-        record = {"step": global_step, "epoch": epoch, "epoch_progress": epoch - 1 + (step + 1) / steps_per_epoch,
-                  "loss": loss, "lr": lr}
+        record = {"step": global_step, "epoch": epoch, "epoch_progress": epoch_progress, "loss": loss, "lr": lr}
         if self._mark is not None and self._mark[0] == epoch and global_step > self._mark[1]:
             # Measured between two logs of the same epoch, so validation time is not counted.
             record["images_per_sec"] = (global_step - self._mark[1]) * global_batch_size / (now - self._mark[2])
         self._mark = (epoch, global_step, now)
-        self.steps.append(record)
         with open(self.run_dir / "train_steps.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self._log({f"train_step/{k}": v for k, v in record.items()})
 
-    def epoch(self, record: dict, predictions: Predictions | None) -> None:
-        """Log one metrics.jsonl record (keys and values unchanged) and redraw the pictures."""
+    def epoch(self, record: dict, history: list[dict], predictions: ValidationPredictions | None) -> None:
+        """Log one metrics.jsonl record (keys and values unchanged) and redraw the pictures from the
+        run's whole `history` (every finished epoch, also those before a resume)."""
         if not self.active:
             return
-        self.epochs.append(record)
-        plots.curves(self.run_dir / "curves.png", self.epochs, self.steps)
+        plots.curves(self.run_dir / "curves.png", history, self._logged_steps())
         values: dict[str, Any] = {"epoch": record["epoch"]}
         values |= {f"epoch/{k}": v for k, v in record.items() if k != "epoch"}
         if predictions is not None:
-            values |= self._validation_pictures(record["epoch"], predictions)
+            values |= self._validation_pictures(record, predictions)
         self._log(values)
 
-    def _validation_pictures(self, epoch: int, p: Predictions) -> dict[str, Any]:
-        n = len(self.class_names)
-        matrix = plots.confusion_matrix(p.labels, p.predicted, n)
-        plots.confusion_plot(self.run_dir / "confusion_matrix.png", matrix, self.class_names,
-                             f"confusion matrix, epoch {epoch} (validation)")
+    def _logged_steps(self) -> list[dict]:
+        path = self.run_dir / "train_steps.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    def _validation_pictures(self, record: dict, p: ValidationPredictions) -> dict[str, Any]:
+        epoch = record["epoch"]
+        matrix = confusion_matrix(torch.as_tensor(p.labels), torch.as_tensor(p.predicted),
+                                  len(self.class_names)).numpy()
         rows = plots.per_class_accuracy(matrix, self.class_names)
-        with open(self.run_dir / "per_class_accuracy.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["class", "images", "correct", "accuracy"])
-            writer.writeheader()
-            writer.writerows(rows)
+        if record["is_best"]:  # the files describe the epoch best.safetensors holds
+            plots.confusion_plot(self.run_dir / "confusion_matrix.png", matrix, self.class_names,
+                                 f"confusion matrix, epoch {epoch} (validation; best.safetensors)")
+            with open(self.run_dir / "per_class_accuracy.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["epoch", "class", "images", "correct", "accuracy"])
+                writer.writeheader()
+                writer.writerows({"epoch": epoch, **row} for row in rows)
         images = plots.denormalize(p.sample_images.float().numpy(), self.mean, self.std)
         titles = [f"Actual: {self.class_names[a]}\nPrediction: {self.class_names[b]}"
                   for a, b in zip(p.sample_labels, p.sample_predicted)]

@@ -6,7 +6,9 @@ points (trainer/faults.py), then compares with an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import signal
+from pathlib import Path
 
 from helpers import run_env, run_script
 from resume_runs import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
@@ -19,9 +21,15 @@ def train(image_folder, run_dir, *extra, crash: str = "", crash_signal: str = "K
     return run_script("train.py", *tiny_run_args(image_folder, run_dir, *extra), cwd=run_dir.parent, env=env)
 
 
+def logged_steps(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "train_steps.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "images_per_sec"} for row in rows]
+
+
 def test_killed_anywhere_and_resumed_ends_bitwise_identical(image_folder, tmp_path):
     # 27 training images, batch 4: 7 steps per epoch, 21 in all; a checkpoint every 3 steps.
-    common = ("data.num_workers=1",)  # augmentation runs in a worker process and must replay there
+    # augmentation runs in a worker process and must replay there; steps logged every 2 batches
+    common = ("data.num_workers=1", "train.log_every_steps=2")
     reference = tmp_path / "reference"
     done = train(image_folder, reference, *common)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -60,6 +68,12 @@ def test_killed_anywhere_and_resumed_ends_bitwise_identical(image_folder, tmp_pa
     for name in ("last.safetensors", "best.safetensors"):
         assert_same_bits(reference / name, run / name)
     assert metrics_without_timing(run) == metrics_without_timing(reference)
+    # The history continues across every resume without a gap or a repeat: the step log (the W&B
+    # x axis), and the curves drawn from the whole history, byte for byte.
+    steps = logged_steps(run)
+    assert steps == logged_steps(reference)
+    assert [s["step"] for s in steps] == [epoch * 7 + batch + 1 for epoch in range(3) for batch in (0, 2, 4, 6)]
+    assert (run / "curves.png").read_bytes() == (reference / "curves.png").read_bytes()
     # Rotation: keep_last = 2 newest, plus the best epoch's (which may be one of them).
     best = (run / "checkpoints" / "best").read_text().strip()
     kept = step_folders(run)
@@ -72,3 +86,9 @@ def test_killed_anywhere_and_resumed_ends_bitwise_identical(image_folder, tmp_pa
     assert r.returncode == 2
     assert "model.head is 'mlp' but the checkpoint was trained with 'linear'" in r.stderr
     assert step_folders(run) == kept
+    # A longer schedule is allowed and said in one line: the cosine is recomputed for 4 epochs.
+    r = train(image_folder, run, *common, "run.resume=auto", "train.epochs=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (note,) = [line for line in r.stdout.splitlines() if line.startswith("note: resuming with changed")]
+    assert "train.epochs 3 -> 4" in note and "recomputed for 4 epochs" in note
+    assert [s["step"] for s in logged_steps(run)][-4:] == [22, 24, 26, 28]

@@ -140,7 +140,7 @@ def test_run_id_is_kept_for_resume(tmp_path, image_folder):
         "cfg = load_config(None, [f'data.root={sys.argv[2]}', f'run.dir={sys.argv[3]}', 'model.name=tiny_cnn',"
         " 'wandb.mode=offline'])\n"
         "acc = make_accelerator(cfg)\n"
-        "tracking = RunTracking(acc, cfg, __import__('pathlib').Path(sys.argv[3]), ['a'], (0.5,)*3, (0.5,)*3)\n"
+        "tracking = RunTracking(acc, cfg, __import__('pathlib').Path(sys.argv[3]), ['a'], __import__('data').Preprocessing(16, 1.0, (0.5,)*3, (0.5,)*3))\n"
         "print('ID', tracking.start(config=cfg.to_dict(), run_id=sys.argv[4]))\nacc.end_training()\n")
     result = subprocess.run([PYTHON, "-c", script, str(REPO), str(image_folder), str(tmp_path / "run"), "resum3me"],
                             capture_output=True, text=True, timeout=120, env=wandb_env(tmp_path))

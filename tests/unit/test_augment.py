@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.transforms import PRESETS, MixingCollate, PadToSquare, batch_mixer, eval_transform, parse_op, train_transform
+from data.transforms import (PRESETS, MixingCollate, PadToSquare, Preprocessing, batch_mixer, crop_mode_of, parse_op,
+                             train_transform)
 from configs.errors import UsageError
 
 
@@ -14,7 +15,7 @@ def test_every_preset_gives_normalized_square_float_images(preset):
     image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
     out = train_transform(preset, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), extra_ops=["random_erasing(p=1.0)"])(image)
     assert out.shape == (3, 16, 16) and out.dtype == torch.float32
-    assert eval_transform(16, (0.5,) * 3, (0.25,) * 3, preset=preset)(image).shape == (3, 16, 16)
+    assert Preprocessing(16, 0.875, (0.5,) * 3, (0.25,) * 3, crop_mode_of(preset)).eval_transform()(image).shape == (3, 16, 16)
 
 
 def test_pad_to_square_centres_the_image():

@@ -16,7 +16,7 @@ from trainer.build import load_config
 from configs.errors import ConfigError
 from trainer.runtime import (cpu_has_native_bf16, cpu_thread_count, make_accelerator, prepare_model, resolve_cpu,
                              resolve_parallel, resolve_precision)
-from trainer.step import StepCounters, StepOptions, train_step
+from trainer.step import StepCounters, StepOptions, StepParts, train_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -133,8 +133,8 @@ def _one_sgd_update(clip: float) -> float:
     model, optimizer = accelerator.prepare(model, optimizer)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     counters = StepCounters()
-    train_step(accelerator, model, torch.randn(4, 10) * 100, torch.tensor([0, 1, 2, 0]), optimizer, scheduler,
-               nn.CrossEntropyLoss(), StepOptions(grad_clip_norm=clip), counters, epoch=1, step=1)
+    parts = StepParts(accelerator, model, optimizer, scheduler, nn.CrossEntropyLoss(), StepOptions(grad_clip_norm=clip))
+    train_step(parts, torch.randn(4, 10) * 100, torch.tensor([0, 1, 2, 0]), counters, "epoch 1, step 1")
     assert counters.optimizer_steps == 1 and scheduler.last_epoch == 1
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     return (after - before).norm().item()
@@ -162,13 +162,13 @@ def test_fp16_gradient_scaler_skips_overflowing_steps_and_counts_them():
     def overflowing_loss(logits, labels):  # finite loss, gradients beyond fp16's range once scaled
         return nn.functional.cross_entropy(logits, labels) * 1e6
 
-    train_step(accelerator, model, x, y, optimizer, scheduler, overflowing_loss, StepOptions(grad_clip_norm=1.0),
-               counters, epoch=1, step=1)
+    scaled = StepParts(accelerator, model, optimizer, scheduler, overflowing_loss, StepOptions(grad_clip_norm=1.0))
+    train_step(scaled, x, y, counters, "epoch 1, step 1")
     assert counters.skipped_steps == 1 and counters.optimizer_steps == 0
     assert scheduler.last_epoch == 0  # the schedule waits for a real step
     assert accelerator.scaler.get_scale() < scale
-    train_step(accelerator, model, x, y, optimizer, scheduler, nn.CrossEntropyLoss(), StepOptions(), counters,
-               epoch=1, step=2)
+    plain = StepParts(accelerator, model, optimizer, scheduler, nn.CrossEntropyLoss(), StepOptions())
+    train_step(plain, x, y, counters, "epoch 1, step 2")
     assert counters.optimizer_steps == 1
 
 
