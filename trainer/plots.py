@@ -17,8 +17,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from data.files import atomic_output
-# Re-exported from their old home until trainer/tracking.py imports them from trainer.metrics.
-from trainer.metrics import confusion_matrix, per_class_accuracy  # noqa: F401
 
 WRONG = "#d62728"
 RIGHT = "#2ca02c"

@@ -40,7 +40,7 @@ from configs.errors import ConfigError
 from configs.schema import Config
 from data.transforms import Preprocessing
 from trainer import plots
-from trainer.metrics import confusion_matrix
+from trainer.metrics import confusion_matrix, per_class_accuracy
 
 MODES = ("online", "offline", "disabled")
 # Spellings older wandb versions and their docs still use.
@@ -253,9 +253,8 @@ class RunTracking:
 
     def _validation_pictures(self, record: dict, p: ValidationPredictions) -> dict[str, Any]:
         epoch = record["epoch"]
-        matrix = confusion_matrix(torch.as_tensor(p.labels), torch.as_tensor(p.predicted),
-                                  len(self.class_names)).numpy()
-        rows = plots.per_class_accuracy(matrix, self.class_names)
+        matrix = confusion_matrix(p.labels, p.predicted, len(self.class_names)).numpy()
+        rows = per_class_accuracy(matrix, self.class_names)
         if record["is_best"]:  # the files describe the epoch best.safetensors holds
             plots.confusion_plot(self.run_dir / "confusion_matrix.png", matrix, self.class_names,
                                  f"confusion matrix, epoch {epoch} (validation; best.safetensors)")
