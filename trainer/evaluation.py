@@ -100,10 +100,11 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
                              f"by naming it instead of --split")
         files = labelled_folder(test_dir, class_names)
         return LabelledFiles(files.paths, files.labels, f"the test split of {root}")
-    splits = audited_splits(cfg)
-    if splits.classes != class_names:
-        raise UsageError(f"the classes in {root} ({', '.join(splits.classes[:8])}) are not the checkpoint's "
+    classes = discover(root, cfg.data.val_fraction, cfg.data.seed).classes  # before the slower audit
+    if classes != class_names:
+        raise UsageError(f"the classes in {root} ({', '.join(classes[:8])}) are not the checkpoint's "
                          f"({', '.join(class_names[:8])}); pass --data-root with the run's own image folder")
+    splits = audited_splits(cfg)
     return LabelledFiles([Path(p) for p, _ in splits.val], [label for _, label in splits.val],
                          f"the validation split of {root}")
 
@@ -113,30 +114,37 @@ def training_images_among(paths: list[Path], cfg: Config) -> int:
     Only files with the size of some training image are hashed (copies have equal sizes); the
     audit's cached hashes stand in for reading training images where they are still valid."""
     root = Path(cfg.data.root).expanduser().resolve()
-    train = {Path(p).resolve() for p, _ in discover(root, cfg.data.val_fraction, cfg.data.seed).train}
+    train = [Path(p) for p, _ in discover(root, cfg.data.val_fraction, cfg.data.seed).train]
+    resolved = {p.resolve() for p in train}
     by_size: dict[int, list[Path]] = defaultdict(list)
     for p in train:
         by_size[_size(p)].append(p)
+    by_size.pop(-1, None)  # unreadable: neither counted nor hashed
     cache = MeasurementCache(audit_dir_for(root, cfg.data.audit_dir))
 
     def training_hash(p: Path) -> str:
-        stat = p.stat()
-        cached = cache.get(p.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns)
-        return cached["sha256"] if cached and cached.get("sha256") else sha256_file(p)
+        try:
+            stat = p.stat()
+            cached = cache.get(p.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns)
+            return cached["sha256"] if cached and cached.get("sha256") else sha256_file(p)
+        except OSError:
+            return ""
 
     count, train_hashes, hashed_sizes = 0, set(), set()
     for path in paths:
-        resolved = path.resolve()
-        if resolved in train:
+        if path.resolve() in resolved:
             count += 1
             continue
-        size = _size(resolved)
+        size = _size(path)
         if size not in by_size:
             continue
         if size not in hashed_sizes:
             hashed_sizes.add(size)
             train_hashes |= {training_hash(p) for p in by_size[size]}
-        count += sha256_file(resolved) in train_hashes
+        try:
+            count += sha256_file(path) in train_hashes
+        except OSError:
+            pass  # predict_files reports the file as unreadable
     return count
 
 
@@ -206,7 +214,10 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
         files = labelled_folder(Path(folder).expanduser(), names)
         cfg = _reachable_run_config(meta, data_root)
         if cfg is not None:
-            overlap = training_images_among(files.paths, cfg)
+            try:
+                overlap = training_images_among(files.paths, cfg)
+            except UsageError as e:  # the run's data root changed: the check is lost, not the evaluation
+                print(f"note: could not check for the run's training images ({e})", file=sys.stderr)
     preds = predict_files(loaded, files.paths, options, max_pixels)
 
     report = evaluation_report(files, preds, names)
@@ -221,7 +232,7 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
     written = [
         out / "metrics.json",
         plots.confusion_plot(out / "confusion_matrix.png", np.array(report["confusion_matrix"]), names,
-                             title=f"{checkpoint.name} on {files.source}"),
+                             title=f"{split} split" if split else Path(folder).name),
         plot_top_losses(out / "top_losses.png", loaded, files, preds, top_losses(files, preds, top_loss_count),
                         max_pixels),
     ]

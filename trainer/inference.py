@@ -36,9 +36,10 @@ class InferenceOptions:
     tta_flip: bool = False  # average with the horizontally mirrored image's probabilities
 
     def check(self) -> None:
-        if (self.batch_size is not None and self.batch_size < 1) or self.num_workers < 0:
-            raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size}) and --num-workers 0 or "
-                             f"more (got {self.num_workers})")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.num_workers < 0:
+            raise UsageError(f"--num-workers must be 0 or more (got {self.num_workers})")
 
 
 def collect_images(inputs: list[str]) -> list[Path]:

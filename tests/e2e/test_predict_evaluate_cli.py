@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from helpers import make_image_folder, run_in_process, run_script
@@ -100,3 +101,40 @@ def test_evaluate_refuses_unknown_class_folders(tmp_path):
     result = run_in_process("evaluate.py", "--checkpoint", str(ckpt), str(folder), cwd=tmp_path)
     assert result.returncode == 2
     assert "purple" in result.stderr and "not classes of this checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "name a labelled folder or --split val|test (one of the two)"),
+    (["{folder}", "--split", "val"], "name a labelled folder or --split val|test (one of the two)"),
+    (["--split", "val"], "the checkpoint records no data.root; pass --data-root FOLDER (the run's image folder)"),
+    (["--split", "val", "--data-root", "{nope}"], "the run's data root {nope} is not a folder here; pass "
+                                                  "--data-root FOLDER where the run's images are now"),
+    (["--split", "test", "--data-root", "{folder}"], "the run's data root {folder} has no test/ folder; evaluate "
+                                                     "another labelled folder by naming it instead of --split"),
+    (["--split", "val", "--data-root", "{other}"], "the classes in {other} (blue, purple) are not the checkpoint's "
+                                                   "(blue, green, red); pass --data-root with the run's own image "
+                                                   "folder"),
+    (["{folder}", "--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+])
+def test_evaluate_bad_input_is_one_line(tmp_path, args, message):
+    ckpt = _checkpoint(tmp_path)
+    names = {"folder": make_image_folder(tmp_path / "labelled", per_class=2),
+             "other": make_image_folder(tmp_path / "other", per_class=2, classes=("blue", "purple")),
+             "nope": tmp_path / "nope"}
+    args = [a.format(**names) for a in args]
+    result = run_in_process("evaluate.py", "--checkpoint", str(ckpt), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {message.format(**names)}"]
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "eval-val").exists()
+
+
+def test_evaluate_split_test_reads_the_data_roots_labelled_test_folder(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    root = make_image_folder(tmp_path / "data", per_class=3, layout="split-folders")
+    make_image_folder(root / "test", per_class=2, seed=5)
+    result = run_in_process("evaluate.py", "--checkpoint", str(ckpt), "--split", "test", "--data-root", str(root),
+                            "--num-workers", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval-test" / "metrics.json").read_text())
+    assert report["images"] == 6 and report["source"] == f"the test split of {root}"
+    assert "training images" not in result.stderr
