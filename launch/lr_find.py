@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import argparse
 
-from cli import run_main
+from cli import config_parser, parse_config_args, run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config")
+    parser = config_parser(__doc__)
     parser.add_argument("--start", type=float, default=1e-7)
     parser.add_argument("--end", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="lr_find.png")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="same as runtime.device=...")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(argv)
-    if args.device:
-        args.overrides.append(f"runtime.device={args.device}")
-    return args
+    return parse_config_args(parser, argv)
 
 
 def main() -> int:

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 
-from cli import run_main
+from cli import config_parser, parse_config_args, run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config", help="TOML config file (see configs/)")
+    parser = config_parser(__doc__)
     parser.add_argument("--out", default="batch.png", help="PNG file to write (default batch.png)")
     parser.add_argument("--count", type=int, default=16, help="how many samples (default 16)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config keys")
-    return parser.parse_intermixed_args(argv)
+    return parse_config_args(parser, argv)
 
 
 def main() -> int:
