@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from configs.schema import Config, read_config
 from data import ImageListDataset, Preprocessing, Splits, discover, make_loader, resolve_normalization, train_transform
 from data.audit_training import prepare_training_data
-from data.balance import BalancedSampler, balanced_class_weights
+from data.balance import BalancedDraw, balanced_class_weights
 from data.sampling import TrainBatches
 from data.transforms import MixingCollate, batch_mixer, check_augment_ops, crop_mode_of
 from models import BuiltModel, HeadSpec, build_classifier
@@ -145,7 +145,7 @@ def _loaders(cfg: Config, accelerator: Accelerator, data: RunData, train_set: Da
     d, seed = cfg.data, cfg.train.seed
     pin = accelerator.device.type == "cuda"
     # The epoch's whole draw; TrainBatches shards it across processes and can start it mid-way.
-    draw = BalancedSampler(data.train_labels, seed=seed).indices if d.sampler == "balanced" else None
+    draw = BalancedDraw(data.train_labels, seed=seed).indices if d.sampler == "balanced" else None
     mixer = batch_mixer(len(data.classes), d.mixup_alpha, d.cutmix_alpha)
     train_loader = TrainBatches(train_set, d.batch_size, workers, pin, seed, accelerator, draw,
                                 MixingCollate(mixer) if mixer else None)
