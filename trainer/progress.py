@@ -29,6 +29,7 @@ import torch
 from configs.schema import Config
 from configs.errors import UsageError
 from trainer.faults import crash_point
+from trainer.model_file import bare_keys
 from trainer.state_folder import (DamagedCheckpoint, LoadedState, complete_checkpoints, load_checkpoint,
                            load_scheduler_state, mark_best, newest_valid, rng_state, rotate, save_checkpoint, set_aside,
                            scheduler_state, set_rng_state, verify)
@@ -192,7 +193,8 @@ class Progress:
 
     def _restore(self, loaded: LoadedState) -> None:
         acc, s = self.accelerator, loaded.state
-        self.model.load_state_dict(loaded.model)
+        # Checkpoints written before keys were saved bare may carry a compile or DDP prefix.
+        self.model.load_state_dict(bare_keys(loaded.model))
         self.optimizer.load_state_dict(loaded.optimizer)
         if self.scaler is not None and s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
