@@ -200,6 +200,8 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
     options.check()
     if (folder is None) == (split is None):
         raise UsageError("name a labelled folder or --split val|test (one of the two)")
+    if top_loss_count < 0:
+        raise UsageError(f"--top-losses must be 0 or more (got {top_loss_count})")
     checkpoint = Path(checkpoint)
     loaded = load_classifier(checkpoint)
     meta, names = loaded.metadata, loaded.class_names
