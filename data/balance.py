@@ -41,6 +41,3 @@ class BalancedDraw:
         """The whole epoch's draw (all processes together), a pure function of (seed, epoch)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.multinomial(self.weights, self.total, replacement=True, generator=generator).tolist()
-
-
-BalancedSampler = BalancedDraw  # the old name, until trainer/build.py imports BalancedDraw
