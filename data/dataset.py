@@ -72,14 +72,14 @@ def read_load_failures(path: str | Path) -> list[dict]:
     return list(seen.values())
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool,
-                seed: int) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
+    """An evaluation loader, in order (training batches come from data.sampling.TrainBatches)."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=False,
         num_workers=num_workers,
         # Workers outlive the epoch: re-forking them every epoch costs seconds on big datasets.
         persistent_workers=num_workers > 0,

@@ -176,6 +176,20 @@ def replace_head(model: nn.Module, num_classes: int, spec: HeadSpec) -> str:
 # Weights files
 
 
+def bare_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict under the bare model's key names. torch.compile puts `_orig_mod.` before the
+    keys of whatever it compiled (the whole model, or a submodule: then mid-key); DDP and
+    DataParallel put `module.` in front. Either order of the two wrappers is undone."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        bare = key.replace("_orig_mod.", "").removeprefix("module.")
+        if bare in out:
+            raise UsageError(f"state dict keys {bare!r} and {key!r} are the same weight once wrapper prefixes "
+                             f"are removed")
+        out[bare] = value
+    return out
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file or a torch state dict; never unpickles objects."""
     path = Path(path).expanduser()
@@ -203,8 +217,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 state = state[wrapper]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise UsageError(f"{path} does not hold a state dict of tensors")
-    # nn.DataParallel and DDP save their parameters under "module.".
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return bare_keys(state)
 
 
 def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], limit: int = 3) -> str:

@@ -149,7 +149,7 @@ def _loaders(cfg: Config, accelerator: Accelerator, data: RunData, train_set: Da
     mixer = batch_mixer(len(data.classes), d.mixup_alpha, d.cutmix_alpha)
     train_loader = TrainBatches(train_set, d.batch_size, workers, pin, seed, accelerator, draw,
                                 MixingCollate(mixer) if mixer else None)
-    return train_loader, make_loader(val_set, d.batch_size, False, workers, pin, seed)
+    return train_loader, make_loader(val_set, d.batch_size, workers, pin, seed)
 
 
 def _criterion(cfg: Config, accelerator: Accelerator, data: RunData) -> nn.Module:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from configs.schema import Config
 from data.dataset import read_load_failures
+from data.files import atomic_write_text
 from models import count_parameters, set_train_mode
 from trainer.build import RunParts, build_run, head_spec
 from trainer.features import with_sample_images
@@ -119,7 +120,7 @@ def train(cfg: Config) -> TrainResult:
 def start_run_folder(accelerator: Accelerator, cfg: Config, run_dir: Path, failure_log: Path) -> None:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(cfg.to_toml())
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
         failure_log.unlink(missing_ok=True)  # a previous run's list would be misleading
     accelerator.wait_for_everyone()
 

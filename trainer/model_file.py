@@ -25,8 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from configs.errors import UsageError
-from data.files import atomic_output, fsync_dir  # noqa: F401  (fsync_dir: trainer.state_folder imports it from here)
+from data.files import atomic_output
 from data.transforms import Preprocessing, crop_mode_of
+from models.build import bare_keys
 
 FORMAT = "imgtrain/classifier-v1"
 _JSON_KEYS = ("head", "class_names", "mean", "std", "config", "metrics", "runtime", "preprocessing")
@@ -40,20 +41,6 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
 def plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage (tied weights) and non-contiguous views.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-
-
-def bare_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict under the bare model's key names. torch.compile puts `_orig_mod.` before the
-    keys of whatever it compiled (the whole model, or a submodule: then mid-key); DDP and
-    DataParallel put `module.` in front. Either order of the two wrappers is undone."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        bare = key.replace("_orig_mod.", "").removeprefix("module.")
-        if bare in out:
-            raise ValueError(f"state dict keys {bare!r} and {key!r} are the same weight once wrapper prefixes "
-                             f"are removed")
-        out[bare] = value
-    return out
 
 
 @dataclass(frozen=True)
@@ -156,7 +143,7 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
 
     meta = read_metadata(path)
     built = build_classifier(meta["model_name"], len(meta["class_names"]), HeadSpec(**meta["head"]))
-    state = bare_keys(read_state_dict(path))
+    state = read_state_dict(path)  # key names without compile/DDP prefixes, also for older files
     problem = state_dict_mismatch(built.model.state_dict(), state)
     if problem:
         raise UsageError(f"{path} does not fit {meta['model_name']} with {len(meta['class_names'])} classes "

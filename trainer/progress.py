@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from configs.schema import Config
+from data.files import atomic_write_text
+from models.build import bare_keys
 from configs.errors import UsageError
 from trainer.faults import crash_point
-from trainer.model_file import bare_keys
 from trainer.state_folder import (DamagedCheckpoint, LoadedState, complete_checkpoints, load_checkpoint,
                            load_scheduler_state, mark_best, newest_valid, rng_state, rotate, save_checkpoint, set_aside,
                            scheduler_state, set_rng_state, verify)
@@ -243,7 +244,7 @@ class Progress:
         if path.is_file():
             lines = [line for line in path.read_text().splitlines()
                      if line.strip() and json.loads(line)[key] <= last]
-            path.write_text("".join(line + "\n" for line in lines))
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
 
     def _announce_schedule(self, saved: dict) -> None:
         """The schedule is a function of train.epochs and [optim]; if those changed, say in one line

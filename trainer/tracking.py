@@ -38,6 +38,7 @@ from accelerate.tracking import WandBTracker, on_main_process
 
 from configs.errors import ConfigError
 from configs.schema import Config
+from data.files import atomic_output
 from data.transforms import Preprocessing
 from trainer import plots
 from trainer.metrics import confusion_matrix, per_class_accuracy
@@ -258,7 +259,7 @@ class RunTracking:
         if record["is_best"]:  # the files describe the epoch best.safetensors holds
             plots.confusion_plot(self.run_dir / "confusion_matrix.png", matrix, self.class_names,
                                  f"confusion matrix, epoch {epoch} (validation; best.safetensors)")
-            with open(self.run_dir / "per_class_accuracy.csv", "w", newline="") as f:
+            with atomic_output(self.run_dir / "per_class_accuracy.csv") as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=["epoch", "class", "images", "correct", "accuracy"])
                 writer.writeheader()
                 writer.writerows({"epoch": epoch, **row} for row in rows)

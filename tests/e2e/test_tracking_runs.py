@@ -111,7 +111,7 @@ def test_two_processes_make_one_wandb_run_and_one_set_of_files(image_folder, tmp
     assert result.stdout.count("wandb    offline run") == 1
     # The confusion matrix covers every validation image once, gathered from both processes.
     per_class = (run_dir / "per_class_accuracy.csv").read_text().splitlines()[1:]
-    assert sum(int(line.split(",")[1]) for line in per_class) == 9 == jsonl(run_dir / "metrics.jsonl")[-1]["val_images"]
+    assert sum(int(line.split(",")[2]) for line in per_class) == 9 == jsonl(run_dir / "metrics.jsonl")[-1]["val_images"]
     assert_pngs_decode(run_dir)
     assert sorted(p.name for p in run_dir.glob("*.png")) == sorted(PNGS)
 

@@ -12,7 +12,8 @@ from configs.schema import Config
 from data.transforms import Preprocessing
 from models import HeadSpec, build_classifier
 from trainer.evaluation import config_from_dict
-from trainer.model_file import ClassifierFacts, bare_keys, load_classifier, read_metadata, save_classifier
+from models.build import bare_keys
+from trainer.model_file import ClassifierFacts, load_classifier, read_metadata, save_classifier
 
 CLASSES = ["blue", "green", "red"]
 
@@ -51,7 +52,7 @@ def test_saved_keys_are_the_bare_models(tmp_path, prefix):
 def test_compile_prefix_inside_a_key_is_removed_too():
     # torch.compile of a submodule puts _orig_mod. mid-key.
     assert list(bare_keys({"module.backbone._orig_mod.conv.weight": torch.zeros(1)})) == ["backbone.conv.weight"]
-    with pytest.raises(ValueError, match="same weight"):
+    with pytest.raises(UsageError, match="same weight"):
         bare_keys({"a.weight": torch.zeros(1), "_orig_mod.a.weight": torch.zeros(1)})
 
 
