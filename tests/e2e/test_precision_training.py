@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from helpers import make_image_folder
+from models.registry import MODELS
 from trainer.model_file import read_metadata
 from trainer.build import load_config
 from trainer.loop import train
@@ -72,6 +73,27 @@ def test_channels_last_option_trains(images, tmp_path):
     result = train(_cfg(images, tmp_path / "run", "runtime.channels_last=true", "train.epochs=1",
                         "data.batch_size=16", "model.name=tiny_cnn"))
     assert result.history[0]["optimizer_steps"] == 3
+
+
+class _NanInSecondEpoch(nn.Module):
+    """Finite for the first epoch's 3 training batches, NaN from the 4th on."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.fc = nn.Linear(3 * 16 * 16, num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        if self.training:
+            self.calls += 1
+            if self.calls > 3:
+                out = out * float("nan")
+        return out
+
+
+if "nan_in_epoch_2_test" not in MODELS:
+    MODELS.register("nan_in_epoch_2_test")(lambda num_classes=3: _NanInSecondEpoch(num_classes))
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(images, tmp_path):
