@@ -16,6 +16,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -225,6 +226,13 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
+def _default_signals() -> None:
+    # A forked worker inherits the parent's Python signal handlers (a trainer's "checkpoint on
+    # SIGTERM"); Pool.terminate ends workers with SIGTERM, which must end them.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
 def measure_all(jobs: list[tuple], workers: int, progress: bool) -> dict[str, dict]:
     from tqdm.auto import tqdm
 
@@ -238,7 +246,7 @@ def measure_all(jobs: list[tuple], workers: int, progress: bool) -> dict[str, di
                 results[relpath] = record
                 bar.update()
         else:
-            with _pool_context().Pool(workers) as pool:
+            with _pool_context().Pool(workers, initializer=_default_signals) as pool:
                 chunk = max(1, min(64, len(jobs) // (workers * 8)))
                 for relpath, record in pool.imap_unordered(measure_file, jobs, chunksize=chunk):
                     results[relpath] = record

@@ -88,22 +88,24 @@ def train(cfg: Config) -> TrainResult:
                         runtime["global_batch_size"])
 
     # ---- epochs ----
-    for epoch in progress.epochs():
-        metrics, predictions = run_epoch(training, parts, epoch)
-        improved = progress.record_epoch(metrics)
-        record = report.epoch(progress.history.epochs[-1])
-        tracking.epoch(record, progress.history.epochs, predictions)
-        if accelerator.is_main_process:
-            state = parts.built.model.state_dict()  # the whole classifier, also when only the head trained
-            save_classifier(run_dir / "last.safetensors", state, facts, metrics=metrics, epoch=epoch)
-            if improved:
-                save_classifier(run_dir / "best.safetensors", state, facts, metrics=metrics, epoch=epoch)
-        progress.end_epoch(epoch, improved)  # the resumable checkpoint, rotated
-        if progress.stopped_early:
-            break
+    try:
+        for epoch in progress.epochs():
+            metrics, predictions = run_epoch(training, parts, epoch)
+            improved = progress.record_epoch(metrics)
+            record = report.epoch(progress.history.epochs[-1])
+            tracking.epoch(record, progress.history.epochs, predictions)
+            if accelerator.is_main_process:
+                state = parts.built.model.state_dict()  # the whole classifier, also when only the head trained
+                save_classifier(run_dir / "last.safetensors", state, facts, metrics=metrics, epoch=epoch)
+                if improved:
+                    save_classifier(run_dir / "best.safetensors", state, facts, metrics=metrics, epoch=epoch)
+            progress.end_epoch(epoch, improved)  # the resumable checkpoint, rotated
+            if progress.stopped_early:
+                break
+    finally:
+        progress.close()  # the SIGTERM/SIGINT handlers go, also when training failed
 
     # ---- finish ----
-    progress.close()
     accelerator.wait_for_everyone()
     failures = read_load_failures(parts.data.failure_log)
     if failures:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -98,8 +100,12 @@ if "nan_in_epoch_2_test" not in MODELS:
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(images, tmp_path):
     cfg = _cfg(images, tmp_path / "run", "model.name=nan_in_epoch_2_test", "train.epochs=3", "data.batch_size=16")
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(NonFiniteLoss, match=r"loss is not finite .* at epoch 2, step 1") as caught:
         train(cfg)
+    # The trainer's "checkpoint on SIGTERM" handler goes with the failed run (forked workers of
+    # later work in this process would inherit it and ignore Pool.terminate).
+    assert signal.getsignal(signal.SIGTERM) is handler
     assert caught.value.exit_code != 0
     last = tmp_path / "run" / "last.safetensors"
     assert read_metadata(last)["epoch"] == 1
