@@ -7,13 +7,26 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import make_image_folder  # noqa: E402
+from helpers import make_image_folder, reset_accelerate_state  # noqa: E402
 
 
 @pytest.fixture
 def image_folder(tmp_path):
     """A tiny learnable class-folder dataset: 3 classes x 12 images of 16x16 pixels."""
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Split folders for whole tiny trainings: 48 train images (3 batches of 16 or 6 of 8), 15 val."""
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16, layout="split-folders")
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
 
 
 @pytest.fixture(autouse=True)

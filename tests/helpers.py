@@ -93,8 +93,22 @@ def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedPr
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if "accelerate.state" in sys.modules:  # process-wide singletons a run may have created
-            from accelerate.state import AcceleratorState, GradientState
-
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+            reset_accelerate_state()
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def precision_config(images: Path, run_dir: Path, *extra: str):
+    """A whole tiny in-process training without BatchNorm (so runtimes compare exactly) on `images`."""
+    from trainer.build import load_config
+
+    return load_config(None, [f"data.root={images}", f"run.dir={run_dir}", "model.name=tiny_cnn_nobn",
+                              "data.image_size=16", "data.num_workers=0", "data.augment=none", "optim.lr=0.01",
+                              *extra])
+
+
+def reset_accelerate_state() -> None:
+    """Accelerate keeps process-wide singletons; an in-process run after another starts from scratch."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

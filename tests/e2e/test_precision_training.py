@@ -7,42 +7,22 @@ import signal
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers import make_image_folder
+from helpers import precision_config, reset_accelerate_state
 from models.registry import MODELS
 from trainer.model_file import read_metadata
-from trainer.build import load_config
 from trainer.loop import train
 from trainer.step import NonFiniteLoss
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    # Accelerate keeps process-wide singletons; each in-process run must start from scratch.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    # 48 train images: 3 batches of 16 or 6 batches of 8; 15 val images.
-    return make_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16, layout="split-folders")
-
-
-def _cfg(images, run_dir, *extra):
-    return load_config(None, [f"data.root={images}", f"run.dir={run_dir}", "model.name=tiny_cnn_nobn",
-                              "data.image_size=16", "data.num_workers=0", "data.augment=none", "optim.lr=0.01",
-                              *extra])
+# Accelerate keeps process-wide singletons; each in-process run starts from scratch (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_bf16_training_on_cpu(images, tmp_path):
-    result = train(_cfg(images, tmp_path / "run", "train.precision=bf16", "train.epochs=1", "data.batch_size=16",
+    result = train(precision_config(images, tmp_path / "run", "train.precision=bf16", "train.epochs=1", "data.batch_size=16",
                         "runtime.device=cpu"))
     meta = read_metadata(result.run_dir / "last.safetensors")
     assert meta["precision"] == "bf16" and meta["device"] == "cpu"
@@ -57,10 +37,10 @@ def test_bf16_training_on_cpu(images, tmp_path):
 
 def test_accumulating_two_batches_of_8_matches_one_batch_of_16(images, tmp_path):
     common = ("train.epochs=2", "optim.scheduler=cosine", "optim.warmup_epochs=1")
-    big = train(_cfg(images, tmp_path / "big", "data.batch_size=16", *common))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    accumulated = train(_cfg(images, tmp_path / "acc", "data.batch_size=8", "train.grad_accum_steps=2", *common))
+    big = train(precision_config(images, tmp_path / "big", "data.batch_size=16", *common))
+    reset_accelerate_state()
+    accumulated = train(precision_config(images, tmp_path / "acc", "data.batch_size=8", "train.grad_accum_steps=2",
+                                        *common))
     for a, b in zip(big.history, accumulated.history):
         assert a["optimizer_steps"] == b["optimizer_steps"] == 3
         assert a["lr"] == b["lr"]
@@ -72,7 +52,7 @@ def test_accumulating_two_batches_of_8_matches_one_batch_of_16(images, tmp_path)
 
 
 def test_channels_last_option_trains(images, tmp_path):
-    result = train(_cfg(images, tmp_path / "run", "runtime.channels_last=true", "train.epochs=1",
+    result = train(precision_config(images, tmp_path / "run", "runtime.channels_last=true", "train.epochs=1",
                         "data.batch_size=16", "model.name=tiny_cnn"))
     assert result.history[0]["optimizer_steps"] == 3
 
@@ -99,7 +79,7 @@ if "nan_in_epoch_2_test" not in MODELS:
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(images, tmp_path):
-    cfg = _cfg(images, tmp_path / "run", "model.name=nan_in_epoch_2_test", "train.epochs=3", "data.batch_size=16")
+    cfg = precision_config(images, tmp_path / "run", "model.name=nan_in_epoch_2_test", "train.epochs=3", "data.batch_size=16")
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(NonFiniteLoss, match=r"loss is not finite .* at epoch 2, step 1") as caught:
         train(cfg)

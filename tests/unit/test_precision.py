@@ -8,11 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
-from helpers import make_image_folder
-from trainer.build import load_config
+from helpers import precision_config, reset_accelerate_state
 from configs.errors import ConfigError
 from trainer.runtime import (cpu_has_native_bf16, cpu_thread_count, make_accelerator, prepare_model, resolve_cpu,
                              resolve_parallel, resolve_precision)
@@ -21,26 +19,8 @@ from trainer.step import StepCounters, StepOptions, StepParts, train_step
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    # Accelerate keeps process-wide singletons; each in-process run must start from scratch.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    # 48 train images: 3 batches of 16 or 6 batches of 8; 15 val images.
-    return make_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16, layout="split-folders")
-
-
-def _cfg(images, run_dir, *extra):
-    return load_config(None, [f"data.root={images}", f"run.dir={run_dir}", "model.name=tiny_cnn_nobn",
-                              "data.image_size=16", "data.num_workers=0", "data.augment=none", "optim.lr=0.01",
-                              *extra])
+# Accelerate keeps process-wide singletons; each in-process run starts from scratch (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # ---- decisions, table-driven ----
@@ -99,14 +79,14 @@ def test_cuda_requested_without_gpu_fails_clearly():
                                  "runtime.parallel=fsdp", "runtime.device=tpu"])
 def test_runtime_keys_are_validated(images, tmp_path, bad):
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
-        _cfg(images, tmp_path / "run", bad)
+        precision_config(images, tmp_path / "run", bad)
 
 
 # ---- precision on this machine ----
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_fp16_on_cpu_says_so_and_never_runs_silently(images, tmp_path, capsys):
-    accelerator = make_accelerator(_cfg(images, tmp_path / "run", "train.precision=fp16"))
+    accelerator = make_accelerator(precision_config(images, tmp_path / "run", "train.precision=fp16"))
     err = capsys.readouterr().err
     assert "note: fp16 needs a GPU" in err
     expected = "bf16" if cpu_has_native_bf16() else "no"
@@ -117,14 +97,13 @@ def test_fp16_on_cpu_says_so_and_never_runs_silently(images, tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_fp16_from_accelerate_launch_flag_is_resolved_too(images, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `--mixed_precision fp16` exports
-    accelerator = make_accelerator(_cfg(images, tmp_path / "run"))
+    accelerator = make_accelerator(precision_config(images, tmp_path / "run"))
     assert accelerator.mixed_precision != "fp16"
     assert "note: fp16 needs a GPU" in capsys.readouterr().err
 
 
 def _one_sgd_update(clip: float) -> float:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = nn.Linear(10, 3)
@@ -174,7 +153,7 @@ def test_fp16_gradient_scaler_skips_overflowing_steps_and_counts_them():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_dataparallel_is_used_when_asked_with_two_gpus(images, tmp_path):
-    cfg = _cfg(images, tmp_path / "run", "runtime.parallel=dp")
+    cfg = precision_config(images, tmp_path / "run", "runtime.parallel=dp")
     accelerator = make_accelerator(cfg)
     model = prepare_model(nn.Linear(4, 2), accelerator, cfg.runtime)
     assert isinstance(model, nn.DataParallel) and len(model.device_ids) == torch.cuda.device_count()
