@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,9 @@ class DataConfig:
     image_size: int = _doc(224, "side of the square crop the model sees")
     crop_pct: float = _doc(0.875, "eval resizes to image_size / crop_pct, then center-crops")
     batch_size: int = _doc(32, "images per process per step")
-    num_workers: int = _doc(2, "DataLoader worker processes per training process")
+    num_workers: int | str = _doc("auto", "DataLoader worker processes per training process (auto: this "
+                                          "machine's cores / processes on it, less one for the trainer)")
+    prefetch_factor: int = _doc(4, "batches each worker keeps ready ahead of training")
     augment: str = _choice("standard", ("standard", "crop", "stretch", "square", "randaugment", "trivialaugment",
                                         "none"),
                            "standard: random resized crop + flip; crop: no flip; stretch: resize + flip; square: "
@@ -132,7 +135,10 @@ class RuntimeConfig:
                             "GPUs one process sees")
     sync_bn: bool = _doc(False, "synchronize BatchNorm statistics across processes (CUDA DDP only)")
     cpu_threads: int = _doc(0, "torch threads per process (0: CPU cores / processes on this machine)")
-    channels_last: bool = _doc(False, "NHWC memory format for model and images (often faster on GPU)")
+    channels_last: bool | str = _doc("auto", "NHWC memory format for model and images (auto: on CUDA, where "
+                                              "convolutions run faster in it; off on CPU)")
+    cudnn_benchmark: bool | str = _doc("auto", "let cuDNN time its algorithms for the run's shapes (auto: on "
+                                                "with CUDA; false: the same algorithms every run, for bit-exact reruns on a GPU)")
     compile: bool = _doc(False, "torch.compile the model (inductor); slow first steps")
 
 
@@ -196,7 +202,15 @@ def _field_type(section_cls: type, key: str) -> Any:
     return typing.get_type_hints(section_cls)[key]
 
 
+def _auto_or(tp: Any) -> Any:
+    """X for a field typed `X | str`: a value of type X, or the string "auto"."""
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) else ()
+    return next((a for a in args if a is not str), None) if str in args else None
+
+
 def _type_name(tp: Any) -> str:
+    if _auto_or(tp) is not None:
+        return f'{_type_name(_auto_or(tp))} or "auto"'
     origin = typing.get_origin(tp)
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
@@ -214,6 +228,8 @@ def _suggest(word: str, candidates: list[str]) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check a TOML (or parsed override) value against the schema type, with int->float allowed."""
+    if _auto_or(tp) is not None:
+        return value if value == "auto" else _coerce(key, value, _auto_or(tp))
     origin = typing.get_origin(tp)
     if origin is list:
         if not isinstance(value, list):
@@ -233,6 +249,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _parse_override_value(key: str, raw: str, tp: Any) -> Any:
     """Parse the text after `=` the way its type asks: strings verbatim, the rest as TOML."""
+    if _auto_or(tp) is not None:
+        if raw.strip().strip("\"'") == "auto":
+            return "auto"
+        try:
+            return _parse_override_value(key, raw, _auto_or(tp))
+        except ConfigError:
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {raw!r}") from None
     if tp is str:
         if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
             return raw[1:-1]
@@ -319,7 +342,8 @@ def validate(cfg: Config) -> None:
         (d.image_size >= 8, "data.image_size must be at least 8"),
         (0.0 < d.crop_pct <= 1.0, "data.crop_pct must be in (0, 1]"),
         (d.batch_size >= 1, "data.batch_size must be at least 1"),
-        (d.num_workers >= 0, "data.num_workers must be 0 or more"),
+        (d.num_workers == "auto" or d.num_workers >= 0, 'data.num_workers must be 0 or more, or "auto"'),
+        (d.prefetch_factor >= 1, "data.prefetch_factor must be at least 1"),
         (m.head_hidden >= 1, "model.head_hidden must be at least 1"),
         (0.0 <= m.head_dropout < 1.0, "model.head_dropout must be in [0, 1)"),
         (o.lr > 0, "optim.lr must be positive"),

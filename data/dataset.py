@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -19,11 +19,11 @@ _MAX_SUBSTITUTES = 16
 
 
 class ImageListDataset(Dataset):
-    """(image, label) pairs. A file that fails to decode (changed since the audit, or the audit
+    """(uint8 image, label) pairs, through `transform` (a data.transforms.ImageTransform). A file that fails to decode (changed since the audit, or the audit
     was off) is recorded in `failure_log` (JSON lines) and replaced by the next readable sample,
     so one bad file never ends an epoch."""
 
-    def __init__(self, samples: list[Sample], transform: Callable | None = None,
+    def __init__(self, samples: list[Sample], transform=None,
                  failure_log: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.samples = samples
         self.transform = transform
@@ -49,12 +49,11 @@ class ImageListDataset(Dataset):
         for attempt in range(min(_MAX_SUBSTITUTES, len(self.samples))):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                image = load_rgb(path, self.max_pixels)
+                # The transform decodes: its crop plan decides how many pixels are decoded at all.
+                image = self.transform.load(path, self.max_pixels) if self.transform else load_rgb(path, self.max_pixels)
             except Exception as e:  # any decode failure: PIL raises many types
                 self._record_failure(path, e)
                 continue
-            if self.transform is not None:
-                image = self.transform(image)
             return image, label
         raise RuntimeError(f"{_MAX_SUBSTITUTES} consecutive files failed to load near {self.samples[index][0]}; "
                            f"run `python launch/audit.py DATA_ROOT` to find what is wrong with the data")
@@ -72,18 +71,25 @@ def read_load_failures(path: str | Path) -> list[dict]:
     return list(seen.values())
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
+@dataclass(frozen=True)
+class Loading:
+    """How a DataLoader feeds a process: workers, pinning, prefetch depth."""
+
+    num_workers: int
+    pin_memory: bool = False
+    prefetch_factor: int = 2  # batches each worker keeps ready
+
+    def kwargs(self) -> dict:
+        if self.num_workers == 0:
+            return {"num_workers": 0, "pin_memory": self.pin_memory}
+        # Workers outlive the epoch: re-forking them every epoch costs seconds on big datasets.
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory, "persistent_workers": True,
+                "prefetch_factor": self.prefetch_factor}
+
+
+def make_loader(dataset: Dataset, batch_size: int, loading: Loading, seed: int) -> DataLoader:
     """An evaluation loader, in order (training batches come from data.sampling.TrainBatches)."""
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        # Workers outlive the epoch: re-forking them every epoch costs seconds on big datasets.
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-        generator=generator,
-        drop_last=False,
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator, drop_last=False,
+                      **loading.kwargs())

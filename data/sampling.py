@@ -26,6 +26,8 @@ import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
+from data.dataset import Loading
+
 _ORDER, _AUGMENT, _WORKERS, _COLLATE = 0x5EED_0, 0x5EED_1, 0x5EED_2, 0x5EED_3  # keep the seed streams apart
 
 
@@ -135,16 +137,13 @@ def _seed_cpu_rngs(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-class SeededCollate:
-    """Collates (seed, sample) pairs with the RNGs seeded from the batch's first seed, so batch-level
-    randomness (MixUp, CutMix) replays like the per-sample augmentation does."""
-
-    def __init__(self, collate_fn: Callable | None = None):
-        self.collate_fn = collate_fn or default_collate
-
-    def __call__(self, pairs):
-        seeds, samples = zip(*pairs)
-        return seeded_call(seeds[0] ^ _COLLATE, self.collate_fn, list(samples))
+def collate_with_seed(pairs):
+    """(seed, (image, label)) pairs -> (images, labels, batch seed): the first sample's seed
+    travels with the batch, so batch-level randomness on the device (MixUp, CutMix, random
+    erasing) replays like the per-sample augmentation does."""
+    seeds, samples = zip(*pairs)
+    images, labels = default_collate(list(samples))
+    return images, labels, seeds[0] ^ _COLLATE  # a Python int: reading it back never waits on the device
 
 
 class TrainBatches:
@@ -152,22 +151,24 @@ class TrainBatches:
 
     Not sharded by `accelerator.prepare`: Accelerate would shard and pad the batches again and
     could not start an epoch in the middle; the sampler shards instead. It is still wrapped as a
-    one-process Accelerate loader, which moves batches to the device and tells gradient
-    accumulation where the epoch ends.
+    one-process Accelerate loader, which moves batches to the device (non-blocking from pinned
+    memory) and tells gradient accumulation where the epoch ends. Batches arrive as the workers
+    made them (uint8 images); `finish` (data.transforms.BatchFinish) turns them into what the model
+    takes, on the device, with the CPU RNG seeded from the batch's seed.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool, seed: int,
-                 accelerator, draw: Callable[[int], list[int]] | None = None, collate_fn: Callable | None = None):
+    def __init__(self, dataset: Dataset, batch_size: int, loading: Loading, seed: int,
+                 accelerator, draw: Callable[[int], list[int]] | None = None, finish: Callable | None = None):
         rank, world = accelerator.process_index, accelerator.num_processes
         self.sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world, draw=draw)
         # Workers get their base seed from this generator, not from the global RNG: drawing from
         # the global RNG whenever an epoch's iterator starts would make a resumed run diverge.
         generator = torch.Generator().manual_seed(int(derived_seeds(seed, rank, _WORKERS)[0]))
         loader = DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=self.sampler,
-                            num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
-                            generator=generator, drop_last=False, collate_fn=SeededCollate(collate_fn))
+                            generator=generator, drop_last=False, collate_fn=collate_with_seed, **loading.kwargs())
         self.loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
-                                          put_on_device=True, rng_types=[])
+                                          put_on_device=True, rng_types=[], non_blocking=loading.pin_memory)
+        self.finish = finish
 
     def start_epoch(self, epoch: int, samples_done: int = 0) -> None:
         self.sampler.start_epoch(epoch, samples_done)
@@ -176,4 +177,9 @@ class TrainBatches:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(self.loader)
+        for images, labels, seed in self.loader:
+            if self.finish is None:
+                yield images, labels
+            else:
+                yield seeded_call(seed, self.finish, images, labels)
+

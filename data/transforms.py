@@ -2,9 +2,17 @@
 
 A training pipeline is a preset (`data.augment`) plus extra named ops (`data.augment_ops`), each
 written `name` or `name(key=value, ...)`, e.g. `"color_jitter(brightness=0.2, contrast=0.2)"`.
-Every op is a thin use of a torchvision.transforms.v2 class. Images stay uint8 through the
-geometric and color ops (cheaper than float); conversion to float and normalization come last,
-then random erasing (which works on the normalized tensor, as in timm).
+Every op is a thin use of a torchvision.transforms.v2 class.
+
+Where the work happens (the least per sample, as FFCV, DALI and timm's prefetcher do it):
+  at decode   the first crop-and-resize (random resized crop, the eval center crop, a squash to
+              a square) is drawn from the image header's size and done by the decoder
+              (`ImageTransform.load` -> data.images.decode_rgb): a JPEG is decoded at the
+              smallest DCT scale that covers the crop, never at full size for nothing
+  in workers  the other ops, on uint8 tensors; batches leave the workers as uint8 (4x fewer
+              bytes to pin and copy than float32)
+  on device   float conversion and normalization, then random erasing (it works on normalized
+              images, as in timm) and MixUp/CutMix (`BatchFinish`)
 
 Presets reproduce the seeds' pipelines:
   standard        RandomResizedCrop + flip; eval Resize(size/crop_pct) + CenterCrop (hymenoptera, puppies)
@@ -21,6 +29,8 @@ from __future__ import annotations
 
 import ast
 import difflib
+import math
+import random
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -31,6 +41,7 @@ from torchvision.transforms.v2 import functional as F
 
 from configs.schema import IMAGENET_MEAN, IMAGENET_STD
 from configs.errors import UsageError
+from data.images import DEFAULT_MAX_PIXELS, Region, load_rgb
 
 PRESETS = ("standard", "crop", "stretch", "square", "randaugment", "trivialaugment", "none")
 
@@ -124,8 +135,126 @@ def check_augment_ops(specs: list[str], image_size: int) -> None:
         build_op(spec, image_size)
 
 
-def _finish(mean, std) -> list:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+def normalize(images: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (..., 3, H, W) on any device -> float32 normalized, in one pass over the pixels."""
+    scale = torch.tensor([255.0 * s for s in std], device=images.device).view(-1, 1, 1)
+    shift = torch.tensor([255.0 * m for m in mean], device=images.device).view(-1, 1, 1)
+    fmt = torch.channels_last if channels_last and images.ndim == 4 else torch.preserve_format
+    return images.to(torch.float32, memory_format=fmt).sub_(shift).div_(scale)
+
+
+# ---- crop plans: the first crop-and-resize, done by the decoder ----
+
+# Eval pixels stay within a grey level (mean) of full decode + resize: what a checkpoint was
+# validated on is what predict.py sees, whichever decoder a future version uses.
+EVAL_OVERSAMPLE = 2.0
+
+
+class RandomResizedCropPlan:
+    """torchvision's RandomResizedCrop draw on the header's size: the box and the output size, for
+    data.images.decode_rgb. Drawn from Python's `random` (seeded per sample like torch's RNG, see
+    data.sampling) with torchvision's algorithm: ten tries at a random area and aspect ratio, then
+    the center crop that fits the ratio range."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+
+    def __call__(self, width: int, height: int) -> Region:
+        # Decoded at the fastest scale: augmentation moves pixels far more than DCT scaling does.
+        return Region(self._box(width, height), (self.size, self.size))
+
+    def _box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * random.uniform(*self.scale)
+            aspect = math.exp(random.uniform(*log_ratio))
+            w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = random.randint(0, height - h), random.randint(0, width - w)
+                return left, top, left + w, top + h
+        in_ratio = width / height
+        w, h = width, height
+        if in_ratio < min(self.ratio):
+            h = int(round(w / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w = int(round(h * max(self.ratio)))
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCropPlan(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class CenterCropPlan:
+    """Resize the short side to size / crop_pct, then take the center size x size, as one box
+    (the same geometry as torchvision's Resize + CenterCrop)."""
+
+    def __init__(self, size: int, crop_pct: float):
+        self.size, self.crop_pct = size, crop_pct
+        self.resize = max(size, round(size / crop_pct))
+
+    def __call__(self, width: int, height: int):
+        short, long = min(width, height), max(width, height)
+        long_resized = int(self.resize * long / short)  # torchvision's rounding of the long side
+        new_w, new_h = (self.resize, long_resized) if width <= height else (long_resized, self.resize)
+        left, top = int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
+        fx, fy = width / new_w, height / new_h
+        box = (left * fx, top * fy, (left + self.size) * fx, (top + self.size) * fy)
+        return Region(box, (self.size, self.size), EVAL_OVERSAMPLE)
+
+    def __repr__(self) -> str:
+        return f"CenterCropPlan(size={self.size}, crop_pct={self.crop_pct})"
+
+
+class SquashPlan:
+    """The whole image resized to a square, ignoring its aspect ratio."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, width: int, height: int):
+        return Region((0, 0, width, height), (self.size, self.size), EVAL_OVERSAMPLE)
+
+    def __repr__(self) -> str:
+        return f"SquashPlan(size={self.size})"
+
+
+class ImageTransform:
+    """A file -> the uint8 (3, H, W) tensor a worker hands on: a crop plan done by the decoder, then
+    tensor ops. Normalization is not here; it happens on the device (`normalize`, `BatchFinish`)."""
+
+    def __init__(self, plan, ops: list):
+        self.plan, self.ops = plan, list(ops)
+
+    def load(self, path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        image = load_rgb(path, max_pixels, self.plan)
+        for op in self.ops:
+            image = op(image)
+        return image
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(plan={self.plan!r}, ops={self.ops!r})"
+
+
+class BatchFinish:
+    """A uint8 batch on the device -> what the model takes: float and normalized (channels_last on
+    request), then the ops that work on normalized images (random erasing, per sample) and
+    MixUp/CutMix. Their random numbers come from torch's CPU RNG, which the caller seeds per batch
+    (data.sampling.TrainBatches), so a replayed batch is bit-for-bit the same."""
+
+    def __init__(self, mean, std, after: list = (), mixer=None, channels_last: bool = False):
+        self.mean, self.std, self.after, self.mixer = tuple(mean), tuple(std), list(after), mixer
+        self.channels_last = channels_last
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = normalize(images, self.mean, self.std, self.channels_last)
+        for op in self.after:
+            for i in range(len(images)):
+                images[i] = op(images[i])
+        if self.mixer is not None:
+            images, labels = self.mixer(images, labels)
+        return images, labels
 
 
 # The eval geometry of each preset, in timm's crop_mode names: "center" resizes the short side to
@@ -139,14 +268,34 @@ def crop_mode_of(preset: str) -> str:
     return CROP_MODES.get(preset, "center")
 
 
-def _eval_geometry(crop_mode: str, image_size: int, crop_pct: float) -> list:
-    if crop_mode == "border":
-        return [PadToSquare(), v2.Resize((image_size, image_size), antialias=True)]
+class NormalizedBatches:
+    """A loader of (uint8 images, labels) batches, yielding the images normalized on whatever
+    device the loader delivers them to (evaluation's counterpart of `BatchFinish`)."""
+
+    def __init__(self, loader, preprocessing: "Preprocessing", channels_last: bool = False):
+        self.loader, self.preprocessing, self.channels_last = loader, preprocessing, channels_last
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        p = self.preprocessing
+        for images, labels in self.loader:
+            yield normalize(images, p.mean, p.std, self.channels_last), labels
+
+
+def _eval_geometry(crop_mode: str, image_size: int, crop_pct: float) -> tuple[object, list]:
+    """(crop plan, tensor ops) of the eval geometry."""
+    if crop_mode == "border":  # the padding must come first: no crop plan can express it
+        return None, [PadToSquare(), v2.Resize((image_size, image_size), antialias=True)]
     if crop_mode == "squash":
-        return [v2.Resize((image_size, image_size), antialias=True)]
+        return SquashPlan(image_size), []
     # Resize the short side to image_size / crop_pct (256 for 224), then take the center.
-    resize = max(image_size, round(image_size / crop_pct))
-    return [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
+    return CenterCropPlan(image_size, crop_pct), []
 
 
 @dataclass(frozen=True)
@@ -163,9 +312,16 @@ class Preprocessing:
     std: tuple[float, ...]
     crop_mode: str = "center"  # center | squash | border (timm's names)
 
-    def eval_transform(self) -> v2.Compose:
-        return v2.Compose([*_eval_geometry(self.crop_mode, self.image_size, self.crop_pct),
-                           *_finish(self.mean, self.std)])
+    def eval_transform(self) -> ImageTransform:
+        """File -> uint8 tensor; `normalize` finishes it (on the device)."""
+        return ImageTransform(*_eval_geometry(self.crop_mode, self.image_size, self.crop_pct))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.mean, self.std)
+
+    def load_normalized(self, path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """One file as the model takes it: (3, H, W) float32, on the CPU."""
+        return self.normalize(self.eval_transform().load(path, max_pixels))
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "crop_pct": self.crop_pct, "mean": list(self.mean),
@@ -189,20 +345,34 @@ _PRESET_OPS = {
 }
 
 
-def train_transform(preset: str, image_size: int, mean, std, crop_pct: float = 0.875,
-                    extra_ops: list[str] = ()) -> v2.Compose:
+def train_transform(preset: str, image_size: int, crop_pct: float = 0.875,
+                    extra_ops: list[str] = ()) -> tuple[ImageTransform, list]:
+    """(the per-sample transform for workers, the ops for `BatchFinish` after normalization)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown data.augment preset {preset!r} (known: {', '.join(PRESETS)})")
     if preset == "none":
-        before = _eval_geometry("center", image_size, crop_pct)
+        plan, before = _eval_geometry("center", image_size, crop_pct)
         specs: list[str] = list(extra_ops)
     else:
-        before, specs = [], [*_PRESET_OPS[preset], *extra_ops]
+        plan, before, specs = None, [], [*_PRESET_OPS[preset], *extra_ops]
+    if plan is None and specs:
+        plan = _decode_plan(specs[0], image_size)
+        specs = specs[1:] if plan is not None else specs
     after = []
     for spec in specs:
         name, op = build_op(spec, image_size)
         (after if name in AFTER_NORMALIZE else before).append(op)
-    return v2.Compose([*before, *_finish(mean, std), *after])
+    return ImageTransform(plan, before), after
+
+
+def _decode_plan(spec: str, image_size: int):
+    """The crop plan that does op `spec` at decode, if it is a plain crop-and-resize."""
+    name, kwargs = parse_op(spec)
+    if name == "resize_square":
+        return SquashPlan(image_size)
+    if name == "random_resized_crop" and set(kwargs) <= {"scale", "ratio"}:
+        return RandomResizedCropPlan(image_size, **kwargs)
+    return None
 
 
 def batch_mixer(num_classes: int, mixup_alpha: float, cutmix_alpha: float):
@@ -218,12 +388,3 @@ def batch_mixer(num_classes: int, mixup_alpha: float, cutmix_alpha: float):
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
-class MixingCollate:
-    """A DataLoader collate_fn: default collation, then the batch mixer (runs in the workers)."""
-
-    def __init__(self, mixer):
-        self.mixer = mixer
-
-    def __call__(self, batch):
-        images, labels = torch.utils.data.default_collate(batch)
-        return self.mixer(images, labels)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-TIMING = ("epoch_time", "images_per_sec", "train_seconds", "wall_time")
+TIMING = ("epoch_time", "images_per_sec", "train_seconds", "data_wait_seconds", "wall_time")
 
 
 def tiny_run_args(image_folder: Path, run_dir: Path, *extra: str) -> list[str]:

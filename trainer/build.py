@@ -20,12 +20,13 @@ from configs.schema import Config, read_config
 from data import ImageListDataset, Preprocessing, Splits, discover, make_loader, resolve_normalization, train_transform
 from data.audit_training import prepare_training_data
 from data.balance import BalancedDraw, balanced_class_weights
-from data.sampling import TrainBatches
-from data.transforms import MixingCollate, batch_mixer, check_augment_ops, crop_mode_of
+from data.sampling import Loading, TrainBatches
+from data.transforms import BatchFinish, batch_mixer, check_augment_ops, crop_mode_of
 from models import BuiltModel, HeadSpec, build_classifier
 from models.finetune import FinetunePlan, apply_epoch, check_finetune_config, make_plan, param_groups, prepare_for_wrapping
 from trainer.features import cached_head_datasets
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.runtime import channels_last_on, worker_count
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -49,6 +50,7 @@ class RunData:
     train_images: ImageListDataset  # training transform
     val_images: ImageListDataset  # eval transform
     failure_log: Path  # files that fail to decode mid-epoch are skipped and listed here
+    after_normalize: list  # training ops that run on the device after normalization (random erasing)
 
     @property
     def classes(self) -> list[str]:
@@ -107,11 +109,11 @@ def build_data(cfg: Config, accelerator: Accelerator, splits: Splits, built: Bui
     d = cfg.data
     preprocessing = Preprocessing(d.image_size, d.crop_pct, tuple(mean), tuple(std), crop_mode_of(d.augment))
     failure_log = Path(cfg.run.dir).expanduser().resolve() / "load_failures.jsonl"
-    train_tf = train_transform(d.augment, d.image_size, mean, std, d.crop_pct, d.augment_ops)
+    train_tf, after_normalize = train_transform(d.augment, d.image_size, d.crop_pct, d.augment_ops)
     train_images = ImageListDataset(prepared.splits.train, train_tf, failure_log, d.max_image_pixels)
     val_images = ImageListDataset(prepared.splits.val, preprocessing.eval_transform(), failure_log,
                                   d.max_image_pixels)
-    return RunData(prepared.splits, preprocessing, train_images, val_images, failure_log)
+    return RunData(prepared.splits, preprocessing, train_images, val_images, failure_log, after_normalize)
 
 
 def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
@@ -125,11 +127,12 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     prepare_for_wrapping(built.model, plan)
     data = build_data(cfg, accelerator, splits, built)
 
-    model, train_set, val_set, workers = built.model, data.train_images, data.val_images, cfg.data.num_workers
+    loading = loading_for(cfg, accelerator)
+    model, train_set, val_set = built.model, data.train_images, data.val_images
     if cfg.train.cache_features:  # fixed backbone: train only the head, on features computed once
-        train_set, val_set, model = cached_head_datasets(accelerator, built, data.train_images, data.val_images, cfg)
-        workers = 0  # the features are already in memory
-    train_loader, val_loader = _loaders(cfg, accelerator, data, train_set, val_set, workers)
+        train_set, val_set, model = cached_head_datasets(accelerator, built, data, cfg, loading.num_workers)
+        loading = Loading(0)  # the features are already in memory
+    train_loader, val_loader = _loaders(cfg, accelerator, data, (train_set, val_set), loading)
 
     optimizer = build_optimizer(param_groups(built.model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
     # len(train_loader) is this process's share of batches; with accumulation the optimizer steps
@@ -140,16 +143,23 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
                     _criterion(cfg, accelerator, data), steps_per_epoch)
 
 
-def _loaders(cfg: Config, accelerator: Accelerator, data: RunData, train_set: Dataset, val_set: Dataset,
-             workers: int) -> tuple[TrainBatches, DataLoader]:
+def loading_for(cfg: Config, accelerator: Accelerator) -> Loading:
+    """data.num_workers ("auto": this process's share of the cores) and pinning (on CUDA)."""
+    return Loading(worker_count(cfg.data.num_workers), accelerator.device.type == "cuda", cfg.data.prefetch_factor)
+
+
+def _loaders(cfg: Config, accelerator: Accelerator, data: RunData, datasets: tuple[Dataset, Dataset],
+             loading: Loading) -> tuple[TrainBatches, DataLoader]:
     d, seed = cfg.data, cfg.train.seed
-    pin = accelerator.device.type == "cuda"
     # The epoch's whole draw; TrainBatches shards it across processes and can start it mid-way.
     draw = BalancedDraw(data.train_labels, seed=seed).indices if d.sampler == "balanced" else None
-    mixer = batch_mixer(len(data.classes), d.mixup_alpha, d.cutmix_alpha)
-    train_loader = TrainBatches(train_set, d.batch_size, workers, pin, seed, accelerator, draw,
-                                MixingCollate(mixer) if mixer else None)
-    return train_loader, make_loader(val_set, d.batch_size, workers, pin, seed)
+    finish = None
+    if not cfg.train.cache_features:  # features need no normalizing
+        finish = BatchFinish(data.preprocessing.mean, data.preprocessing.std, data.after_normalize,
+                             batch_mixer(len(data.classes), d.mixup_alpha, d.cutmix_alpha),
+                             channels_last_on(cfg, accelerator))
+    train_loader = TrainBatches(datasets[0], d.batch_size, loading, seed, accelerator, draw, finish)
+    return train_loader, make_loader(datasets[1], d.batch_size, loading, seed)
 
 
 def _criterion(cfg: Config, accelerator: Accelerator, data: RunData) -> nn.Module:

@@ -24,7 +24,7 @@ from configs.schema import Config
 from data.audit_cache import MeasurementCache, audit_dir_for
 from data.files import atomic_write_json, sha256_file
 from data.folders import TEST_NAMES, discover, list_images
-from data.images import DEFAULT_MAX_PIXELS, load_rgb
+from data.images import DEFAULT_MAX_PIXELS
 from trainer import plots
 from trainer.build import audited_splits
 from trainer.inference import FilePredictions, InferenceOptions, predict_files
@@ -180,14 +180,14 @@ def plot_top_losses(path: Path, loaded: LoadedClassifier, files: LabelledFiles, 
                     indices: list[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """The images as the model saw them (its eval transform), titled "actual / predicted (probability)"."""
     p, names, transform = loaded.preprocessing, loaded.class_names, loaded.eval_transform()
-    images = np.zeros((len(indices), 3, p.image_size, p.image_size), dtype=np.float32)
+    images = np.zeros((len(indices), p.image_size, p.image_size, 3), dtype=np.float32)
     for row, i in enumerate(indices):
-        images[row] = transform(load_rgb(str(files.paths[i]), max_pixels)).numpy()
+        images[row] = transform.load(str(files.paths[i]), max_pixels).permute(1, 2, 0).numpy() / 255.0
     titles = []
     for i in indices:
         guess = int(preds.probs[i].argmax())
         titles.append(f"{names[files.labels[i]]} / {names[guess]} ({preds.probs[i, guess].item():.2f})")
-    return plots.image_grid(path, plots.denormalize(images, p.mean, p.std), titles, wrong=[True] * len(indices),
+    return plots.image_grid(path, images, titles, wrong=[True] * len(indices),
                             title="top losses: actual / predicted (probability)" if indices else "no mistakes")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -54,20 +55,22 @@ class _WithoutHead(nn.Module):
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, head_name: str, dataset, device: torch.device, batch_size: int,
+def compute_features(model: nn.Module, head_name: str, dataset, to_input: Callable, batch_size: int,
                      num_workers: int) -> torch.Tensor:
+    """Backbone features of a dataset of uint8 images; `to_input` moves a batch to the model's
+    device and normalizes it there."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     was_training = model.training
     out = []
     with _WithoutHead(model, head_name) as backbone:
         backbone.eval()
         for images, _ in loader:
-            out.append(backbone(images.to(device)).float().flatten(1).cpu())
+            out.append(backbone(to_input(images)).float().flatten(1).cpu())
     model.train(was_training)
     return torch.cat(out)
 
 
-def cached_features(model: nn.Module, head_name: str, dataset, cache_file: Path, device: torch.device,
+def cached_features(model: nn.Module, head_name: str, dataset, cache_file: Path, to_input: Callable,
                     batch_size: int, num_workers: int) -> torch.Tensor:
     """Features for every sample of an `ImageListDataset`, computing only those not in `cache_file`."""
     digests = [sha256_file(path) for path, _ in dataset.samples]
@@ -78,7 +81,7 @@ def cached_features(model: nn.Module, head_name: str, dataset, cache_file: Path,
     missing = sorted({i for i, d in enumerate(digests) if d not in known})
     if missing:
         subset = torch.utils.data.Subset(dataset, missing)
-        fresh = compute_features(model, head_name, subset, device, batch_size, num_workers)
+        fresh = compute_features(model, head_name, subset, to_input, batch_size, num_workers)
         new = {digests[i]: fresh[j] for j, i in enumerate(missing)}
         everything = dict(known)
         if cache_file.is_file():  # keep what other splits stored, not only what this split needs
@@ -92,27 +95,30 @@ def cached_features(model: nn.Module, head_name: str, dataset, cache_file: Path,
     return torch.stack([known[d] for d in digests])
 
 
-def cached_head_datasets(accelerator, built, train_ds, val_ds, cfg) -> tuple[TensorDataset, TensorDataset, nn.Module]:
-    """(train features, val features, the head to train). The main process fills the cache; the
-    others wait, then read it, so every process trains on the same features."""
-    d = cfg.data
-    preprocessing = {"image_size": d.image_size, "crop_pct": d.crop_pct, "normalize": d.normalize,
-                     "mean": list(d.mean), "std": list(d.std), "transform": repr(val_ds.transform)}
+def cached_head_datasets(accelerator, built, data, cfg, num_workers: int) -> tuple[TensorDataset, TensorDataset, nn.Module]:
+    """(train features, val features, the head to train) of a trainer.build.RunData. The main
+    process fills the cache; the others wait, then read it, so every process trains on the same features."""
+    train_ds, val_ds, pre = data.train_images, data.val_images, data.preprocessing
+    preprocessing = {**pre.to_dict(), "transform": repr(val_ds.transform)}
     cache_file = (Path(cfg.train.feature_cache_dir).expanduser()
                   / f"{backbone_key(built.model, built.head_name, built.name, preprocessing)}.safetensors")
     built.model.to(accelerator.device)
+
+    def to_input(images: torch.Tensor) -> torch.Tensor:
+        return pre.normalize(images.to(accelerator.device))
+
     out = []
     for turn in ("main", "others"):
         if (turn == "main") == accelerator.is_main_process:
             for ds in (train_ds, val_ds):
-                feats = cached_features(built.model, built.head_name, ds, cache_file, accelerator.device,
-                                        d.batch_size, d.num_workers)
+                feats = cached_features(built.model, built.head_name, ds, cache_file, to_input,
+                                        cfg.data.batch_size, num_workers)
                 out.append(TensorDataset(feats, torch.tensor([label for _, label in ds.samples])))
         accelerator.wait_for_everyone()
     return out[0], out[1], built.model.get_submodule(built.head_name)
 
 
-def with_sample_images(predictions, val_ds, num_processes: int, batch_size: int):
+def with_sample_images(predictions, val_ds, num_processes: int, batch_size: int, preprocessing):
     """With cached features the validation "images" the loop keeps for the prediction grid are
     feature vectors; put the real images back. The main process's b-th batch is the sharded
     loader's global batch b * num_processes (Accelerate gives whole batches round-robin)."""
@@ -120,5 +126,5 @@ def with_sample_images(predictions, val_ds, num_processes: int, batch_size: int)
 
     count = len(predictions.sample_labels)
     indices = [(j // batch_size) * num_processes * batch_size + j % batch_size for j in range(count)]
-    images = torch.stack([val_ds[i][0] for i in indices]) if indices else predictions.sample_images
+    images = preprocessing.normalize(torch.stack([val_ds[i][0] for i in indices])) if indices else predictions.sample_images
     return dataclasses.replace(predictions, sample_images=images)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from configs.errors import UsageError
 from data.files import atomic_write_text
 from data.folders import IMAGE_EXTENSIONS, list_images
-from data.images import DEFAULT_MAX_PIXELS, load_rgb
+from data.images import DEFAULT_MAX_PIXELS
 from trainer.model_file import LoadedClassifier, load_classifier
 
 
@@ -71,9 +71,9 @@ class TolerantImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(load_rgb(str(self.paths[index]), self.max_pixels)), index, ""
+            return self.transform.load(str(self.paths[index]), self.max_pixels), index, ""
         except Exception as e:  # any decoder failure: truncated, not an image, unsupported mode
-            return torch.zeros(3, self.image_size, self.image_size), index, f"{type(e).__name__}: {e}"
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), index, f"{type(e).__name__}: {e}"
 
 
 @dataclass
@@ -116,7 +116,7 @@ def predict_files(loaded: LoadedClassifier, paths: list[Path], options: Inferenc
                 errors[i] = problem
         if not good.any():
             continue
-        images = images[good].to(device, non_blocking=True)
+        images = loaded.preprocessing.normalize(images[good].to(device, non_blocking=True))
         p = model(images).float().softmax(1)
         if options.tta_flip:
             p = (p + model(images.flip(-1)).float().softmax(1)) / 2

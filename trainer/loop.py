@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 from configs.schema import Config
 from data.dataset import read_load_failures
 from data.files import atomic_write_text
+from data.transforms import NormalizedBatches
 from models import count_parameters, set_train_mode
 from trainer.build import RunParts, build_run, head_spec
 from trainer.features import with_sample_images
 from trainer.model_file import ClassifierFacts, save_classifier
 from trainer.progress import Progress
 from trainer.report import RunReport
-from trainer.runtime import describe, make_accelerator, prepare_model
+from trainer.runtime import channels_last_on, describe, make_accelerator, prepare_model
 from trainer.step import StepCounters, StepOptions, StepParts, train_step
 from trainer.tracking import SAMPLE_IMAGES, ValidationPredictions, RunTracking
 
@@ -60,9 +61,12 @@ def train(cfg: Config) -> TrainResult:
     # ---- build: everything that can fail on user input happens before a file is written ----
     parts = build_run(cfg, accelerator)
     run_dir = Path(cfg.run.dir).expanduser().resolve()
-    model = prepare_model(parts.model, accelerator, cfg.runtime)
+    model = prepare_model(parts.model, accelerator, cfg)
     # The training batches are sharded by their own resumable sampler, not by accelerator.prepare.
     model, optimizer, val_loader = accelerator.prepare(model, parts.optimizer, parts.val_loader)
+    channels_last = channels_last_on(cfg, accelerator)
+    if not cfg.train.cache_features:  # images arrive as uint8 and are normalized on the device
+        val_loader = NormalizedBatches(val_loader, parts.data.preprocessing, channels_last)
     parts.enter_epoch(1)
     runtime = describe(accelerator, cfg.data.batch_size, cfg.train.grad_accum_steps, model)
     # Finds the checkpoint run.resume names and refuses config changes it cannot take, before any write.
@@ -83,7 +87,7 @@ def train(cfg: Config) -> TrainResult:
                  runtime=runtime, notes=parts.built.notes)
     facts = classifier_facts(cfg, parts, runtime)
     training = Training(StepParts(accelerator, model, optimizer, parts.scheduler, parts.criterion,
-                                  StepOptions(cfg.train.grad_clip_norm, cfg.runtime.channels_last)),
+                                  StepOptions(cfg.train.grad_clip_norm, channels_last)),
                         parts.train_loader, val_loader, progress, tracking, cfg.train.log_every_steps,
                         runtime["global_batch_size"])
 
@@ -114,7 +118,7 @@ def train(cfg: Config) -> TrainResult:
     written = [run_dir / "best.safetensors", run_dir / "last.safetensors", progress.root, run_dir / "config.toml",
                run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
     history = progress.history
-    report.finish(best=history.best, stopped_early=progress.stopped_early, written=written)
+    report.finish(best=history.best, stopped_early=progress.stopped_early, written=written, epochs=history.epochs)
     accelerator.end_training()
     return TrainResult(run_dir, history.best, history.epochs, progress.stopped_early)
 
@@ -148,7 +152,7 @@ def run_epoch(training: Training, parts: RunParts, epoch: int) -> tuple[dict, Va
                                       len(parts.data.classes))
     if parts.cfg.train.cache_features:  # the grid needs images, not the features the head saw
         predictions = with_sample_images(predictions, parts.data.val_images, step.accelerator.num_processes,
-                                         parts.cfg.data.batch_size)
+                                         parts.cfg.data.batch_size, parts.data.preprocessing)
     metrics = {"epoch": epoch, **train_stats, **val_stats, "epoch_time": time.perf_counter() - started,
                "images_per_sec": train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)}
     if len(group_lrs) > 1:
@@ -166,36 +170,65 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
     loss_sum, correct, seen = progress.epoch_totals(accelerator.device, counters)
     loader = training.train_loader
     steps_per_epoch = loader.sampler.steps_per_epoch
-    started = time.perf_counter()
+    clock = WaitClock()
     # A bar redrawn into a log file is noise: only draw it on a terminal.
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, initial=progress.batch_in_epoch,
-               total=steps_per_epoch, disable=not (accelerator.is_main_process and sys.stderr.isatty()))
+    bar = tqdm(clock.timed(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               initial=progress.batch_in_epoch, total=steps_per_epoch,
+               disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     for images, labels in bar:
         position = progress.batch_in_epoch  # the batch's index in the epoch, the same after a resume
-        logits, loss = train_step(step, images, labels, counters, f"epoch {epoch}, step {position + 1}")
+        logits, loss = train_step(step, images, labels, counters, position)
+        # Totals stay on the device: reading them every step would make the host wait for the GPU.
         # MixUp/CutMix make labels soft (batch, classes); accuracy counts the dominant class.
         hard = labels.argmax(1) if labels.ndim == 2 else labels
         loss_sum += loss.double() * hard.numel()
         correct += (logits.argmax(1) == hard).sum()
         seen += hard.numel()
-        if position % training.log_every == 0:
+        if position % training.log_every == 0:  # the one host read of device values, at log intervals
+            counters.raise_if_nonfinite(accelerator, f"epoch {epoch}")
             loss_value, lr = loss.item(), step.scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             training.tracking.train_step(epoch, progress.batches_done + 1, epoch - 1 + (position + 1) / steps_per_epoch,
                                          loss_value, lr, training.global_batch_size)
         progress.step_done(loss_sum, correct, seen, counters)  # checkpoints every N steps; on SIGTERM: checkpoint, exit 75
     bar.close()
-    seconds = time.perf_counter() - started
+    counters.raise_if_nonfinite(accelerator, f"epoch {epoch}")
     # Sum over processes: every process reaches this collective once per epoch.
     loss_sum, correct, seen = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]),
                                                  reduction="sum").tolist()
+    seconds = clock.elapsed()  # after the reduce: the GPU has finished the epoch's work
     if counters.skipped_steps:
         accelerator.print(f"note: epoch {epoch}: {counters.skipped_steps} of "
                           f"{counters.optimizer_steps + counters.skipped_steps} fp16 steps skipped because "
                           "gradients overflowed (the scaler lowered its scale)")
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "lr": step.scheduler.get_last_lr()[0], "train_images": int(seen), "train_seconds": seconds,
-            "optimizer_steps": counters.optimizer_steps, "skipped_steps": counters.skipped_steps}
+            "data_wait_seconds": clock.waited, "optimizer_steps": counters.optimizer_steps,
+            "skipped_steps": counters.skipped_steps}
+
+
+class WaitClock:
+    """How long the training loop waited for its next batch, and how long it ran in all.
+
+    The host queues GPU work without waiting for it, so time blocked in the loader is time the
+    input pipeline could not keep up; the rest is compute (and the host waiting for the GPU)."""
+
+    def __init__(self):
+        self.started, self.waited = time.perf_counter(), 0.0
+
+    def timed(self, batches):
+        iterator = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - asked
+            yield batch
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 @torch.no_grad()

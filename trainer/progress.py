@@ -36,6 +36,8 @@ from trainer.state_folder import (DamagedCheckpoint, LoadedState, complete_check
                            scheduler_state, set_rng_state, verify)
 
 EXIT_PREEMPTED = 75
+# With several processes, how often (in optimizer steps) they agree whether any was signalled.
+STOP_CHECK_EVERY = 8
 
 # Keys whose change makes a checkpoint meaningless for the new config: a different network, a
 # different optimizer state layout, or a different train/validation split.
@@ -323,6 +325,8 @@ class Progress:
         # The epoch-end checkpoint follows the last step anyway.
         periodic = every and self.global_step % every == 0 and self.samples_done < sampler.padded_size
         if periodic or stop:
+            if counters is not None:  # never a checkpoint of weights a non-finite loss reached
+                counters.raise_if_nonfinite(self.accelerator, f"epoch {self.epoch}")
             steps = (counters.optimizer_steps, counters.skipped_steps) if counters is not None else ()
             folder = self._save(False, (loss_sum, correct, seen, *steps))
         if stop:
@@ -398,6 +402,9 @@ class Progress:
         """Whether any process was signalled; every process must take the same decision at the same step."""
         if self.accelerator.num_processes == 1:
             return self._stop_signal is not None
+        last_of_epoch = self.samples_done >= self.batches.sampler.padded_size
+        if self.global_step % STOP_CHECK_EVERY and not last_of_epoch:
+            return False  # agreeing is a collective the host waits for: not every step
         flag = torch.tensor([int(self._stop_signal is not None)], device=self.accelerator.device)
         flag = self.accelerator.reduce(flag, reduction="sum")
         if flag.item() and self._stop_signal is None:

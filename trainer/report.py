@@ -30,6 +30,22 @@ def format_count(n: int) -> str:
     return f"{n:,}"
 
 
+def time_spent(epochs: list[dict]) -> str | None:
+    """Where the training time went (this process): waiting for batches vs computing, with what to
+    do when the input pipeline is the limit."""
+    timed = [e for e in epochs if "data_wait_seconds" in e and e.get("train_seconds")]
+    if not timed:
+        return None
+    total = sum(e["train_seconds"] for e in timed)
+    waited = min(sum(e["data_wait_seconds"] for e in timed), total)
+    line = (f"training time {total:.1f}s: {waited / total:.0%} waiting for data, "
+            f"{1 - waited / total:.0%} computing")
+    if waited / total > 0.2:
+        line += ("; the input pipeline is the limit: more data.num_workers, photos stored nearer the "
+                 "training size, or a smaller data.image_size")
+    return line
+
+
 class RunReport:
     def __init__(self, accelerator: Accelerator, run_dir: Path):
         self.accelerator = accelerator
@@ -97,10 +113,10 @@ class RunReport:
             os.fsync(f.fileno())
         return record
 
-    def finish(self, *, best: dict | None, stopped_early: bool, written: list[Path]) -> None:
+    def finish(self, *, best: dict | None, stopped_early: bool, written: list[Path], epochs: list[dict] = ()) -> None:
         if not self.active:
             return
-        lines = []
+        lines = [line for line in [time_spent(epochs)] if line]
         if stopped_early:
             lines.append("stopped early: no improvement for train.early_stopping_patience epochs")
         if best:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, TorchDynamoPlugin
 from torch import nn
 
-from configs.schema import Config, RuntimeConfig
+from configs.schema import Config
 from configs.errors import ConfigError
 from trainer.tracking import make_wandb_tracker
 
@@ -93,6 +93,20 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def worker_count(configured: int | str) -> int:
+    """data.num_workers: "auto" gives each process on this machine its share of the cores, less one
+    for the process itself (16 cores, 1 GPU: 15 workers; 2 cores: 1)."""
+    if configured != "auto":
+        return int(configured)
+    return max(1, available_cores() // local_process_count() - 1)
+
+
+def channels_last_on(cfg: Config, accelerator: Accelerator) -> bool:
+    """runtime.channels_last: "auto" is on with CUDA (tensor-core convolutions want NHWC), off on CPU."""
+    value = cfg.runtime.channels_last
+    return accelerator.device.type == "cuda" if value == "auto" else bool(value)
+
+
 def local_process_count() -> int:
     # torchrun (which `accelerate launch --multi_gpu` runs) says how many processes share this machine.
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -125,6 +139,9 @@ def make_accelerator(cfg: Config, log: bool = True) -> Accelerator:
                               gradient_accumulation_steps=cfg.train.grad_accum_steps, kwargs_handlers=handlers)
 
     torch.set_num_threads(cpu_thread_count(rt.cpu_threads, available_cores(), local_process_count()))
+    if not on_cpu:
+        # cuDNN times its algorithms once per input shape; a training run has one or two shapes.
+        torch.backends.cudnn.benchmark = rt.cudnn_benchmark in ("auto", True)
     notes = [precision_note]
     if rt.sync_bn and on_cpu and accelerator.num_processes > 1:
         notes.append("runtime.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); BatchNorm statistics "
@@ -137,12 +154,13 @@ def make_accelerator(cfg: Config, log: bool = True) -> Accelerator:
     return accelerator
 
 
-def prepare_model(model: nn.Module, accelerator: Accelerator, rt: RuntimeConfig) -> nn.Module:
+def prepare_model(model: nn.Module, accelerator: Accelerator, cfg: Config) -> nn.Module:
     """What the runtime changes on the model before `accelerator.prepare` (which adds DDP)."""
+    rt = cfg.runtime
     on_cpu = accelerator.device.type == "cpu"
     if rt.sync_bn and not on_cpu and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if rt.channels_last:
+    if channels_last_on(cfg, accelerator):
         model = model.to(memory_format=torch.channels_last)
     use_dp, _ = resolve_parallel(rt.parallel, on_cpu, 0 if on_cpu else torch.cuda.device_count(),
                                  accelerator.num_processes)

@@ -212,7 +212,8 @@ class RunTracking:
             torch.manual_seed(seed)
             picks = torch.randperm(len(train_ds))[:count].tolist()
             samples = [train_ds[i] for i in picks]
-        images = plots.denormalize(torch.stack([s[0] for s in samples]).float().numpy(), self.mean, self.std)
+        # uint8 as the workers deliver them: what the model sees before normalization on the device.
+        images = torch.stack([s[0] for s in samples]).permute(0, 2, 3, 1).float().numpy() / 255.0
         plots.image_grid(self.run_dir / "train_samples.png", images, [self.class_names[s[1]] for s in samples],
                          title="training samples (after augmentation)")
         self._log({"epoch": 0, "media/train_samples": self._image("train_samples.png"),

@@ -12,7 +12,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-from data import load_rgb
 from data.transforms import Preprocessing
 from helpers import COLORS, make_image_folder, run_script
 from models import HeadSpec, build_classifier
@@ -111,7 +110,7 @@ def test_a_checkpoint_with_compiled_key_names_predicts(tmp_path):
     assert len(rows) == 12 and all(r["class"] in COLORS and not r["error"] for r in rows)
     # The probabilities are the model's own.
     loaded = load_classifier(best)
-    first = loaded.eval_transform()(load_rgb(rows[0]["path"]))
+    first = loaded.preprocessing.load_normalized(rows[0]["path"])
     with torch.no_grad():
         expected = loaded.model(first[None]).softmax(1).max().item()
     assert float(rows[0]["probability"]) == pytest.approx(expected, abs=1e-6)

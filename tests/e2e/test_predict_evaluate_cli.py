@@ -81,7 +81,7 @@ def test_evaluate_numbers_match_the_models_own_predictions(tmp_path):
     cm = [[0] * 3 for _ in range(3)]
     for true, name in enumerate(CLASSES):
         for i in range(4):
-            image = loaded.eval_transform()(__import__("data").load_rgb(str(folder / name / f"{name}_{i:03d}.png")))
+            image = loaded.preprocessing.load_normalized(folder / name / f"{name}_{i:03d}.png")
             cm[true][loaded.model(image[None]).argmax().item()] += 1
     assert report["confusion_matrix"] == cm
     assert report["accuracy"] == sum(cm[i][i] for i in range(3)) / 12

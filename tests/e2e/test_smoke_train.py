@@ -39,7 +39,7 @@ def test_accelerate_launch_trains_and_checkpoint_reloads(image_folder, tmp_path)
     last = load_classifier(run_dir / "last.safetensors")
     splits = discover(image_folder, val_fraction=0.25, seed=0)
     dataset = ImageListDataset(splits.val, last.eval_transform())
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    images = last.preprocessing.normalize(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     labels = torch.tensor([label for _, label in splits.val])
     with torch.no_grad():
         predictions = last.model(images).argmax(1)

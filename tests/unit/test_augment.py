@@ -5,17 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.transforms import (PRESETS, MixingCollate, PadToSquare, Preprocessing, batch_mixer, crop_mode_of, parse_op,
-                             train_transform)
+from PIL import Image
+
 from configs.errors import UsageError
+from data.transforms import (PRESETS, BatchFinish, PadToSquare, Preprocessing, batch_mixer, crop_mode_of, parse_op,
+                             train_transform)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_gives_normalized_square_float_images(preset):
-    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
-    out = train_transform(preset, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), extra_ops=["random_erasing(p=1.0)"])(image)
-    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
-    assert Preprocessing(16, 0.875, (0.5,) * 3, (0.25,) * 3, crop_mode_of(preset)).eval_transform()(image).shape == (3, 16, 16)
+def test_every_preset_gives_uint8_square_images_that_finish_normalized(preset, tmp_path):
+    path = tmp_path / "image.png"
+    Image.fromarray(torch.randint(0, 256, (20, 30, 3), dtype=torch.uint8).numpy()).save(path)
+    transform, after = train_transform(preset, 16, extra_ops=["random_erasing(p=1.0)"])
+    image = transform.load(path)
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8  # workers hand on uint8
+    assert len(after) == 1  # random erasing works on normalized images: on the device
+    finish = BatchFinish((0.5,) * 3, (0.25,) * 3, after)
+    images, labels = finish(image[None], torch.tensor([0]))
+    assert images.dtype == torch.float32 and (images == 0).any()  # normalized, then erased
+    eval_image = Preprocessing(16, 0.875, (0.5,) * 3, (0.25,) * 3, crop_mode_of(preset)).eval_transform().load(path)
+    assert eval_image.shape == (3, 16, 16) and eval_image.dtype == torch.uint8
 
 
 def test_pad_to_square_centres_the_image():
@@ -46,8 +55,8 @@ def test_bad_op_specs_say_what_would_work(spec, message):
 
 
 def test_mixup_and_cutmix_make_soft_labels():
-    collate = MixingCollate(batch_mixer(3, mixup_alpha=0.4, cutmix_alpha=1.0))
-    images, labels = collate([(torch.rand(3, 8, 8), i % 3) for i in range(6)])
+    finish = BatchFinish((0.5,) * 3, (0.25,) * 3, mixer=batch_mixer(3, mixup_alpha=0.4, cutmix_alpha=1.0))
+    images, labels = finish(torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8), torch.arange(6) % 3)
     assert images.shape == (6, 3, 8, 8) and labels.shape == (6, 3)
     assert torch.allclose(labels.sum(1), torch.ones(6))
     assert batch_mixer(3, 0.0, 0.0) is None

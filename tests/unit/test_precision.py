@@ -113,7 +113,7 @@ def _one_sgd_update(clip: float) -> float:
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     counters = StepCounters()
     parts = StepParts(accelerator, model, optimizer, scheduler, nn.CrossEntropyLoss(), StepOptions(grad_clip_norm=clip))
-    train_step(parts, torch.randn(4, 10) * 100, torch.tensor([0, 1, 2, 0]), counters, "epoch 1, step 1")
+    train_step(parts, torch.randn(4, 10) * 100, torch.tensor([0, 1, 2, 0]), counters, 0)
     assert counters.optimizer_steps == 1 and scheduler.last_epoch == 1
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     return (after - before).norm().item()
@@ -142,12 +142,12 @@ def test_fp16_gradient_scaler_skips_overflowing_steps_and_counts_them():
         return nn.functional.cross_entropy(logits, labels) * 1e6
 
     scaled = StepParts(accelerator, model, optimizer, scheduler, overflowing_loss, StepOptions(grad_clip_norm=1.0))
-    train_step(scaled, x, y, counters, "epoch 1, step 1")
+    train_step(scaled, x, y, counters, 0)
     assert counters.skipped_steps == 1 and counters.optimizer_steps == 0
     assert scheduler.last_epoch == 0  # the schedule waits for a real step
     assert accelerator.scaler.get_scale() < scale
     plain = StepParts(accelerator, model, optimizer, scheduler, nn.CrossEntropyLoss(), StepOptions())
-    train_step(plain, x, y, counters, "epoch 1, step 2")
+    train_step(plain, x, y, counters, 1)
     assert counters.optimizer_steps == 1
 
 
@@ -155,5 +155,5 @@ def test_fp16_gradient_scaler_skips_overflowing_steps_and_counts_them():
 def test_dataparallel_is_used_when_asked_with_two_gpus(images, tmp_path):
     cfg = precision_config(images, tmp_path / "run", "runtime.parallel=dp")
     accelerator = make_accelerator(cfg)
-    model = prepare_model(nn.Linear(4, 2), accelerator, cfg.runtime)
+    model = prepare_model(nn.Linear(4, 2), accelerator, cfg)
     assert isinstance(model, nn.DataParallel) and len(model.device_ids) == torch.cuda.device_count()
