@@ -11,6 +11,7 @@ from accelerate import Accelerator  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from data.balance import BalancedDraw  # noqa: E402
+from data.dataset import Loading  # noqa: E402
 from data.sampling import TrainBatches  # noqa: E402
 
 
@@ -28,7 +29,7 @@ class Labels(Dataset):
 def main(out: str) -> None:
     accelerator = Accelerator(cpu=True)
     labels = [0] * 600 + [1] * 300 + [2] * 60  # 10:5:1 imbalance
-    loader = TrainBatches(Labels(labels), 16, 0, False, 3, accelerator, BalancedDraw(labels, seed=3).indices)
+    loader = TrainBatches(Labels(labels), 16, Loading(0), 3, accelerator, BalancedDraw(labels, seed=3).indices)
     record = {}
     for epoch in range(2):
         loader.start_epoch(epoch)
