@@ -53,6 +53,10 @@ class DataConfig:
     num_workers: int | str = _doc("auto", "DataLoader worker processes per training process (auto: this "
                                           "machine's cores / processes on it, less one for the trainer)")
     prefetch_factor: int = _doc(4, "batches each worker keeps ready ahead of training")
+    decode: str = _choice("auto", ("auto", "cpu", "cuda"),
+                          "where training JPEGs are decoded: cpu (workers, at reduced DCT scale), cuda (nvjpeg, "
+                          "batched, for when the cores cannot keep up); auto: cuda when a CUDA process has fewer "
+                          "than 4 cores to itself")
     augment: str = _choice("standard", ("standard", "crop", "stretch", "square", "randaugment", "trivialaugment",
                                         "none"),
                            "standard: random resized crop + flip; crop: no flip; stretch: resize + flip; square: "

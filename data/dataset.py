@@ -7,9 +7,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from data.folders import Sample
 from data.images import DEFAULT_MAX_PIXELS, load_rgb
@@ -33,7 +34,7 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _record_failure(self, path: str, error: Exception) -> None:
+    def record_failure(self, path: str, error: Exception) -> None:
         message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         print(f"warning: skipped {path}: {message}", file=sys.stderr, flush=True)
         if self.failure_log:
@@ -52,7 +53,7 @@ class ImageListDataset(Dataset):
                 # The transform decodes: its crop plan decides how many pixels are decoded at all.
                 image = self.transform.load(path, self.max_pixels) if self.transform else load_rgb(path, self.max_pixels)
             except Exception as e:  # any decode failure: PIL raises many types
-                self._record_failure(path, e)
+                self.record_failure(path, e)
                 continue
             return image, label
         raise RuntimeError(f"{_MAX_SUBSTITUTES} consecutive files failed to load near {self.samples[index][0]}; "
@@ -78,6 +79,7 @@ class Loading:
     num_workers: int
     pin_memory: bool = False
     prefetch_factor: int = 2  # batches each worker keeps ready
+    collate: Callable = default_collate  # samples -> a batch (data.device_decode has its own)
 
     def kwargs(self) -> dict:
         if self.num_workers == 0:
@@ -92,4 +94,4 @@ def make_loader(dataset: Dataset, batch_size: int, loading: Loading, seed: int) 
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator, drop_last=False,
-                      **loading.kwargs())
+                      collate_fn=loading.collate, **loading.kwargs())

@@ -83,10 +83,10 @@ def decode_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS, plan: CropPlan | None
                 width, height = image.size
                 if max_pixels and width * height > max_pixels:
                     raise DecompressionBomb(width, height, max_pixels)
-                orientation = _orientation(image)
+                orientation = orientation_of(image)
                 upright = (height, width) if orientation in _TRANSPOSED else (width, height)
                 region = plan(*upright) if plan is not None else None
-                if region is not None and orientation == 1 and _scalable_jpeg(image):
+                if region is not None and orientation == 1 and scalable_jpeg(image):
                     return _decode_region_scaled(image, region)
                 rgb = _upright_rgb(image)
                 if region is not None:
@@ -94,15 +94,17 @@ def decode_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS, plan: CropPlan | None
                 return np.asarray(rgb, dtype=np.uint8).copy()
 
 
-def _orientation(image: Image.Image) -> int:
-    # Parsing EXIF costs more than a small JPEG's resize; a JPEG without an Exif block has none.
+def orientation_of(image: Image.Image) -> int:
+    """The EXIF orientation (1: upright). Parsing EXIF costs more than a small JPEG's resize, and a
+    JPEG without an Exif block has none."""
     if image.format == "JPEG" and "exif" not in image.info:
         return 1
     return image.getexif().get(_EXIF_ORIENTATION, 1)
 
 
-def _scalable_jpeg(image: Image.Image) -> bool:
-    # CMYK and Adobe-inverted JPEGs need PIL's full conversion; transparency cannot occur.
+def scalable_jpeg(image: Image.Image) -> bool:
+    """A JPEG any decoder can scale and crop as it is: RGB or gray (CMYK and Adobe-inverted ones
+    need PIL's full conversion; transparency cannot occur)."""
     return image.format == "JPEG" and image.mode in ("RGB", "L")
 
 

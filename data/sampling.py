@@ -137,13 +137,18 @@ def _seed_cpu_rngs(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def collate_with_seed(pairs):
+class SeededCollate:
     """(seed, (image, label)) pairs -> (images, labels, batch seed): the first sample's seed
     travels with the batch, so batch-level randomness on the device (MixUp, CutMix, random
     erasing) replays like the per-sample augmentation does."""
-    seeds, samples = zip(*pairs)
-    images, labels = default_collate(list(samples))
-    return images, labels, seeds[0] ^ _COLLATE  # a Python int: reading it back never waits on the device
+
+    def __init__(self, collate: Callable = default_collate):
+        self.collate = collate
+
+    def __call__(self, pairs):
+        seeds, samples = zip(*pairs)
+        images, labels = self.collate(list(samples))
+        return images, labels, seeds[0] ^ _COLLATE  # a Python int: reading it back never waits on the device
 
 
 class TrainBatches:
@@ -165,7 +170,8 @@ class TrainBatches:
         # the global RNG whenever an epoch's iterator starts would make a resumed run diverge.
         generator = torch.Generator().manual_seed(int(derived_seeds(seed, rank, _WORKERS)[0]))
         loader = DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=self.sampler,
-                            generator=generator, drop_last=False, collate_fn=collate_with_seed, **loading.kwargs())
+                            generator=generator, drop_last=False, collate_fn=SeededCollate(loading.collate),
+                            **loading.kwargs())
         self.loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
                                           put_on_device=True, rng_types=[], non_blocking=loading.pin_memory)
         self.finish = finish

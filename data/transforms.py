@@ -229,9 +229,21 @@ class ImageTransform:
 
     def load(self, path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         image = load_rgb(path, max_pixels, self.plan)
-        for op in self.ops:
-            image = op(image)
-        return image
+        return apply_ops(image, self.ops, draw_op_seed()) if self.ops else image
+
+
+def draw_op_seed() -> int:
+    """The seed a sample's ops run under, drawn from torch's RNG (seeded per sample by
+    data.sampling), so the ops replay the same wherever they run: in a worker, or on the device
+    after a GPU decode (data.device_decode)."""
+    return int(torch.randint(2**62, ()).item())
+
+
+def apply_ops(image: torch.Tensor, ops: list, seed: int) -> torch.Tensor:
+    torch.default_generator.manual_seed(seed)  # v2 ops draw on the CPU, whatever device the image is on
+    for op in ops:
+        image = op(image)
+    return image
 
     def __repr__(self) -> str:
         return f"ImageTransform(plan={self.plan!r}, ops={self.ops!r})"
@@ -243,11 +255,14 @@ class BatchFinish:
     MixUp/CutMix. Their random numbers come from torch's CPU RNG, which the caller seeds per batch
     (data.sampling.TrainBatches), so a replayed batch is bit-for-bit the same."""
 
-    def __init__(self, mean, std, after: list = (), mixer=None, channels_last: bool = False):
+    def __init__(self, mean, std, after: list = (), mixer=None, channels_last: bool = False, decode=None):
+        """`decode` (data.device_decode.DeviceDecode): batches of encoded JPEGs decoded on the device first."""
         self.mean, self.std, self.after, self.mixer = tuple(mean), tuple(std), list(after), mixer
-        self.channels_last = channels_last
+        self.channels_last, self.decode = channels_last, decode
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.decode is not None:
+            images = self.decode(images)
         images = normalize(images, self.mean, self.std, self.channels_last)
         for op in self.after:
             for i in range(len(images)):

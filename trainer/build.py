@@ -8,6 +8,7 @@ its own, so what the LR finder measures is what training sees.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,15 @@ from configs.schema import Config, read_config
 from data import ImageListDataset, Preprocessing, Splits, discover, make_loader, resolve_normalization, train_transform
 from data.audit_training import prepare_training_data
 from data.balance import BalancedDraw, balanced_class_weights
-from data.sampling import Loading, TrainBatches
+from data.dataset import Loading
+from data.device_decode import DeviceDecode, EncodedTransform, collate_encoded
+from data.sampling import TrainBatches
 from data.transforms import BatchFinish, batch_mixer, check_augment_ops, crop_mode_of
 from models import BuiltModel, HeadSpec, build_classifier
 from models.finetune import FinetunePlan, apply_epoch, check_finetune_config, make_plan, param_groups, prepare_for_wrapping
 from trainer.features import cached_head_datasets
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.runtime import channels_last_on, worker_count
+from trainer.runtime import channels_last_on, decode_on, worker_count
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -153,13 +156,25 @@ def _loaders(cfg: Config, accelerator: Accelerator, data: RunData, datasets: tup
     d, seed = cfg.data, cfg.train.seed
     # The epoch's whole draw; TrainBatches shards it across processes and can start it mid-way.
     draw = BalancedDraw(data.train_labels, seed=seed).indices if d.sampler == "balanced" else None
-    finish = None
+    train_set, train_loading, finish = datasets[0], loading, None
     if not cfg.train.cache_features:  # features need no normalizing
+        decode = None
+        if decode_on(cfg, accelerator) == "cuda":  # workers read bytes; JPEGs are decoded by nvjpeg
+            train_set, train_loading, decode = _device_decoding(data, loading, accelerator.device)
         finish = BatchFinish(data.preprocessing.mean, data.preprocessing.std, data.after_normalize,
                              batch_mixer(len(data.classes), d.mixup_alpha, d.cutmix_alpha),
-                             channels_last_on(cfg, accelerator))
-    train_loader = TrainBatches(datasets[0], d.batch_size, loading, seed, accelerator, draw, finish)
+                             channels_last_on(cfg, accelerator), decode)
+    train_loader = TrainBatches(train_set, d.batch_size, train_loading, seed, accelerator, draw, finish)
     return train_loader, make_loader(datasets[1], d.batch_size, loading, seed)
+
+
+def _device_decoding(data: RunData, loading: Loading, device) -> tuple[Dataset, Loading, DeviceDecode]:
+    """The training set as encoded JPEGs plus their crops, and the decoder that finishes them on the device."""
+    images = data.train_images
+    encoded = ImageListDataset(images.samples, EncodedTransform(images.transform.plan), images.failure_log,
+                               images.max_pixels)
+    decode = DeviceDecode(data.preprocessing.image_size, images.transform.ops, device, encoded.record_failure)
+    return encoded, dataclasses.replace(loading, collate=collate_encoded), decode
 
 
 def _criterion(cfg: Config, accelerator: Accelerator, data: RunData) -> nn.Module:

@@ -107,6 +107,18 @@ def channels_last_on(cfg: Config, accelerator: Accelerator) -> bool:
     return accelerator.device.type == "cuda" if value == "auto" else bool(value)
 
 
+def decode_on(cfg: Config, accelerator: Accelerator) -> str:
+    """data.decode: where training JPEGs are decoded. "auto" picks the GPU when this process has
+    fewer than 4 CPU cores to itself: too few to decode as fast as a GPU trains."""
+    value, cuda = cfg.data.decode, accelerator.device.type == "cuda"
+    if value == "cuda" and not cuda:
+        raise ConfigError(f'data.decode = "cuda" needs a CUDA device, and this run is on {accelerator.device.type}; '
+                          'use data.decode=auto or data.decode=cpu')
+    if value == "auto":
+        return "cuda" if cuda and available_cores() // local_process_count() < 4 else "cpu"
+    return value
+
+
 def local_process_count() -> int:
     # torchrun (which `accelerate launch --multi_gpu` runs) says how many processes share this machine.
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
