@@ -5,6 +5,7 @@ decode + training transform, ours against timm's, at three photo sizes.
     python benchmarks/throughput.py                                   # CPU defaults: a few minutes on 2 cores
     python benchmarks/throughput.py --model timm/resnet50 --batch 256 --image-size 224 \
         --precision bf16 --images 12800 --workers 15                  # one H100, the setting
+    python benchmarks/throughput.py --model timm/resnet18 --decode cuda  # JPEGs decoded by nvjpeg (data.decode)
     python benchmarks/throughput.py --skip-trainer --skip-timm        # ceiling and pipeline only
 
 The photos are scikit-learn's two sample photographs (real JPEG content), cropped, flipped and
@@ -192,9 +193,14 @@ def our_pipeline(args, folder: Path, device: torch.device, channels_last: bool):
     accelerator = Accelerator(cpu=device.type == "cpu")
     splits = discover(str(folder), 0.2, 0)
     transform, after = train_transform("standard", args.image_size)
-    dataset = ImageListDataset(splits.train, transform)
-    finish = BatchFinish(IMAGENET_MEAN, IMAGENET_STD, after, None, channels_last)
-    loading = Loading(args.workers, device.type == "cuda", 4)
+    dataset, loading, decode = ImageListDataset(splits.train, transform), Loading(args.workers, device.type == "cuda", 4), None
+    if args.decode == "cuda":  # as trainer.build wires data.decode = "cuda"
+        from data.device_decode import DeviceDecode, EncodedTransform, collate_encoded
+
+        dataset = ImageListDataset(splits.train, EncodedTransform(transform.plan))
+        loading = Loading(args.workers, True, 4, collate_encoded)
+        decode = DeviceDecode(args.image_size, transform.ops, device)
+    finish = BatchFinish(IMAGENET_MEAN, IMAGENET_STD, after, None, channels_last, decode)
     batches = TrainBatches(dataset, args.batch, loading, 0, accelerator, finish=finish)
     return batches
 
@@ -218,7 +224,7 @@ def our_trainer(args, folder: Path, tmp: Path) -> float:
                f"data.image_size={args.image_size}", f"data.batch_size={args.batch}", "data.augment=standard",
                f"data.num_workers={args.workers}", f"train.precision={args.precision}",
                f"train.epochs={args.trainer_epochs}", "data.audit=off", f"run.dir={run_dir}", "wandb.mode=disabled",
-               "optim.name=adamw", "optim.lr=1e-4"]
+               "optim.name=adamw", "optim.lr=1e-4", f"data.decode={args.decode}"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
@@ -242,6 +248,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30 if cuda else 6, help="timed batches per row")
     parser.add_argument("--warmup", type=int, default=10 if cuda else 2)
     parser.add_argument("--trainer-epochs", type=int, default=2)
+    parser.add_argument("--decode", default="cpu", choices=("cpu", "cuda"), help="data.decode for our rows")
     parser.add_argument("--skip-trainer", action="store_true")
     parser.add_argument("--skip-timm", action="store_true")
     parser.add_argument("--skip-cost", action="store_true", help="skip the CPU ms/sample table")
@@ -257,7 +264,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         print(f"device {device} ({torch.cuda.get_device_name() if cuda else f'{os.cpu_count()} cores'}), "
               f"{args.model}, batch {args.batch}, {args.image_size} px, precision {args.precision}, "
-              f"{args.workers} workers, {args.images} photos of {width}x{height}", flush=True)
+              f"{args.workers} workers, {args.images} photos of {width}x{height}, decode on {args.decode}", flush=True)
         if not args.skip_cost:
             print(f"\nCPU ms per training sample (decode + random resized crop to {args.cost_size} + flip, one thread):")
             print(f"  {'photo':>10} {'ours':>8} {'timm':>8} {'ours/timm':>10}")
