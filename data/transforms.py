@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import math
 import random
 import re
@@ -137,10 +138,17 @@ def check_augment_ops(specs: list[str], image_size: int) -> None:
 
 def normalize(images: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
     """uint8 (..., 3, H, W) on any device -> float32 normalized, in one pass over the pixels."""
-    scale = torch.tensor([255.0 * s for s in std], device=images.device).view(-1, 1, 1)
-    shift = torch.tensor([255.0 * m for m in mean], device=images.device).view(-1, 1, 1)
+    shift, scale = _shift_scale(tuple(mean), tuple(std), images.device)
     fmt = torch.channels_last if channels_last and images.ndim == 4 else torch.preserve_format
     return images.to(torch.float32, memory_format=fmt).sub_(shift).div_(scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _shift_scale(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a fresh host-to-GPU copy per batch would wait for the GPU's queue.
+    shift = torch.tensor([255.0 * m for m in mean], device=device).view(-1, 1, 1)
+    scale = torch.tensor([255.0 * s for s in std], device=device).view(-1, 1, 1)
+    return shift, scale
 
 
 # ---- crop plans: the first crop-and-resize, done by the decoder ----
