@@ -257,6 +257,19 @@ def apply_ops(image: torch.Tensor, ops: list, seed: int) -> torch.Tensor:
         return f"ImageTransform(plan={self.plan!r}, ops={self.ops!r})"
 
 
+def erase_on_device(op: v2.RandomErasing, image: torch.Tensor) -> torch.Tensor:
+    """`op(image)` with the same random draws (torch's CPU RNG), but the erasing value copied to the
+    device without waiting: torchvision assigns a CPU tensor into the image, a blocking copy that
+    would make the host wait for the GPU once per image."""
+    if torch.rand(1).item() >= op.p:
+        return image
+    p = op.make_params([image])
+    if p["v"] is None:
+        return image
+    image[..., p["i"]:p["i"] + p["h"], p["j"]:p["j"] + p["w"]] = p["v"].to(image.device, image.dtype, non_blocking=True)
+    return image
+
+
 class BatchFinish:
     """A uint8 batch on the device -> what the model takes: float and normalized (channels_last on
     request), then the ops that work on normalized images (random erasing, per sample) and
@@ -274,7 +287,7 @@ class BatchFinish:
         images = normalize(images, self.mean, self.std, self.channels_last)
         for op in self.after:
             for i in range(len(images)):
-                images[i] = op(images[i])
+                images[i] = erase_on_device(op, images[i]) if isinstance(op, v2.RandomErasing) else op(images[i])
         if self.mixer is not None:
             images, labels = self.mixer(images, labels)
         return images, labels

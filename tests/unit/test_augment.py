@@ -60,3 +60,18 @@ def test_mixup_and_cutmix_make_soft_labels():
     assert images.shape == (6, 3, 8, 8) and labels.shape == (6, 3)
     assert torch.allclose(labels.sum(1), torch.ones(6))
     assert batch_mixer(3, 0.0, 0.0) is None
+
+
+def test_random_erasing_on_the_device_draws_what_torchvision_draws():
+    from torchvision.transforms import v2
+
+    from data.transforms import erase_on_device
+
+    for value in (0, "random"):
+        op = v2.RandomErasing(p=0.7, value=value)
+        for seed in range(10):
+            image = torch.randn(3, 16, 16)
+            torch.manual_seed(seed)
+            expected = op(image.clone())
+            torch.manual_seed(seed)
+            assert torch.equal(erase_on_device(op, image.clone()), expected)
