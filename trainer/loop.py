@@ -263,8 +263,8 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, criterion,
         losses.append(loss.double())
         hits.append(top[:, 0] == labels)
         hits5.append((top == labels[:, None]).any(1))
-        all_labels.append(labels.cpu())
-        all_top1.append(top[:, 0].cpu())
+        all_labels.append(labels)  # kept on the device: one copy to the host at the end, not one per batch
+        all_top1.append(top[:, 0])
     n = sum(len(h) for h in hits)
     stats = {"val_loss": torch.cat(losses).sum().item() / n, "val_acc": torch.cat(hits).double().sum().item() / n}
     if num_classes >= 5:
@@ -273,7 +273,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, criterion,
     if not math.isfinite(stats["val_loss"]):
         accelerator.print("warning: validation loss is not finite")
     predictions = ValidationPredictions(
-        labels=torch.cat(all_labels).numpy(), predicted=torch.cat(all_top1).numpy(),
+        labels=torch.cat(all_labels).cpu().numpy(), predicted=torch.cat(all_top1).cpu().numpy(),
         sample_images=torch.cat([s[0] for s in samples]), sample_labels=torch.cat([s[1] for s in samples]).tolist(),
         sample_predicted=torch.cat([s[2] for s in samples]).tolist())
     return stats, predictions
