@@ -74,7 +74,8 @@ class DataConfig:
                            "balanced: draw every class equally often (with replacement); epoch length unchanged")
     audit: str = _choice("on", ("on", "off"), "on: audit the folder (cached) before training and leave out bad files")
     audit_dir: str = _doc("", "where audit caches and reports live; empty: ~/.cache/imgtrain/audit")
-    min_image_side: int = _doc(0, "audit: images with a side below this are too small; 0: data.image_size // 4")
+    min_image_side: int = _doc(0, "audit: images with a side below this are left out; 0: only degenerate ones (a side "
+                                  "under 8 px, or one side over 25x the other); smaller images are upsampled")
     max_image_pixels: int = _doc(89_478_485, "audit and loading: images with more pixels are decompression bombs "
                                              "(0: no limit)")
     leakage: str = _choice("warn", ("warn", "error"), "identical images in train and validation: warn or stop")
@@ -361,7 +362,7 @@ def validate(cfg: Config) -> None:
         (cfg.wandb.init_timeout > 0, "wandb.init_timeout must be a positive number of seconds"),
         (d.mixup_alpha >= 0, "data.mixup_alpha must be 0 (off) or more"),
         (d.cutmix_alpha >= 0, "data.cutmix_alpha must be 0 (off) or more"),
-        (d.min_image_side >= 0, "data.min_image_side must be 0 (a quarter of data.image_size) or more"),
+        (d.min_image_side >= 0, "data.min_image_side must be 0 (only degenerate images) or more"),
         (d.max_image_pixels >= 0, "data.max_image_pixels must be 0 (no limit) or more"),
         (t.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1 (1: no accumulation)"),
         (t.grad_clip_norm >= 0, "train.grad_clip_norm must be 0 (off) or a positive norm, e.g. 1.0"),

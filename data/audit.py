@@ -177,8 +177,11 @@ class AuditResult:
             lines.append(f"         {name:<{width}}" + "".join(f"  {self.clean_counts[s].get(name, 0):>7}"
                                                             for s in splits))
         ratio = self.imbalance_ratio()
-        lines.append(f"         imbalance (largest / smallest train class): {ratio:.1f}x"
-                     + ("  - consider data.sampler=balanced or train.class_weights=balanced" if ratio >= 3 else ""))
+        if ratio == float("inf"):
+            lines.append("         imbalance: some train class has no usable images (see the counts above)")
+        else:
+            lines.append(f"         imbalance (largest / smallest train class): {ratio:.1f}x"
+                         + ("  - consider data.sampler=balanced or train.class_weights=balanced" if ratio >= 3 else ""))
         counts = self.counts_by_problem()
         if not counts:
             lines.append("         no problems found")
@@ -306,6 +309,13 @@ def audit_splits(splits: Splits, *, min_side: int = 1, max_pixels: int = DEFAULT
     return result
 
 
+# Degenerate images, whatever the training size: a side under DEGENERATE_SIDE pixels (1x1 icons,
+# tracking pixels) or one side over MAX_ASPECT times the other (2x500 slivers). Small images
+# are not degenerate: upsampling (CIFAR's 32 px to 224) is standard fine-tuning practice.
+DEGENERATE_SIDE = 8
+MAX_ASPECT = 25
+
+
 def _find_problems(entries, measurements, root: Path, min_side: int, max_pixels: int) -> list[Problem]:
     problems: list[Problem] = []
     by_hash: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
@@ -318,6 +328,9 @@ def _find_problems(entries, measurements, root: Path, min_side: int, max_pixels:
         elif kind == "ok" and min(m["width"], m["height"]) < min_side:
             kind, detail = "too_small", (f"{m['width']}x{m['height']}: a side is under {min_side} pixels "
                                          f"(data.min_image_side)")
+        elif kind == "ok" and max(m["width"], m["height"]) > MAX_ASPECT * min(m["width"], m["height"]):
+            kind, detail = "too_small", (f"{m['width']}x{m['height']}: a sliver, one side over {MAX_ASPECT}x "
+                                         "the other (no crop of it shows anything)")
         if kind != "ok":
             problems.append(Problem(path, rel, split, name, kind, detail, LEFT_OUT))
         elif split != "test":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data.audit import AuditResult, audit_splits
+from data.audit import DEGENERATE_SIDE, AuditResult, audit_splits
 from data.folders import Splits
 from data.stats import training_stats
 from configs.errors import UsageError
@@ -28,7 +28,8 @@ class TrainingData:
 
 
 def min_side_for(data_cfg) -> int:
-    return data_cfg.min_image_side or max(1, data_cfg.image_size // 4)
+    """data.min_image_side, or (0) only degenerate images: small ones are upsampled, not dropped."""
+    return data_cfg.min_image_side or DEGENERATE_SIDE
 
 
 def prepare_training_data(splits: Splits, data_cfg, is_main: bool, say: Callable[[str], None]) -> TrainingData:
@@ -81,8 +82,8 @@ def _apply(result: AuditResult, splits: Splits, d, report_path: Path, say) -> Sp
         kinds = Counter(p.problem for p in result.problems if p.label == empty[0] and p.split == "train")
         hint = "; fix or remove the class folder"
         if kinds.get("too_small"):
-            hint = (f"; images need a side of at least {min_side_for(d)} pixels for data.image_size={d.image_size}: "
-                    f"lower data.image_size or set data.min_image_side")
+            hint = (f"; images need a side of at least {min_side_for(d)} pixels (data.min_image_side; 0 keeps "
+                    f"every image with a side of {DEGENERATE_SIDE} or more)")
         raise UsageError(f"class '{empty[0]}' has no usable training images after the audit left out "
                          f"{', '.join(f'{n} {k}' for k, n in kinds.items())} (see {report_path}){hint}")
     return clean

@@ -3,7 +3,7 @@
     # check a folder (either layout: class folders, or train/ val/ (test/) split folders)
     python launch/audit.py datasets/pets
     # the sizes and split your training config uses (too-small threshold, the class-folder split)
-    python launch/audit.py datasets/pets --image-size 224 --val-fraction 0.15 --seed 1999
+    python launch/audit.py datasets/pets --val-fraction 0.15 --seed 1999
     # one row per problem file, for a spreadsheet or a script (.csv) or everything (.json)
     python launch/audit.py datasets/pets --report pets-audit.csv
     # move bad files (and extra copies of duplicates) out of the way, keeping their relative paths
@@ -28,9 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("root", help="data root: a folder of class folders, or one with train/ and val/")
-    parser.add_argument("--image-size", type=int, default=224, help="the training crop size (default 224)")
     parser.add_argument("--min-side", type=int, default=0,
-                        help="images with a smaller side are too small (default: image size // 4)")
+                        help="images with a smaller side are too small (default 0: only degenerate ones, a side "
+                             "under 8 px or one side over 25x the other)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="decompression-bomb limit in pixels (default: PIL's, about 89.5 million; 0: none)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="class-folder layout: validation share")
@@ -44,14 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> int:
-    from data.audit import audit_splits, check_quarantine_folder, quarantine
+    from data.audit import DEGENERATE_SIDE, audit_splits, check_quarantine_folder, quarantine
     from data.folders import discover
     from data.images import DEFAULT_MAX_PIXELS
     from configs.errors import UsageError
 
     args = parse_args()
-    if args.image_size < 1 or args.min_side < 0 or args.workers < 0:
-        raise UsageError("--image-size must be positive; --min-side and --workers must be 0 or more")
+    if args.min_side < 0 or args.workers < 0:
+        raise UsageError("--min-side and --workers must be 0 or more")
     if not 0.0 < args.val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
     if args.report and not args.report.lower().endswith((".json", ".csv")):
@@ -60,7 +60,7 @@ def main() -> int:
     splits = discover(args.root, args.val_fraction, args.seed)
     if args.quarantine:
         check_quarantine_folder(splits.root, args.quarantine)  # before the slow part, not after it
-    result = audit_splits(splits, min_side=args.min_side or max(1, args.image_size // 4), max_pixels=max_pixels,
+    result = audit_splits(splits, min_side=args.min_side or DEGENERATE_SIDE, max_pixels=max_pixels,
                           audit_dir=args.audit_dir, use_cache=not args.no_cache, workers=args.workers)
     print("\n".join(result.summary_lines()))
     default_report = result.write_report(result.folder / "report.json")

@@ -210,8 +210,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise UsageError(f"refusing {path}: it needs arbitrary objects unpickled, which can run code. "
                              f"Save only the state_dict (torch.save(model.state_dict(), ...)) or convert "
                              f"it to .safetensors") from None
-        except (RuntimeError, EOFError, OSError) as e:
-            raise UsageError(f"{path} is not a readable torch weights file ({e})") from None
+        except Exception as e:  # noqa: BLE001 - torch's legacy reader fails on foreign bytes with any error type
+            raise UsageError(f"{path} is not a readable torch weights file ({type(e).__name__}: {e}); give "
+                             "model.weights a .safetensors file or a torch.save(model.state_dict()) file") from None
         for wrapper in ("state_dict", "model", "model_state_dict"):  # common checkpoint dicts
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]

@@ -48,8 +48,12 @@ def make_image_folder(root: Path, per_class: int = 12, classes=tuple(COLORS), la
 
 
 def run_env(**extra: str) -> dict[str, str]:
+    """The environment of every subprocess test: CPU only, by environment rather than by luck. On
+    a machine with GPUs, a 2-process CPU-DDP launch would otherwise put its ranks on cuda:0 and
+    cuda:1 ("invalid device ordinal" with one GPU), and exact comparisons would meet TF32 and
+    cuDNN's nondeterminism. Tests that need CUDA run in-process and skip without it."""
     env = dict(os.environ)
-    env.update({"WANDB_MODE": "disabled", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+    env.update({"CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
                 "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 # Keep accelerate from reading a user's `accelerate config` file.
                 "HF_HOME": env.get("HF_HOME_TESTS", "/tmp/imgtrain-tests-hf")})
@@ -101,9 +105,11 @@ def precision_config(images: Path, run_dir: Path, *extra: str):
     """A whole tiny in-process training without BatchNorm (so runtimes compare exactly) on `images`."""
     from trainer.build import load_config
 
+    # On CPU whatever the machine has: the comparisons are exact to 1e-5, which TF32 matmuls and
+    # cuDNN's algorithm choice on a GPU do not promise (accumulation measured 2.6e-5 there).
     return load_config(None, [f"data.root={images}", f"run.dir={run_dir}", "model.name=tiny_cnn_nobn",
                               "data.image_size=16", "data.num_workers=0", "data.augment=none", "optim.lr=0.01",
-                              *extra])
+                              "runtime.device=cpu", *extra])
 
 
 def reset_accelerate_state() -> None:

@@ -16,8 +16,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from configs.errors import TrainingFailed
 from configs.schema import Config
 from data.dataset import read_load_failures
 from data.files import atomic_write_text
@@ -28,6 +30,7 @@ from trainer.features import with_sample_images
 from trainer.model_file import ClassifierFacts, save_classifier
 from trainer.progress import Progress
 from trainer.report import RunReport
+from trainer.run_lock import RunLock
 from trainer.runtime import channels_last_on, describe, make_accelerator, prepare_model
 from trainer.step import StepCounters, StepOptions, StepParts, train_step
 from trainer.tracking import SAMPLE_IMAGES, ValidationPredictions, RunTracking
@@ -57,10 +60,15 @@ class Training:
 def train(cfg: Config) -> TrainResult:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
+    run_dir = Path(cfg.run.dir).expanduser().resolve()
+    # One run per folder, checked (writable, room for checkpoints) before anything else happens.
+    with RunLock(run_dir, accelerator):
+        return _train(cfg, accelerator, run_dir)
 
+
+def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     # ---- build: everything that can fail on user input happens before a file is written ----
     parts = build_run(cfg, accelerator)
-    run_dir = Path(cfg.run.dir).expanduser().resolve()
     model = prepare_model(parts.model, accelerator, cfg)
     # The training batches are sharded by their own resumable sampler, not by accelerator.prepare.
     model, optimizer, val_loader = accelerator.prepare(model, parts.optimizer, parts.val_loader)
@@ -99,10 +107,7 @@ def train(cfg: Config) -> TrainResult:
             record = report.epoch(progress.history.epochs[-1])
             tracking.epoch(record, progress.history.epochs, predictions)
             if accelerator.is_main_process:
-                state = parts.built.model.state_dict()  # the whole classifier, also when only the head trained
-                save_classifier(run_dir / "last.safetensors", state, facts, metrics=metrics, epoch=epoch)
-                if improved:
-                    save_classifier(run_dir / "best.safetensors", state, facts, metrics=metrics, epoch=epoch)
+                save_model_files(run_dir, parts.built.model, facts, metrics, improved)
             progress.end_epoch(epoch, improved)  # the resumable checkpoint, rotated
             if progress.stopped_early:
                 break
@@ -121,6 +126,18 @@ def train(cfg: Config) -> TrainResult:
     report.finish(best=history.best, stopped_early=progress.stopped_early, written=written, epochs=history.epochs)
     accelerator.end_training()
     return TrainResult(run_dir, history.best, history.epochs, progress.stopped_early)
+
+
+def save_model_files(run_dir: Path, model: nn.Module, facts: ClassifierFacts, metrics: dict, improved: bool) -> None:
+    """last.safetensors, and best.safetensors when the epoch improved; each replaced atomically,
+    so a failed write (disk full) leaves the previous file whole and ends training in one line."""
+    state = model.state_dict()  # the whole classifier, also when only the head trained
+    for name in ("last.safetensors", "best.safetensors") if improved else ("last.safetensors",):
+        try:
+            save_classifier(run_dir / name, state, facts, metrics=metrics, epoch=metrics["epoch"])
+        except (OSError, SafetensorError) as e:
+            raise TrainingFailed(f"could not write {run_dir / name} ({type(e).__name__}: {e}); the previous one "
+                                 "is intact. Free space in run.dir and continue with run.resume=auto") from None
 
 
 def start_run_folder(accelerator: Accelerator, cfg: Config, run_dir: Path, failure_log: Path) -> None:

@@ -86,7 +86,14 @@ def find_checkpoint(resume: str, root: Path, warn, skipped: list[Path] | None = 
                              f"or choose another run.dir")
         return None
     if resume == "auto":
-        return newest_valid(root, warn, skipped)
+        skipped = [] if skipped is None else skipped
+        found = newest_valid(root, warn, skipped)
+        if found is None and skipped:
+            # Starting fresh would overwrite best/last.safetensors and append a second history.
+            raise UsageError(f"run.resume=auto: every checkpoint in {root} is damaged ("
+                             f"{', '.join(p.name for p in skipped)}, reasons above); nothing was changed. To start "
+                             f"fresh keep them and use another run.dir, or move {root} aside")
+        return found
     path = Path(resume).expanduser().resolve()
     if (path / "checkpoints").is_dir():  # a run folder: its newest checkpoint
         path = path / "checkpoints"

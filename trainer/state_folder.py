@@ -33,9 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from configs.errors import TrainingFailed
 from data.files import atomic_output, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
 from trainer.model_file import plain_tensors
 from trainer.faults import crash_point
@@ -43,6 +45,10 @@ from trainer.faults import crash_point
 FORMAT = "imgtrain/state-v1"
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointWriteFailed(TrainingFailed):
+    """A checkpoint could not be written (disk full, quota, I/O error); raised on every process."""
 
 
 class DamagedCheckpoint(Exception):
@@ -164,17 +170,47 @@ def save_checkpoint(accelerator, root: Path, step: int, *, model_state: dict[str
         tmp.mkdir()
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
-    write_tensors(tmp / f"rank-{rank}.safetensors", rank_tensors)
-    write_json(tmp / f"rank-{rank}.json", rank_json)
-    if accelerator.is_main_process:
-        write_tensors(tmp / "model.safetensors", model_state)
-        opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
-        write_tensors(tmp / "optimizer.safetensors", opt_tensors)
-        write_json(tmp / "state.json", {**trainer_state, "format": FORMAT, "step": step,
-                                        "optimizer": opt_meta, "num_processes": accelerator.num_processes})
-    accelerator.wait_for_everyone()
+
+    def write_files() -> None:
+        write_tensors(tmp / f"rank-{rank}.safetensors", rank_tensors)
+        write_json(tmp / f"rank-{rank}.json", rank_json)
+        if accelerator.is_main_process:
+            write_tensors(tmp / "model.safetensors", model_state)
+            opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
+            write_tensors(tmp / "optimizer.safetensors", opt_tensors)
+            write_json(tmp / "state.json", {**trainer_state, "format": FORMAT, "step": step,
+                                            "optimizer": opt_meta, "num_processes": accelerator.num_processes})
+
+    _written_everywhere(accelerator, write_files, tmp, final)
     crash_point("checkpoint_write", step)
+    _written_everywhere(accelerator, lambda: _complete(accelerator, tmp, final, step), tmp, final)
+    return final
+
+
+def _written_everywhere(accelerator, write, tmp: Path, final: Path) -> None:
+    """Run this process's share of a checkpoint write; then every process agrees whether all
+    shares were written (a collective), and all stop together with one line if one was not (disk
+    full, quota, I/O error), the half-written folder removed and every earlier checkpoint intact."""
+    problem = ""
+    try:
+        write()
+    except (OSError, SafetensorError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if accelerator.num_processes > 1:
+        problem = "; ".join(p for p in gather_object([problem]) if p)
+    if problem:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteFailed(f"could not write checkpoint {final} ({problem}); it was removed and the "
+                                    "checkpoints before it are intact. Free space in run.dir and continue with "
+                                    "run.resume=auto")
+    accelerator.wait_for_everyone()
+
+
+def _complete(accelerator, tmp: Path, final: Path, step: int) -> None:
+    """Mark the written folder COMPLETE and move it into place (the main process)."""
     if accelerator.is_main_process:
+        root = final.parent
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         write_json(tmp / COMPLETE, {"format": FORMAT, "step": step,
                                     "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}})
@@ -191,8 +227,6 @@ def save_checkpoint(accelerator, root: Path, step: int, *, model_state: dict[str
             os.replace(tmp, final)
         fsync_dir(root)
         write_pointer(root / "latest", final.name)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def mark_best(root: Path, folder: Path) -> None:
@@ -242,10 +276,33 @@ def verify(folder: Path) -> dict:
             raise DamagedCheckpoint(f"{path} is truncated or damaged: {size} bytes, {facts['bytes']} expected")
         if sha256_file(path) != facts["sha256"]:
             raise DamagedCheckpoint(f"{path} is damaged: its sha256 does not match {COMPLETE}")
-    state = json.loads((folder / "state.json").read_text())
+    state = _read_state(folder / "state.json")
     missing = [f"rank-{r}.json" for r in range(state["num_processes"]) if f"rank-{r}.json" not in files]
     if state.get("format") != FORMAT or missing or "model.safetensors" not in files:
         raise DamagedCheckpoint(f"{folder} is not a complete {FORMAT} checkpoint")
+    return state
+
+
+# What resuming reads from state.json, and its type: a hand edit that drops or retypes one is
+# named, instead of failing later with a KeyError deep in the restore.
+_STATE_KEYS = {"format": str, "num_processes": int, "epoch": int, "epoch_complete": bool, "samples_done": int,
+               "global_step": int, "history": list, "epochs_without_improvement": int, "scheduler": dict,
+               "class_names": list, "config": dict, "optimizer": dict}
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"{path} does not hold a JSON object")
+    for key, kind in _STATE_KEYS.items():
+        if key not in state:
+            raise DamagedCheckpoint(f"{path} has no '{key}' (edited by hand?)")
+        if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
+            raise DamagedCheckpoint(f"{path}: '{key}' must be {kind.__name__}, not {type(state[key]).__name__} "
+                                    "(edited by hand?)")
     return state
 
 

@@ -21,7 +21,7 @@ def test_cli_reports_and_quarantine_moves_without_deleting(dirty, tmp_path):
     before = sorted(p.relative_to(dirty).as_posix() for p in dirty.rglob("*") if p.is_file())
     report = tmp_path / "audit.csv"
     quarantine = tmp_path / "quarantine"
-    args = (str(dirty), "--image-size", "16", "--max-pixels", str(BOMB_LIMIT), "--audit-dir", str(tmp_path / "c"))
+    args = (str(dirty), "--max-pixels", str(BOMB_LIMIT), "--audit-dir", str(tmp_path / "c"))
     result = run_script("audit.py", *args, "--report", str(report), "--quarantine", str(quarantine), cwd=tmp_path)
     assert result.returncode == 1, result.stderr  # problems were found
     assert "decompression_bomb" in result.stdout and "imbalance" in result.stdout

@@ -35,7 +35,7 @@ def test_training_over_dirty_folder_leaves_out_what_the_audit_finds(tmp_path):
 
     # The standalone audit over the same folder, without the cache, finds the same files (its main
     # in-process: tests/e2e/test_audit_cli.py runs audit.py as a subprocess).
-    cli = run_in_process("audit.py", str(root), "--image-size", "16", "--max-pixels", str(BOMB_LIMIT), "--no-cache",
+    cli = run_in_process("audit.py", str(root), "--max-pixels", str(BOMB_LIMIT), "--no-cache",
                          "--audit-dir", str(tmp_path / "audit2"), "--report", str(tmp_path / "cli.json"),
                          cwd=tmp_path)
     assert cli.returncode == 1

@@ -8,7 +8,7 @@ from trainer.loop import train
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(image_folder, tmp_path):
     # A learning rate this small cannot change a prediction, so val_acc never improves after epoch 1.
-    cfg = load_config(None, [f"data.root={image_folder}", "model.name=tiny_cnn", f"run.dir={tmp_path / 'run'}",
+    cfg = load_config(None, [f"data.root={image_folder}", "model.name=tiny_cnn", f"run.dir={tmp_path / 'run'}", "runtime.device=cpu",
                              "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=10",
                              "optim.lr=1e-12", "train.best_metric=val_acc", "train.early_stopping_patience=2"])
     result = train(cfg)

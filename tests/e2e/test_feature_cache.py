@@ -12,7 +12,7 @@ def _run(image_folder, tmp_path, name, cached: bool):
     cfg = load_config(None, [
         f"data.root={image_folder}", f"run.dir={tmp_path / name}", "model.name=tiny_cnn", "model.freeze=backbone",
         "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "data.augment=none", "train.epochs=3",
-        "optim.lr=0.05", "train.precision=no", f"train.cache_features={str(cached).lower()}",
+        "optim.lr=0.05", "train.precision=no", "runtime.device=cpu", f"train.cache_features={str(cached).lower()}",
         f"train.feature_cache_dir={tmp_path / 'cache'}"])
     return train(cfg)
 

@@ -11,7 +11,7 @@ from trainer.build import load_config
 # Dataset statistics, extra augmentation ops and the audit: the settings the old LR finder dropped.
 SETTINGS = ["model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
             "data.normalize=dataset", 'data.augment_ops=["color_jitter(brightness=0.3)", "random_erasing(p=0.5)"]',
-            "data.audit=on", "train.epochs=1", "optim.lr=0.01"]
+            "data.audit=on", "train.epochs=1", "optim.lr=0.01", "runtime.device=cpu"]
 
 
 def _first_batch_of(run, monkeypatch, module, name) -> tuple[torch.Tensor, torch.Tensor]:
