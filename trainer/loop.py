@@ -26,6 +26,7 @@ from data.files import atomic_write_text
 from data.transforms import NormalizedBatches
 from models import count_parameters, set_train_mode
 from trainer.build import RunParts, build_run, head_spec
+from trainer.faults import crash_point
 from trainer.features import with_sample_images
 from trainer.model_file import ClassifierFacts, save_classifier
 from trainer.progress import Progress
@@ -134,6 +135,7 @@ def save_model_files(run_dir: Path, model: nn.Module, facts: ClassifierFacts, me
     state = model.state_dict()  # the whole classifier, also when only the head trained
     for name in ("last.safetensors", "best.safetensors") if improved else ("last.safetensors",):
         try:
+            crash_point("model_file", metrics["epoch"])
             save_classifier(run_dir / name, state, facts, metrics=metrics, epoch=metrics["epoch"])
         except (OSError, SafetensorError) as e:
             raise TrainingFailed(f"could not write {run_dir / name} ({type(e).__name__}: {e}); the previous one "

@@ -175,6 +175,7 @@ def save_checkpoint(accelerator, root: Path, step: int, *, model_state: dict[str
         write_tensors(tmp / f"rank-{rank}.safetensors", rank_tensors)
         write_json(tmp / f"rank-{rank}.json", rank_json)
         if accelerator.is_main_process:
+            crash_point("checkpoint_files", step)
             write_tensors(tmp / "model.safetensors", model_state)
             opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
             write_tensors(tmp / "optimizer.safetensors", opt_tensors)
