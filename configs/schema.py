@@ -103,7 +103,7 @@ class OptimConfig:
     scheduler: str = _choice("none", ("none", "step", "cosine"))
     step_size: int = _doc(7, "epochs between decays of the step scheduler")
     gamma: float = _doc(0.1, "decay factor of the step scheduler")
-    warmup_epochs: float = _doc(0.0, "linear warmup before the cosine schedule")
+    warmup_epochs: float = _doc(0.0, "linear warm-up from 0 to optim.lr over these epochs, before any scheduler")
     min_lr: float = _doc(0.0, "floor of the cosine schedule")
     backbone_lr_mult: float = _doc(1.0, "backbone learning rate = lr x this (discriminative learning rates); "
                                         "the head always gets lr")
@@ -222,8 +222,17 @@ def _type_name(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
+# Names people use for a choice that is spelled otherwise here.
+_ALIASES = {"fp32": "no", "float32": "no", "32": "no", "full": "no", "off": "no", "bfloat16": "bf16",
+            "float16": "fp16", "half": "fp16", "16": "fp16", "onecycle": "cosine", "one_cycle": "cosine",
+            "cos": "cosine", "steplr": "step", "constant": "none"}
+
+
 def _suggest(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
+    alias = _ALIASES.get(word.lower())
+    if alias in candidates:
+        return f"; did you mean '{alias}'?"
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 

@@ -27,14 +27,15 @@ def build_optimizer(params: list, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
-    """The multiplier of the base learning rate after `step` optimizer steps."""
+    """The multiplier of the base learning rate after `step` optimizer steps: a linear warm-up of
+    optim.warmup_epochs (whatever the schedule, as timm's), then the schedule."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
     if cfg.scheduler == "step":
         # StepLR(step_size epochs, gamma), as in the hymenoptera seed, but per optimizer step.
         return cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
     if cfg.scheduler == "cosine":
-        warmup = round(cfg.warmup_epochs * steps_per_epoch)
-        if step < warmup:
-            return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         floor = cfg.min_lr / cfg.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

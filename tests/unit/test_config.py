@@ -42,6 +42,10 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("", ["model.pretrained=maybe"], "model.pretrained must be true or false, got 'maybe'"),
     ("", ["optim.name=adan"], "optim.name = 'adan' is not one of: 'sgd', 'adam', 'adamw'; did you mean 'adam'?"),
     ("", ["train.precision=fp8"], "train.precision = 'fp8' is not one of: 'auto', 'no', 'bf16', 'fp16'"),
+    ("", ["train.precision=fp32"], "did you mean 'no'?"),  # the name people use for full precision
+    ("", ["optim.scheduler=onecycle"], "is not one of: 'none', 'step', 'cosine'; did you mean 'cosine'?"),
+    ("", ["data.num_workers=many"], 'data.num_workers must be an integer or "auto", got \'many\''),
+    ("", ["data.decode=gpu"], "data.decode = 'gpu' is not one of: 'auto', 'cpu', 'cuda'"),
     ("", ["epochs=3"], "override key 'epochs' must be section.key"),
     ("", ["train.epochs"], "override 'train.epochs' must look like section.key=value, e.g. train.epochs=3"),
     ("", ["data.val_fraction=1.5"], "data.val_fraction must be between 0 and 1 (exclusive)"),

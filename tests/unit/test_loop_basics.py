@@ -25,3 +25,13 @@ def test_cosine_warms_up_then_decays_to_the_floor():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert lr_factor(100, cfg, 10, 100) == pytest.approx(0.1)
+
+
+def test_warmup_comes_before_every_schedule():
+    from configs.schema import OptimConfig
+
+    for scheduler in ("none", "step", "cosine"):
+        cfg = OptimConfig(scheduler=scheduler, warmup_epochs=1.0, step_size=3)
+        factors = [lr_factor(s, cfg, 10, 100) for s in range(12)]
+        assert factors[:10] == [(s + 1) / 10 for s in range(10)], scheduler
+        assert factors[10] == pytest.approx(1.0, abs=0.01), scheduler
