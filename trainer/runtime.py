@@ -59,6 +59,22 @@ def resolve_precision(requested: str, on_cpu: bool, native_bf16: bool) -> tuple[
     return requested, None
 
 
+def precision_asked(configured: str, launcher: str | None) -> tuple[str, str | None]:
+    """(no | bf16 | fp16, note when the config and `accelerate launch --mixed_precision` disagree).
+    train.precision = "auto" follows the launcher; any other value wins over it, said in one line."""
+    launcher = (launcher or "").lower() or None
+    if configured == "auto":
+        requested = launcher or "no"
+        if requested not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed precision {requested!r} from accelerate launch is not supported; "
+                              "use --mixed_precision no|bf16|fp16 or train.precision")
+        return requested, None
+    if launcher and launcher != configured and launcher != "no":
+        return configured, (f"train.precision = '{configured}' (config) wins over accelerate launch "
+                            f"--mixed_precision {launcher}; set train.precision=auto to follow the launcher")
+    return configured, None
+
+
 def resolve_parallel(parallel: str, on_cpu: bool, gpu_count: int, num_processes: int) -> tuple[bool, str | None]:
     """(wrap in nn.DataParallel, note for the user or None)."""
     if parallel == "dp":
@@ -128,13 +144,11 @@ def make_accelerator(cfg: Config, log: bool = True) -> Accelerator:
     """The run's Accelerator; `log=False` (the diagnostic tools) starts no W&B tracker."""
     rt = cfg.runtime
     on_cpu = resolve_cpu(rt.device, torch.cuda.is_available())
-    requested = cfg.train.precision
-    if requested == "auto":  # what `accelerate launch --mixed_precision` (or its config file) said
-        requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if requested not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"mixed precision {requested!r} from accelerate launch is not supported; "
-                          "use --mixed_precision no|bf16|fp16 or train.precision")
+    requested, winner_note = precision_asked(cfg.train.precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
     precision, precision_note = resolve_precision(requested, on_cpu, on_cpu and cpu_has_native_bf16())
+    # What runs is what the run records (config.toml, checkpoints): re-running from its config
+    # trains the same way, whatever the launcher says then.
+    cfg.train.precision = precision
 
     # Accelerate takes its trackers at construction; the W&B run itself starts (main process only)
     # in RunTracking.start, once the run folder exists.
@@ -154,7 +168,7 @@ def make_accelerator(cfg: Config, log: bool = True) -> Accelerator:
     if not on_cpu:
         # cuDNN times its algorithms once per input shape; a training run has one or two shapes.
         torch.backends.cudnn.benchmark = rt.cudnn_benchmark in ("auto", True)
-    notes = [precision_note]
+    notes = [winner_note, precision_note]
     if rt.sync_bn and on_cpu and accelerator.num_processes > 1:
         notes.append("runtime.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); BatchNorm statistics "
                      "stay per process")

@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import precision_config, reset_accelerate_state
 from configs.errors import ConfigError
-from trainer.runtime import (cpu_has_native_bf16, cpu_thread_count, make_accelerator, prepare_model, resolve_cpu,
+from trainer.runtime import (cpu_has_native_bf16, precision_asked, cpu_thread_count, make_accelerator, prepare_model, resolve_cpu,
                              resolve_parallel, resolve_precision)
 from trainer.step import StepCounters, StepOptions, StepParts, train_step
 
@@ -84,7 +84,6 @@ def test_runtime_keys_are_validated(images, tmp_path, bad):
 
 # ---- precision on this machine ----
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_fp16_on_cpu_says_so_and_never_runs_silently(images, tmp_path, capsys):
     accelerator = make_accelerator(precision_config(images, tmp_path / "run", "train.precision=fp16"))
     err = capsys.readouterr().err
@@ -94,12 +93,32 @@ def test_fp16_on_cpu_says_so_and_never_runs_silently(images, tmp_path, capsys):
     assert ("running bf16" if expected == "bf16" else "running fp32") in err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_fp16_from_accelerate_launch_flag_is_resolved_too(images, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `--mixed_precision fp16` exports
     accelerator = make_accelerator(precision_config(images, tmp_path / "run"))
     assert accelerator.mixed_precision != "fp16"
     assert "note: fp16 needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("configured, launcher, runs, note", [
+    ("auto", "bf16", "bf16", None),  # auto follows the launcher
+    ("auto", None, "no", None),
+    ("no", "bf16", "no", "train.precision = 'no' (config) wins over accelerate launch --mixed_precision bf16"),
+    ("bf16", "fp16", "bf16", "wins over accelerate launch --mixed_precision fp16"),
+    ("bf16", "no", "bf16", None),  # the launcher's default says nothing
+])
+def test_config_and_launcher_precision_say_which_won(configured, launcher, runs, note):
+    asked, said = precision_asked(configured, launcher)
+    assert asked == runs
+    assert (said is None) if note is None else (note in said)
+
+
+def test_the_config_records_the_precision_that_ran(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    cfg = precision_config(images, tmp_path / "run", "train.precision=auto")
+    accelerator = make_accelerator(cfg)
+    assert cfg.train.precision == accelerator.mixed_precision == "bf16"  # not "auto": a re-run trains the same
+    assert 'precision = "bf16"' in cfg.to_toml()
 
 
 def _one_sgd_update(clip: float) -> float:
