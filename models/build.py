@@ -103,16 +103,28 @@ def check_model_name(name: str) -> None:
 
 def _create_backbone(name: str, pretrained: bool) -> nn.Module:
     check_model_name(name)
-    if name.startswith("timm/"):
-        return _timm().create_model(name[5:], pretrained=pretrained)
-    if name.startswith("torchvision/"):
-        import torchvision
-
-        return torchvision.models.get_model(name[12:], weights="DEFAULT" if pretrained else None)
+    if name.startswith(("timm/", "torchvision/")):
+        try:
+            return _library_model(name, pretrained)
+        except OSError as e:  # no network, a proxy, a full cache disk: requests', urllib's and the Hub's errors
+            if not pretrained:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UsageError(f"could not fetch {name}'s pretrained weights ({type(e).__name__}: {first[:160]}); "
+                             "offline, give the weights as a file with model.weights=FILE (and model.pretrained="
+                             "false), or set HF_HOME to a cache that holds them") from None
     if pretrained:
         raise UsageError(f"'{name}' has no pretrained weights; set model.pretrained = false "
                          f"or give model.weights = FILE")
     return MODELS.get(name)()
+
+
+def _library_model(name: str, pretrained: bool) -> nn.Module:
+    if name.startswith("timm/"):
+        return _timm().create_model(name[5:], pretrained=pretrained)
+    import torchvision
+
+    return torchvision.models.get_model(name[12:], weights="DEFAULT" if pretrained else None)
 
 
 def normalization_of(name: str, model: nn.Module) -> tuple[tuple, tuple]:

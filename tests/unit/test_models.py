@@ -107,3 +107,21 @@ def test_freeze_backbone_keeps_weights_and_batchnorm_statistics():
     after = model.state_dict()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed == ["fc.bias", "fc.weight"]  # running_mean/var and num_batches_tracked untouched
+
+
+def test_pretrained_weights_without_network_is_one_line_naming_model_weights(monkeypatch):
+    import timm
+
+    from configs.errors import UsageError
+    from models import build_classifier
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:  # what huggingface_hub raises offline (a LocalEntryNotFoundError is an OSError)
+            raise OSError("An error happened while trying to locate the file on the Hub\nand more lines")
+        return original(name, pretrained=False, **kwargs)
+
+    original = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UsageError, match=r"could not fetch timm/resnet18's pretrained weights \(OSError: An error "
+                                         r"happened .*\); offline, give the weights as a file with model.weights"):
+        build_classifier("timm/resnet18", 3, pretrained=True)
