@@ -381,6 +381,12 @@ _PRESET_OPS = {
 }
 
 
+def flips_horizontally(preset: str, extra_ops: list[str] = ()) -> bool:
+    """Whether training with this preset and these extra ops mirrored images left-right: only then
+    is a mirrored image something the model has learned to read (flip TTA)."""
+    return any(parse_op(spec)[0] == "hflip" for spec in [*_PRESET_OPS.get(preset, []), *extra_ops])
+
+
 def train_transform(preset: str, image_size: int, crop_pct: float = 0.875,
                     extra_ops: list[str] = ()) -> tuple[ImageTransform, list]:
     """(the per-sample transform for workers, the ops for `BatchFinish` after normalization)."""

@@ -224,7 +224,7 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
 
     report = evaluation_report(files, preds, names)
     report |= {"checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
-               "tta": options.tta_flip, "preprocessing": loaded.preprocessing.to_dict(),
+               "tta": preds.flip_tta, "preprocessing": loaded.preprocessing.to_dict(),
                "checkpoint_epoch": meta["epoch"], "checkpoint_metrics": meta.get("metrics", {})}
     if overlap is not None:
         report["training_images"] = overlap

@@ -23,6 +23,7 @@ from configs.errors import UsageError
 from data.files import atomic_write_text
 from data.folders import IMAGE_EXTENSIONS, list_images
 from data.images import DEFAULT_MAX_PIXELS
+from data.transforms import flips_horizontally
 from trainer.model_file import LoadedClassifier, load_classifier
 
 
@@ -83,6 +84,7 @@ class FilePredictions:
     paths: list[Path]
     probs: torch.Tensor  # (N, C); rows of failed files are NaN
     errors: dict[int, str] = field(default_factory=dict)  # index in paths -> decoding error
+    flip_tta: bool = False  # whether mirrored images were averaged in
 
     @property
     def ok(self) -> torch.Tensor:
@@ -103,6 +105,7 @@ def predict_files(loaded: LoadedClassifier, paths: list[Path], options: Inferenc
     """Softmax probabilities for every file, in fp32 and eval mode, through the checkpoint's eval
     transform; with `options.tta_flip` averaged with the mirrored image's."""
     device = pick_device(options.device)
+    tta_flip = options.tta_flip and flip_tta_fits(loaded)
     dataset = TolerantImageDataset(paths, loaded.eval_transform(), loaded.image_size, max_pixels)
     loader = DataLoader(dataset, batch_size=options.batch_size or 64, num_workers=options.num_workers,
                         shuffle=False, pin_memory=device.type == "cuda")
@@ -118,10 +121,21 @@ def predict_files(loaded: LoadedClassifier, paths: list[Path], options: Inferenc
             continue
         images = loaded.preprocessing.normalize(images[good].to(device, non_blocking=True))
         p = model(images).float().softmax(1)
-        if options.tta_flip:
+        if tta_flip:
             p = (p + model(images.flip(-1)).float().softmax(1)) / 2
         probs[indices[good]] = p.cpu()
-    return FilePredictions(paths, probs, errors)
+    return FilePredictions(paths, probs, errors, tta_flip)
+
+
+def flip_tta_fits(loaded: LoadedClassifier) -> bool:
+    """Flip TTA helps a model trained on mirrored images; one trained without flips (digits, text:
+    left and right matter) reads a mirrored image as another class. Say so and do not flip."""
+    data = loaded.metadata.get("config", {}).get("data", {})
+    if not data or flips_horizontally(data.get("augment", "standard"), data.get("augment_ops", [])):
+        return True
+    print(f"note: --tta skipped: this model was trained without horizontal flips (data.augment = "
+          f"'{data.get('augment')}'), so a mirrored image is not one it knows", file=sys.stderr, flush=True)
+    return False
 
 
 def prediction_rows(preds: FilePredictions, class_names: list[str], top_k: int,
@@ -164,7 +178,7 @@ def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, o
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text.getvalue())
     print(f"wrote {out}: {len(paths) - len(preds.errors)} prediction(s) from {checkpoint} on "
-          f"{pick_device(options.device)}" + (" with flip TTA" if options.tta_flip else ""))
+          f"{pick_device(options.device)}" + (" with flip TTA" if preds.flip_tta else ""))
     if preds.errors:
         print(f"warning: {len(preds.errors)} file(s) could not be read and have no prediction:", file=sys.stderr)
         for i, problem in sorted(preds.errors.items()):
