@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from typing import Callable
 
 import _paths  # noqa: F401
@@ -20,6 +22,7 @@ def run_main(main: Callable[[], int | None]) -> None:
         # Under several processes every rank fails the same way; one line is enough.
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
+        _tell_torchrun(f"error: {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -27,6 +30,21 @@ def run_main(main: Callable[[], int | None]) -> None:
         sys.stderr.close()
         sys.exit(0)
     sys.exit(code or 0)
+
+
+def _tell_torchrun(line: str) -> None:
+    """Under `accelerate launch` with several processes, torchrun ends with a failure table whose
+    "Root Cause" shows what the failed rank wrote to its error file: put the one line there, so it
+    is also the last thing the user reads, under the launcher's own traceback. (With one process,
+    `accelerate launch -q` drops the launcher's traceback.)"""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # the table then says what it said before
 
 
 def config_parser(doc: str) -> argparse.ArgumentParser:

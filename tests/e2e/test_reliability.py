@@ -208,3 +208,18 @@ def _processes_using(run_dir: Path) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+# ---- a failed accelerate launch ends with the project's line ----
+
+@pytest.mark.parametrize("flags", [("-q", "--num_processes", "1"), ("--multi_gpu", "--num_processes", "2")])
+def test_a_failed_accelerate_launch_ends_with_the_error_line(tmp_path, flags):
+    result = subprocess.run(
+        [ACCELERATE, "launch", *flags, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(29900 + os.getpid() % 90), str(REPO / "launch" / "train.py"),
+         f"data.root={tmp_path / 'missing'}", "model.name=tiny_cnn"],
+        cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    lines = [line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip("= \n")]
+    # One process with -q: nothing after the line. Several: torchrun's table, whose root cause is the line.
+    assert lines[-1].endswith(f"error: data.root does not exist: {tmp_path / 'missing'}"), lines[-5:]
