@@ -118,7 +118,11 @@ class TrainConfig:
     label_smoothing: float = _doc(0.0, "cross-entropy label smoothing")
     best_metric: str = _choice("val_loss", ("val_loss", "val_acc"), "metric that picks best.safetensors")
     early_stopping_patience: int = _doc(0, "stop after this many epochs without a better best_metric (0: never)")
-    log_every_steps: int = _doc(50, "progress-bar postfix refresh, in steps")
+    log_every_steps: int = _doc(50, "every this many batches (and at each epoch's end): loss, lr and images/s "
+                                    "to train_steps.jsonl and W&B, the progress bar's numbers, the non-finite "
+                                    "loss check")
+    progress_every_seconds: float = _doc(30.0, "when stdout is not a terminal (SLURM, nohup, a pipe): a progress "
+                                               "line this often, in seconds (0: none)")
     class_weights: str = _choice("none", ("none", "balanced"),
                                  "balanced: loss weight n / (classes * n_class) per class, from the training split")
     grad_accum_steps: int = _doc(1, "batches whose gradients add up to one optimizer step")
@@ -368,6 +372,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (t.early_stopping_patience >= 0, "train.early_stopping_patience must be 0 (off) or more"),
         (t.log_every_steps >= 1, "train.log_every_steps must be at least 1"),
+        (t.progress_every_seconds >= 0, "train.progress_every_seconds must be 0 (off) or more"),
         (cfg.wandb.init_timeout > 0, "wandb.init_timeout must be a positive number of seconds"),
         (d.mixup_alpha >= 0, "data.mixup_alpha must be 0 (off) or more"),
         (d.cutmix_alpha >= 0, "data.cutmix_alpha must be 0 (off) or more"),

@@ -30,7 +30,7 @@ from trainer.faults import crash_point
 from trainer.features import with_sample_images
 from trainer.model_file import ClassifierFacts, save_classifier
 from trainer.progress import Progress
-from trainer.report import RunReport
+from trainer.report import ProgressLines, RunReport
 from trainer.run_lock import RunLock
 from trainer.runtime import channels_last_on, describe, make_accelerator, prepare_model
 from trainer.step import StepCounters, StepOptions, StepParts, train_step
@@ -56,6 +56,7 @@ class Training:
     tracking: RunTracking
     log_every: int
     global_batch_size: int
+    progress_every_seconds: float  # progress lines when stdout is not a terminal
 
 
 def train(cfg: Config) -> TrainResult:
@@ -98,7 +99,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     training = Training(StepParts(accelerator, model, optimizer, parts.scheduler, parts.criterion,
                                   StepOptions(cfg.train.grad_clip_norm, channels_last)),
                         parts.train_loader, val_loader, progress, tracking, cfg.train.log_every_steps,
-                        runtime["global_batch_size"])
+                        runtime["global_batch_size"], cfg.train.progress_every_seconds)
 
     # ---- epochs ----
     try:
@@ -190,6 +191,8 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
     loader = training.train_loader
     steps_per_epoch = loader.sampler.steps_per_epoch
     clock = WaitClock()
+    lines = ProgressLines(accelerator, training.progress_every_seconds, loader.sampler.samples_per_step)
+    first_position = progress.batch_in_epoch
     # A bar redrawn into a log file is noise: only draw it on a terminal.
     bar = tqdm(clock.timed(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                initial=progress.batch_in_epoch, total=steps_per_epoch,
@@ -203,12 +206,12 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
         loss_sum += loss.double() * hard.numel()
         correct += (logits.argmax(1) == hard).sum()
         seen += hard.numel()
-        if position % training.log_every == 0:  # the one host read of device values, at log intervals
+        last = position + 1 == steps_per_epoch
+        if position % training.log_every == 0 or last:  # the one host read of device values, at log intervals
             counters.raise_if_nonfinite(accelerator, f"epoch {epoch}")
-            loss_value, lr = loss.item(), step.scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            training.tracking.train_step(epoch, progress.batches_done + 1, epoch - 1 + (position + 1) / steps_per_epoch,
-                                         loss_value, lr, training.global_batch_size)
+            log_step(training, bar, epoch, position, loss)
+        if lines.due():  # the main process only: no collective here
+            lines.show(epoch, position, steps_per_epoch, loss.item(), position + 1 - first_position)
         progress.step_done(loss_sum, correct, seen, counters)  # checkpoints every N steps; on SIGTERM: checkpoint, exit 75
     bar.close()
     counters.raise_if_nonfinite(accelerator, f"epoch {epoch}")
@@ -224,6 +227,18 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
             "lr": step.scheduler.get_last_lr()[0], "train_images": int(seen), "train_seconds": seconds,
             "data_wait_seconds": clock.waited, "optimizer_steps": counters.optimizer_steps,
             "skipped_steps": counters.skipped_steps}
+
+
+def log_step(training: Training, bar, epoch: int, position: int, loss: torch.Tensor) -> None:
+    """The progress bar's numbers, and a train_steps.jsonl / W&B point (loss, lr, and images/s
+    since the previous point of the epoch; each epoch's last batch is logged too, so every epoch
+    has a rate)."""
+    progress, scheduler = training.progress, training.step.scheduler
+    loss_value, lr = loss.item(), scheduler.get_last_lr()[0]
+    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+    steps = training.train_loader.sampler.steps_per_epoch
+    training.tracking.train_step(epoch, progress.batches_done + 1, epoch - 1 + (position + 1) / steps, loss_value, lr,
+                                 training.global_batch_size)
 
 
 class WaitClock:

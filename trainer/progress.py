@@ -45,7 +45,7 @@ REFUSED_CHANGES = ("model.name", "model.head", "model.head_hidden", "model.head_
                    "optim.name", "data.val_fraction", "data.seed")
 # Keys that change nothing about what has been trained so far; anything else is allowed with a
 # warning that the continuation differs from the uninterrupted run.
-SAFE_CHANGES = ("train.epochs", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_last",
+SAFE_CHANGES = ("train.epochs", "train.log_every_steps", "train.progress_every_seconds", "train.checkpoint_every_steps", "train.keep_last",
                 "train.early_stopping_patience", "data.root", "data.num_workers", "run.", "wandb.")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,27 @@ _COLUMNS = [
 
 def format_count(n: int) -> str:
     return f"{n:,}"
+
+
+class ProgressLines:
+    """Progress between epoch rows for logs that are not a terminal (SLURM, nohup, a pipe), where
+    no bar is drawn: one line every `every_seconds`, from the main process."""
+
+    def __init__(self, accelerator: Accelerator, every_seconds: float, batch_size: int):
+        self.on = accelerator.is_main_process and every_seconds > 0 and not sys.stdout.isatty()
+        self.every, self.batch_size = every_seconds, batch_size
+        self.started = self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        return self.on and time.perf_counter() - self.last >= self.every
+
+    def show(self, epoch: int, position: int, total: int, loss: float, batches_since_start: int) -> None:
+        now = time.perf_counter()
+        rate = batches_since_start * self.batch_size / max(now - self.started, 1e-9)
+        left = (total - position - 1) * self.batch_size / max(rate, 1e-9)
+        print(f"epoch {epoch} step {position + 1}/{total} ({(position + 1) / total:.0%}): loss {loss:.4f}, "
+              f"{rate:.1f} img/s, epoch ends in {left:.0f}s", flush=True)
+        self.last = now
 
 
 def time_spent(epochs: list[dict]) -> str | None:

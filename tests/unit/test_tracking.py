@@ -48,3 +48,17 @@ def test_denormalize_inverts_normalize():
     normalized = (pixels - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
     assert np.allclose(plots.denormalize(normalized.astype(np.float32), mean, std), pixels.transpose(0, 2, 3, 1),
                        atol=1e-6)
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(capsys):
+    from types import SimpleNamespace
+
+    from trainer.report import ProgressLines
+
+    lines = ProgressLines(SimpleNamespace(is_main_process=True), 1e-9, batch_size=32)  # captured stdout: no tty
+    assert lines.due()
+    lines.show(epoch=2, position=9, total=40, loss=0.5, batches_since_start=10)
+    out = capsys.readouterr().out
+    assert out.startswith("epoch 2 step 10/40 (25%): loss 0.5000, ") and "img/s, epoch ends in" in out
+    assert not ProgressLines(SimpleNamespace(is_main_process=True), 0, 32).due()  # 0: off
+    assert not ProgressLines(SimpleNamespace(is_main_process=False), 1e-9, 32).due()  # other ranks: never
