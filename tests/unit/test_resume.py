@@ -3,6 +3,7 @@ config changes. The kill-and-resume runs are in tests/e2e/test_resume_killed.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -97,13 +98,19 @@ def test_optimizer_state_survives_safetensors_and_json(name, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
+def _trainer_state(step: int) -> dict:
+    """The keys resuming reads (state_folder.verify checks each and its type)."""
+    return {"global_step": step, "epoch": 1, "epoch_complete": False, "samples_done": step, "history": [],
+            "epochs_without_improvement": 0, "scheduler": {}, "class_names": ["a", "b"], "config": {}}
+
+
 def _write_checkpoints(root: Path, steps) -> None:
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in steps:
         save_checkpoint(accelerator, root, step, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
-                        trainer_state={"global_step": step}, rank_tensors={"torch_cpu": torch.get_rng_state()},
+                        trainer_state=_trainer_state(step), rank_tensors={"torch_cpu": torch.get_rng_state()},
                         rank_json={})
 
 
@@ -194,3 +201,30 @@ def test_malicious_pickle_given_as_weights_is_never_executed(tmp_path):
     with pytest.raises(UsageError, match="refusing"):
         build_classifier("tiny_cnn", 3, weights=str(evil))
     assert not marker.exists()
+
+
+def test_a_hand_edit_of_state_json_is_named_with_its_key(tmp_path):
+    root = tmp_path / "checkpoints"
+    _write_checkpoints(root, [3])
+    folder = root / "step-00000003"
+    for edit, message in [(lambda s: s.pop("global_step"), "has no 'global_step'"),
+                          (lambda s: s.update(epoch="1"), "'epoch' must be int, not str")]:
+        state = json.loads((folder / "state.json").read_text())
+        edit(state)
+        (folder / "state.json").write_text(json.dumps(state))
+        manifest = json.loads((folder / COMPLETE).read_text())  # consistent: the checksum follows the edit
+        data = (folder / "state.json").read_bytes()
+        manifest["files"]["state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (folder / COMPLETE).write_text(json.dumps(manifest))
+        with pytest.raises(UsageError, match=message):
+            find_checkpoint(str(folder), root, print)
+        _write_checkpoints(root, [3])  # whole again for the next edit
+
+
+def test_auto_resume_refuses_when_every_checkpoint_is_damaged(tmp_path):
+    root = tmp_path / "checkpoints"
+    _write_checkpoints(root, [3, 6])
+    for folder in root.glob("step-*"):
+        (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"every checkpoint in .* is damaged \(step-00000006, step-00000003"):
+        find_checkpoint("auto", root, print)
