@@ -226,16 +226,40 @@ def _type_name(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
-# Names people use for a choice that is spelled otherwise here.
-_ALIASES = {"fp32": "no", "float32": "no", "32": "no", "full": "no", "off": "no", "bfloat16": "bf16",
-            "float16": "fp16", "half": "fp16", "16": "fp16", "onecycle": "cosine", "one_cycle": "cosine",
-            "cos": "cosine", "steplr": "step", "constant": "none"}
+def _alias(names: str, *targets: str) -> dict[str, tuple[str, ...]]:
+    return dict.fromkeys(names.split(), targets)
+
+
+# Names other tools use for a choice spelled otherwise here (PyTorch Lightning's precisions, torch's
+# scheduler classes), compared lower-case without "-" and "_"; the targets that are choices of the
+# key are suggested. A name with no counterpart (plateau, linear, rmsprop) gets the list alone.
+_ALIASES = {
+    **_alias("fp32 float32 float 32 32true full single none false off", "no", "none"),
+    **_alias("bfloat16 bf16mixed bf16true", "bf16"),
+    **_alias("float16 half 16 16mixed fp16mixed 16true fp16true", "fp16"),
+    **_alias("mixed amp true yes on", "bf16", "fp16"),
+    **_alias("onecycle onecyclelr", "cosine"),
+    **_alias("cos cosinelr cosineannealing cosineannealinglr warmupcosine cosinewarmup", "cosine"),
+    **_alias("steplr multistep multisteplr exponential exponentiallr exp", "step"),
+    **_alias("constant constantlr fixed no", "none"),
+    **_alias("sgdm momentum nesterov", "sgd"),
+    **_alias("gpu cuda0 nvidia", "cuda"),
+}
+_ALIAS_NOTES = {**_alias("onecycle onecyclelr", " (with optim.warmup_epochs for one-cycle's warm-up)"),
+                **_alias("multistep multisteplr", " (every optim.step_size epochs by optim.gamma)")}
 
 
 def _suggest(word: str, candidates: list[str]) -> str:
-    alias = _ALIASES.get(word.lower())
-    if alias in candidates:
-        return f"; did you mean '{alias}'?"
+    def plain(text: str) -> str:
+        return text.lower().replace("-", "").replace("_", "")
+
+    same = [c for c in candidates if plain(c) == plain(word)]  # AdamW -> adamw, FP16 -> fp16
+    if same:
+        return f"; did you mean '{same[0]}'?"
+    named = [t for t in _ALIASES.get(plain(word), ()) if t in candidates]
+    if named:
+        note = "".join(_ALIAS_NOTES.get(plain(word), ()))
+        return f"; did you mean {' or '.join(repr(t) for t in named)}{note}?"
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -368,6 +392,8 @@ def validate(cfg: Config) -> None:
         (o.weight_decay >= 0, "optim.weight_decay must be 0 or more"),
         (o.step_size >= 1, "optim.step_size must be at least 1"),
         (o.warmup_epochs >= 0, "optim.warmup_epochs must be 0 or more"),
+        (o.warmup_epochs <= t.epochs, f"optim.warmup_epochs ({o.warmup_epochs:g}) must be at most train.epochs "
+                                      f"({t.epochs}), or the learning rate never reaches optim.lr"),
         (t.epochs >= 1, "train.epochs must be at least 1"),
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (t.early_stopping_patience >= 0, "train.early_stopping_patience must be 0 (off) or more"),
@@ -399,6 +425,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.mean/data.std are only used with data.normalize = 'custom'; set that too")
     if m.weights and m.pretrained:
         raise ConfigError("set either model.pretrained = true or model.weights = FILE, not both")
+    if m.weights and Path(m.weights).expanduser().is_dir():
+        raise ConfigError(f"model.weights {m.weights} is a folder; give the weights file in it (.safetensors, "
+                          f"or a torch.save(model.state_dict(), FILE) file)")
     if m.weights and not Path(m.weights).expanduser().is_file():
         raise ConfigError(f"model.weights file not found: {m.weights}")
 

@@ -8,8 +8,10 @@ the original 1,000-class ImageNet head can fill it; then the head is replaced fo
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from pickle import UnpicklingError  # the exception only: nothing here unpickles
@@ -109,10 +111,7 @@ def _create_backbone(name: str, pretrained: bool) -> nn.Module:
         except OSError as e:  # no network, a proxy, a full cache disk: requests', urllib's and the Hub's errors
             if not pretrained:
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UsageError(f"could not fetch {name}'s pretrained weights ({type(e).__name__}: {first[:160]}); "
-                             "offline, give the weights as a file with model.weights=FILE (and model.pretrained="
-                             "false), or set HF_HOME to a cache that holds them") from None
+            raise _no_pretrained_weights(name, e) from None
     if pretrained:
         raise UsageError(f"'{name}' has no pretrained weights; set model.pretrained = false "
                          f"or give model.weights = FILE")
@@ -121,10 +120,78 @@ def _create_backbone(name: str, pretrained: bool) -> nn.Module:
 
 def _library_model(name: str, pretrained: bool) -> nn.Module:
     if name.startswith("timm/"):
-        return _timm().create_model(name[5:], pretrained=pretrained)
+        with _hub_cache_only_when_unreachable(pretrained):
+            return _timm().create_model(name[5:], pretrained=pretrained)
     import torchvision
 
     return torchvision.models.get_model(name[12:], weights="DEFAULT" if pretrained else None)
+
+
+class _HubUnreachable(OSError):
+    """The Hub did not answer and the weights are not in the local cache."""
+
+
+@contextlib.contextmanager
+def _hub_cache_only_when_unreachable(pretrained: bool):
+    """Without network, huggingface_hub retries each file timm asks for 5 times with backoff:
+    ~50 s of "Retrying" lines before the same answer. One quick request says whether the Hub
+    answers; when it does not, timm's download runs in the Hub's offline mode (HF_HUB_OFFLINE), so
+    weights already in the cache still load and missing ones fail at once."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        constants = None
+    if not pretrained or constants is None or constants.is_offline_mode():
+        yield
+        return
+    why = _hub_unreachable(constants.ENDPOINT)
+    if not why:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    except OSError as e:
+        raise _HubUnreachable(f"the Hugging Face Hub ({constants.ENDPOINT}) did not answer ({why}) and the "
+                              f"weights are not in the cache") from e
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> str:
+    """'' when the Hub answers one request (any HTTP status) within `timeout` s, else why not."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - DNS, refused, timeout, proxy, TLS: each means no download
+        return f"{type(e).__name__}: {_first_line(e)}"
+    return ""
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _no_pretrained_weights(name: str, e: OSError) -> UsageError:
+    if isinstance(e, _HubUnreachable):
+        why = str(e)
+    elif name.startswith("timm/") and _hub_offline():
+        why = "HF_HUB_OFFLINE is set and the weights are not in the cache"
+    else:
+        why = f"{type(e).__name__}: {_first_line(e)}"
+    cache = "HF_HOME" if name.startswith("timm/") else "TORCH_HOME"
+    return UsageError(f"could not fetch {name}'s pretrained weights: {why}. Offline, give the weights as a file "
+                      f"(model.weights=FILE model.pretrained=false), or set {cache} to a cache that holds them")
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return constants.is_offline_mode()
 
 
 def normalization_of(name: str, model: nn.Module) -> tuple[tuple, tuple]:
@@ -202,11 +269,42 @@ def bare_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_WEIGHTS_HINT = "give model.weights a .safetensors file or a torch.save(model.state_dict(), FILE) file"
+
+
+def _not_weights(path: Path) -> str:
+    """Why the first bytes of `path` say it is no weights file at all, or ''."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "it is empty (0 bytes)"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the weights: run `git lfs pull` where it was cloned"
+    if b"<html" in head.lower() or b"<!doctype" in head.lower():
+        return "it is an HTML page, not weights (a download that saved a web page?)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not just a character cut at the 512th byte
+            return ""
+        text = head[:e.start].decode("utf-8")
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"it is a text file, not weights (it starts {text.strip()[:40]!r})"
+    return ""
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file or a torch state dict; never unpickles objects."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"model.weights {path} is a folder; give the weights file in it (.safetensors, or a "
+                         f"torch.save(model.state_dict(), FILE) file)")
     if not path.is_file():
         raise UsageError(f"weights file not found: {path}")
+    why = _not_weights(path)
+    if why:
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch weights"
+        raise UsageError(f"model.weights {path} is not a readable {kind} file: {why}; {_WEIGHTS_HINT}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -214,22 +312,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise UsageError(f"{path} is not a readable safetensors file ({e})") from None
+            raise UsageError(f"model.weights {path} is not a readable safetensors file ({_first_line(e)}): damaged "
+                             f"or another format; {_WEIGHTS_HINT}") from None
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except UnpicklingError:
-            raise UsageError(f"refusing {path}: it needs arbitrary objects unpickled, which can run code. "
-                             f"Save only the state_dict (torch.save(model.state_dict(), ...)) or convert "
-                             f"it to .safetensors") from None
+        except UnpicklingError as e:
+            # torch's weights-only reader names the first class it would have to import to go on.
+            needs = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if needs:
+                raise UsageError(f"refusing model.weights {path}: it needs arbitrary objects unpickled (first: "
+                                 f"{needs[1]}), which can run code. Save only the state_dict (torch.save("
+                                 f"model.state_dict(), ...)) or convert it to .safetensors") from None
+            raise UsageError(f"model.weights {path} is not a readable torch weights file (damaged or another "
+                             f"format); {_WEIGHTS_HINT}") from None
         except Exception as e:  # noqa: BLE001 - torch's legacy reader fails on foreign bytes with any error type
-            raise UsageError(f"{path} is not a readable torch weights file ({type(e).__name__}: {e}); give "
-                             "model.weights a .safetensors file or a torch.save(model.state_dict()) file") from None
+            raise UsageError(f"model.weights {path} is not a readable torch weights file ({type(e).__name__}: "
+                             f"{_first_line(e)}); {_WEIGHTS_HINT}") from None
         for wrapper in ("state_dict", "model", "model_state_dict"):  # common checkpoint dicts
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise UsageError(f"{path} does not hold a state dict of tensors")
+        if not isinstance(state, dict) or not state:
+            what = "an empty dict" if isinstance(state, dict) else f"a {type(state).__name__}"
+            raise UsageError(f"model.weights {path} holds {what}, not a state dict of tensors; {_WEIGHTS_HINT}")
+        other = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+        if other is not None:
+            raise UsageError(f"model.weights {path} is not a state dict of tensors ({other!r} is a "
+                             f"{type(state[other]).__name__}); {_WEIGHTS_HINT}")
     return bare_keys(state)
 
 

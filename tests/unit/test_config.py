@@ -43,7 +43,19 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("", ["optim.name=adan"], "optim.name = 'adan' is not one of: 'sgd', 'adam', 'adamw'; did you mean 'adam'?"),
     ("", ["train.precision=fp8"], "train.precision = 'fp8' is not one of: 'auto', 'no', 'bf16', 'fp16'"),
     ("", ["train.precision=fp32"], "did you mean 'no'?"),  # the name people use for full precision
-    ("", ["optim.scheduler=onecycle"], "is not one of: 'none', 'step', 'cosine'; did you mean 'cosine'?"),
+    ("", ["train.precision=32-true"], "did you mean 'no'?"),  # PyTorch Lightning's names
+    ("", ["train.precision=bf16-mixed"], "did you mean 'bf16'?"),
+    ("", ["train.precision=mixed"], "did you mean 'bf16' or 'fp16'?"),
+    ("", ["train.precision=FP16"], "did you mean 'fp16'?"),
+    ("", ["optim.scheduler=onecycle"], "is not one of: 'none', 'step', 'cosine'; did you mean 'cosine' (with "
+                                       "optim.warmup_epochs for one-cycle's warm-up)?"),
+    ("", ["optim.scheduler=CosineAnnealingLR"], "did you mean 'cosine'?"),
+    ("", ["optim.scheduler=off"], "did you mean 'none'?"),
+    ("", ["optim.scheduler=plateau"], "optim.scheduler = 'plateau' is not one of: 'none', 'step', 'cosine'"),
+    ("", ["optim.name=AdamW"], "did you mean 'adamw'?"),  # not 'adam'
+    ("", ["runtime.device=gpu"], "did you mean 'cuda'?"),  # not 'cpu'
+    ("", ["optim.warmup_epochs=12", "train.epochs=10"], "optim.warmup_epochs (12) must be at most train.epochs (10)"),
+    ("", ["model.weights=/"], "model.weights / is a folder; give the weights file in it"),
     ("", ["data.num_workers=many"], 'data.num_workers must be an integer or "auto", got \'many\''),
     ("", ["data.decode=gpu"], "data.decode = 'gpu' is not one of: 'auto', 'cpu', 'cuda'"),
     ("", ["epochs=3"], "override key 'epochs' must be section.key"),

@@ -109,19 +109,132 @@ def test_freeze_backbone_keeps_weights_and_batchnorm_statistics():
     assert changed == ["fc.bias", "fc.weight"]  # running_mean/var and num_batches_tracked untouched
 
 
-def test_pretrained_weights_without_network_is_one_line_naming_model_weights(monkeypatch):
+# ---- weights files that are not weights: one line saying what the file is ----
+
+class _Pickled:  # a module-level class: torch.save pickles it by reference
+    pass
+
+
+def _file(tmp_path, name, content):
+    path = tmp_path / name
+    if callable(content):
+        content(path)
+    else:
+        path.write_bytes(content)
+    return path
+
+
+WEIGHTS_FILES = [
+    ("x.pth", b"these are not weights\n" * 10, "x.pth is not a readable torch weights file: it is a text file, not weights (it starts 'these are not"),
+    ("x.safetensors", b"hello\n", "x.safetensors is not a readable safetensors file: it is a text file, not weights"),
+    ("empty.pth", b"", "empty.pth is not a readable torch weights file: it is empty (0 bytes)"),
+    ("lfs.safetensors", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+     "it is a Git LFS pointer, not the weights: run `git lfs pull` where it was cloned"),
+    ("page.pth", b"<!DOCTYPE html>\n<html><body>Sign in</body></html>", "it is an HTML page, not weights"),
+    ("noise.pth", b"\x80\x02" + bytes(range(200, 256)) * 4, "noise.pth is not a readable torch weights file (damaged or another format)"),
+    ("noise.safetensors", b"\xff" * 64, "noise.safetensors is not a readable safetensors file"),
+    ("module.pt", lambda p: torch.save(torch.nn.Linear(2, 2), p),
+     "it needs arbitrary objects unpickled (first: torch.nn.modules.linear.Linear)"),
+    ("mixed.pt", lambda p: torch.save({"w": torch.zeros(2), "epoch": 3}, p), "('epoch' is a int)"),
+    ("list.pt", lambda p: torch.save([torch.zeros(2)], p), "holds a list, not a state dict of tensors"),
+    ("none.pt", lambda p: torch.save({}, p), "holds an empty dict"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", WEIGHTS_FILES, ids=[w[0] for w in WEIGHTS_FILES])
+def test_a_file_that_is_not_weights_is_one_line_saying_what_it_is(tmp_path, name, content, message):
+    path = _file(tmp_path, name, content)
+    with pytest.raises(UsageError) as caught:
+        build_classifier("tiny_cnn", 3, weights=str(path))
+    text = str(caught.value)
+    assert message in text and "\n" not in text
+    assert str(path) in text
+
+
+# ---- pretrained weights without network: one line in seconds, naming model.weights ----
+# No test here reaches the network: the Hub's offline mode (HF_HUB_OFFLINE) blocks every request,
+# and the reachability probe is replaced.
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def _hub_unreachable(monkeypatch):
+    import models.build
+
+    probes = []
+    monkeypatch.setattr(models.build, "_hub_unreachable",
+                        lambda endpoint: probes.append(endpoint) or "ConnectError: [Errno -2] Name or service not known")
+    return probes
+
+
+def test_hf_hub_offline_without_the_weights_cached_is_one_line(empty_hub_cache, monkeypatch):
+    import models.build
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    monkeypatch.setattr(models.build, "_hub_unreachable", lambda endpoint: pytest.fail("no probe when offline"))
+    with pytest.raises(UsageError) as caught:
+        build_classifier("timm/test_vit", 3, pretrained=True)  # timm's own download path, offline
+    assert str(caught.value) == (
+        "could not fetch timm/test_vit's pretrained weights: HF_HUB_OFFLINE is set and the weights are not in the "
+        "cache. Offline, give the weights as a file (model.weights=FILE model.pretrained=false), or set HF_HOME to a "
+        "cache that holds them")
+
+
+def test_an_unreachable_hub_fails_at_once_instead_of_retrying(empty_hub_cache, monkeypatch):
+    import time
+
     import timm
+    from huggingface_hub import constants
 
-    from configs.errors import UsageError
-    from models import build_classifier
+    probes = _hub_unreachable(monkeypatch)
+    offline_during_download = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: (offline_during_download.append(
+        constants.is_offline_mode()), create(*a, **kw))[1])
+    started = time.perf_counter()
+    with pytest.raises(UsageError, match=r"could not fetch timm/test_vit's pretrained weights: the Hugging Face Hub "
+                                         r"\(https://huggingface.co\) did not answer \(ConnectError: \[Errno -2\] Name "
+                                         r"or service not known\) and the weights are not in the cache. Offline, give "
+                                         r"the weights as a file \(model.weights=FILE"):
+        build_classifier("timm/test_vit", 3, pretrained=True)
+    assert time.perf_counter() - started < 10  # huggingface_hub's own retries take ~50 s
+    assert probes == [constants.ENDPOINT] and offline_during_download == [True]  # no request went out
+    assert constants.is_offline_mode() is False  # restored
 
-    def offline(name, pretrained=False, **kwargs):
-        if pretrained:  # what huggingface_hub raises offline (a LocalEntryNotFoundError is an OSError)
-            raise OSError("An error happened while trying to locate the file on the Hub\nand more lines")
-        return original(name, pretrained=False, **kwargs)
 
-    original = timm.create_model
-    monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(UsageError, match=r"could not fetch timm/resnet18's pretrained weights \(OSError: An error "
-                                         r"happened .*\); offline, give the weights as a file with model.weights"):
-        build_classifier("timm/resnet18", 3, pretrained=True)
+def test_an_unreachable_hub_still_loads_weights_from_the_cache(empty_hub_cache, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    _hub_unreachable(monkeypatch)
+    reference = timm.create_model("test_vit")
+    snapshot = empty_hub_cache / "models--timm--test_vit.r160_in1k"  # the Hub's cache layout
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()},
+              str(snapshot / "snapshots" / ("0" * 40) / "model.safetensors"))
+    built = build_classifier("timm/test_vit", 3, pretrained=True)
+    assert torch.equal(built.model.state_dict()["patch_embed.proj.weight"], reference.state_dict()["patch_embed.proj.weight"])
+
+
+def test_torchvision_weights_without_network_name_torch_home(tmp_path, monkeypatch):
+    import urllib.error
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))  # nothing cached
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(UsageError, match=r"could not fetch torchvision/resnet18's pretrained weights: URLError: "
+                                         r"<urlopen error \[Errno -2\] Name or service not known>. Offline, give the "
+                                         r"weights as a file \(model.weights=FILE model.pretrained=false\), or set "
+                                         r"TORCH_HOME to a cache"):
+        build_classifier("torchvision/resnet18", 3, pretrained=True)
