@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import multiprocessing
 import os
 import signal
@@ -133,6 +134,23 @@ class AuditResult:
         counts = [c for c in self.clean_counts.get(split, {}).values()]
         return max(counts) / min(counts) if counts and min(counts) > 0 else float("inf")
 
+    def imbalance_line(self) -> str:
+        """The ratio of the largest to the smallest training class, or what is wrong when there is none."""
+        counts = self.clean_counts.get("train", {})
+        empty = [c for c, n in counts.items() if n == 0]
+        if not counts:
+            return "imbalance: no training classes"
+        if len(empty) == len(counts):
+            return (f"imbalance: not measured, some train class has no usable images - all {len(counts)} classes "
+                    f"are empty after the problems below; fix or replace those files, or check data.root")
+        if empty:
+            named = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            return (f"imbalance: not measured, some train class has no usable images - {len(empty)} of {len(counts)}"
+                    f" ({named}); training refuses an empty class: add images or remove its folder")
+        ratio = self.imbalance_ratio()
+        return (f"imbalance (largest / smallest train class): {ratio:.1f}x"
+                + ("  - consider data.sampler=balanced or train.class_weights=balanced" if ratio >= 3 else ""))
+
     def clean(self, splits: Splits) -> Splits:
         """The splits without the files this audit leaves out (order and labels unchanged)."""
         gone = self.left_out
@@ -146,7 +164,8 @@ class AuditResult:
                 "seconds": round(self.seconds, 3), "ignored_system_files": self.ignored_system,
                 "ignored_other_files": self.ignored_other, "problem_counts": dict(self.counts_by_problem()),
                 "left_out": len(self.left_out), "class_counts": self.clean_counts,
-                "imbalance_ratio": self.imbalance_ratio(), "problems": [p.to_dict() for p in self.problems]}
+                # null, not Infinity (which is not JSON), when a class is empty
+                "imbalance_ratio": _finite_or_none(self.imbalance_ratio()), "problems": [p.to_dict() for p in self.problems]}
 
     def write_report(self, path: str | Path) -> Path:
         """JSON (the whole audit) or CSV (one row per problem file), chosen by the extension."""
@@ -176,12 +195,7 @@ class AuditResult:
         for name in self.classes:
             lines.append(f"         {name:<{width}}" + "".join(f"  {self.clean_counts[s].get(name, 0):>7}"
                                                             for s in splits))
-        ratio = self.imbalance_ratio()
-        if ratio == float("inf"):
-            lines.append("         imbalance: some train class has no usable images (see the counts above)")
-        else:
-            lines.append(f"         imbalance (largest / smallest train class): {ratio:.1f}x"
-                         + ("  - consider data.sampler=balanced or train.class_weights=balanced" if ratio >= 3 else ""))
+        lines.append("         " + self.imbalance_line())
         counts = self.counts_by_problem()
         if not counts:
             lines.append("         no problems found")
@@ -190,6 +204,10 @@ class AuditResult:
                 first = next(p for p in self.problems if p.problem == kind)
                 lines.append(f"         {kind:<19} {counts[kind]:>6}  e.g. {first.relpath}: {first.detail}")
         return lines
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,8 +344,8 @@ def _find_problems(entries, measurements, root: Path, min_side: int, max_pixels:
         if kind in ("ok", "decompression_bomb") and max_pixels and m["width"] * m["height"] > max_pixels:
             kind, detail = "decompression_bomb", str(DecompressionBomb(m["width"], m["height"], max_pixels))
         elif kind == "ok" and min(m["width"], m["height"]) < min_side:
-            kind, detail = "too_small", (f"{m['width']}x{m['height']}: a side is under {min_side} pixels "
-                                         f"(data.min_image_side)")
+            why = "degenerate" if min_side <= DEGENERATE_SIDE else "data.min_image_side or --min-side"
+            kind, detail = "too_small", f"{m['width']}x{m['height']}: a side is under {min_side} pixels ({why})"
         elif kind == "ok" and max(m["width"], m["height"]) > MAX_ASPECT * min(m["width"], m["height"]):
             kind, detail = "too_small", (f"{m['width']}x{m['height']}: a sliver, one side over {MAX_ASPECT}x "
                                          "the other (no crop of it shows anything)")

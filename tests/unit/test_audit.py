@@ -78,3 +78,55 @@ def test_cache_is_reused_and_changed_files_are_measured_again(dirty, tmp_path):
     strict = audit_splits(discover(dirty), min_side=4, max_pixels=100, audit_dir=str(cache), progress=False)
     assert strict.cache_hits == strict.files_checked  # sizes are cached: nothing decoded again
     assert {p.problem for p in strict.problems if p.relpath == "train/cat/gray.png"} == {"decompression_bomb"}
+
+
+# ---- small images are upsampled, degenerate ones left out ----
+
+SIZES = {  # (width, height): left out with the default data.min_image_side = 0
+    (1, 1): True, (7, 40): True,  # a side under 8 px: an icon, a tracking pixel
+    (2, 500): True, (10, 260): True,  # slivers: one side over 25x the other
+    (8, 8): False, (10, 250): False, (25, 25): False, (32, 32): False, (40, 300): False,
+}
+
+
+@pytest.mark.parametrize("min_image_side, also_left_out", [(0, set()), (32, {(25, 25), (8, 8), (10, 250)})])
+def test_only_degenerate_images_are_left_out_unless_a_minimum_side_is_set(tmp_path, min_image_side, also_left_out):
+    from configs.schema import DataConfig
+    from data.audit_training import min_side_for
+
+    for w, h in SIZES:
+        folder = tmp_path / "img" / ("a" if w * h % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (w, h), "gray").save(folder / f"{w}x{h}.png")
+    result = audit_splits(discover(tmp_path / "img"), min_side=min_side_for(DataConfig(min_image_side=min_image_side)),
+                          audit_dir=str(tmp_path / "cache"), progress=False, workers=1)
+    left_out = {tuple(int(n) for n in Path(p).stem.split("x")) for p in result.left_out}
+    assert left_out == {size for size, out in SIZES.items() if out} | also_left_out
+    details = {Path(p.path).stem: p.detail for p in result.problems}
+    assert details["1x1"] == f"1x1: a side is under {min_side_for(DataConfig(min_image_side=min_image_side))} " \
+                             f"pixels ({'degenerate' if not min_image_side else 'data.min_image_side or --min-side'})"
+    if not min_image_side:
+        assert details["10x260"] == "10x260: a sliver, one side over 25x the other (no crop of it shows anything)"
+
+
+# ---- class balance when classes are empty ----
+
+@pytest.mark.parametrize("counts, line, ratio", [
+    ({"a": 30, "b": 10}, "imbalance (largest / smallest train class): 3.0x  - consider data.sampler=balanced or "
+                         "train.class_weights=balanced", 3.0),
+    ({"a": 3, "b": 0}, "imbalance: not measured, some train class has no usable images - 1 of 2 (b); training "
+                       "refuses an empty class: add images or remove its folder", None),
+    ({"a": 0, "b": 0}, "imbalance: not measured, some train class has no usable images - all 2 classes are empty "
+                       "after the problems below; fix or replace those files, or check data.root", None),
+])
+def test_the_imbalance_line_says_what_is_wrong_instead_of_infinity(tmp_path, counts, line, ratio):
+    import json
+
+    from data.audit import AuditResult
+
+    result = AuditResult(tmp_path, "class-folders", list(counts), tmp_path)
+    result.clean_counts = {"train": counts, "val": dict.fromkeys(counts, 0)}
+    assert "         " + line in result.summary_lines()
+    assert "inf" not in "\n".join(result.summary_lines())
+    report = json.loads(result.write_report(tmp_path / "report.json").read_text(), parse_constant=pytest.fail)
+    assert report["imbalance_ratio"] == ratio  # null, never Infinity (not JSON)
