@@ -74,8 +74,9 @@ class DataConfig:
                            "balanced: draw every class equally often (with replacement); epoch length unchanged")
     audit: str = _choice("on", ("on", "off"), "on: audit the folder (cached) before training and leave out bad files")
     audit_dir: str = _doc("", "where audit caches and reports live; empty: ~/.cache/imgtrain/audit")
-    min_image_side: int = _doc(0, "audit: images with a side below this are left out; 0: only degenerate ones (a side "
-                                  "under 8 px, or one side over 25x the other); smaller images are upsampled")
+    min_image_side: int = _doc(0, "audit: images with a side under this many pixels are left out; 0: only degenerate "
+                                  "ones (a side under 8 px). Slivers (one side over 25x the other) are always left "
+                                  "out; small images are kept and upsampled to data.image_size")
     max_image_pixels: int = _doc(89_478_485, "audit and loading: images with more pixels are decompression bombs "
                                              "(0: no limit)")
     leakage: str = _choice("warn", ("warn", "error"), "identical images in train and validation: warn or stop")
@@ -103,7 +104,8 @@ class OptimConfig:
     scheduler: str = _choice("none", ("none", "step", "cosine"))
     step_size: int = _doc(7, "epochs between decays of the step scheduler")
     gamma: float = _doc(0.1, "decay factor of the step scheduler")
-    warmup_epochs: float = _doc(0.0, "linear warm-up from 0 to optim.lr over these epochs, before any scheduler")
+    warmup_epochs: float = _doc(0.0, "linear warm-up from 0 to optim.lr over these epochs, before any scheduler "
+                                     "(with none: then constant, as transformers' constant_with_warmup); at most train.epochs")
     min_lr: float = _doc(0.0, "floor of the cosine schedule")
     backbone_lr_mult: float = _doc(1.0, "backbone learning rate = lr x this (discriminative learning rates); "
                                         "the head always gets lr")
@@ -113,7 +115,8 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = _doc(10, "passes over the training split")
     precision: str = _choice("auto", ("auto", "no", "bf16", "fp16"),
-                             "auto: what `accelerate launch --mixed_precision` says, else no")
+                             "auto: what `accelerate launch --mixed_precision` says, else no; any other value "
+                             "wins over the launcher (a note says so); config.toml records what ran")
     seed: int = _doc(0, "seed of weights init, shuffling and augmentation")
     label_smoothing: float = _doc(0.0, "cross-entropy label smoothing")
     best_metric: str = _choice("val_loss", ("val_loss", "val_acc"), "metric that picks best.safetensors")
