@@ -343,12 +343,16 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"--config {path} is a folder; give a TOML file, e.g. configs/demo.toml")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tables = tomllib.loads(path.read_text())
+            tables = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file; --config takes a TOML file, e.g. configs/demo.toml") from None
         for section, table in tables.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"'{section}' in {path} must be a [section] table of keys"

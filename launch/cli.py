@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from typing import Callable
 
 import _paths  # noqa: F401
 
-from configs.errors import ProjectError
+from configs.errors import ProjectError, UsageError
 
 
 def run_main(main: Callable[[], int | None]) -> None:
@@ -47,11 +48,18 @@ def _tell_torchrun(line: str) -> None:
         pass  # the table then says what it said before
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line ends like any bad input: one `error:` line, exit 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def config_parser(doc: str) -> argparse.ArgumentParser:
     """A parser with the config arguments every run-building script takes: --config FILE,
     section.key=value overrides (anywhere on the line) and --device (runtime.device)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineParser(description=doc.split("\n")[0], epilog=doc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML config file (see configs/)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="same as runtime.device=...")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config keys")
@@ -59,7 +67,34 @@ def config_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def parse_config_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    args = parser.parse_intermixed_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    if unknown:
+        raise UsageError(_unknown_option(parser, unknown[0], argv))
+    if args.config and "=" in args.config and not os.path.exists(args.config):  # `--config key=value ...`
+        raise UsageError(f"--config takes a TOML file, not the override {args.config!r}: "
+                         f"--config FILE {args.config}")
     if args.device:
         args.overrides.append(f"runtime.device={args.device}")
     return args
+
+
+def _unknown_option(parser: argparse.ArgumentParser, option: str, argv: list[str]) -> str:
+    """What `--epochs 3` (timm's train.py habit) or `--confg` most likely meant."""
+    from configs.schema import all_keys
+
+    name, _, value = option.partition("=")
+    if not value and option in argv:
+        following = argv[argv.index(option) + 1:argv.index(option) + 2]
+        value = following[0] if following and not following[0].startswith("-") and "=" not in following[0] else ""
+    bare = name.lstrip("-").replace("-", "_").lower()
+    keys = [k for k in all_keys() if k.split(".", 1)[1] == bare]
+    if keys:
+        meant = " or ".join(f"{k}={value or 'VALUE'}" for k in keys)
+        return f"unknown option {name}: config keys are set as section.key=value, e.g. {meant}"
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.7)
+    if close:
+        return f"unknown option {name}; did you mean {close[0]}?"
+    return (f"unknown option {name} (options: {', '.join(options)}); config keys are set as section.key=value, "
+            f"listed by `python launch/train.py --keys`")
