@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data.audit import DEGENERATE_SIDE, AuditResult, audit_splits
+from data.audit import DEGENERATE_SIDE, MAX_ASPECT, AuditResult, audit_splits
 from data.folders import Splits
 from data.stats import training_stats
 from configs.errors import UsageError
@@ -79,11 +79,21 @@ def _apply(result: AuditResult, splits: Splits, d, report_path: Path, say) -> Sp
     clean = result.clean(splits)
     empty = [c for c, n in result.clean_counts.get("train", {}).items() if n == 0]
     if empty:
-        kinds = Counter(p.problem for p in result.problems if p.label == empty[0] and p.split == "train")
+        problems = [p for p in result.problems if p.label == empty[0] and p.split == "train"]
+        kinds = Counter(p.problem for p in problems)
         hint = "; fix or remove the class folder"
         if kinds.get("too_small"):
-            hint = (f"; images need a side of at least {min_side_for(d)} pixels (data.min_image_side; 0 keeps "
-                    f"every image with a side of {DEGENERATE_SIDE} or more)")
+            slivers = sum(p.problem == "too_small" and "sliver" in p.detail for p in problems)
+            small = kinds["too_small"] - slivers
+            why = []
+            if small:
+                why.append(f"{small} have a side under {min_side_for(d)} pixels" + (
+                    f" (data.min_image_side; 0 keeps every image with a side of {DEGENERATE_SIDE} or more)"
+                    if d.min_image_side else " (degenerate)"))
+            if slivers:
+                why.append(f"{slivers} are slivers, one side over {MAX_ASPECT}x the other (crop them to a less "
+                           f"extreme shape)")
+            hint = "; " + " and ".join(why)
         raise UsageError(f"class '{empty[0]}' has no usable training images after the audit left out "
                          f"{', '.join(f'{n} {k}' for k, n in kinds.items())} (see {report_path}){hint}")
     return clean

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,23 @@ def test_the_imbalance_line_says_what_is_wrong_instead_of_infinity(tmp_path, cou
     assert "inf" not in "\n".join(result.summary_lines())
     report = json.loads(result.write_report(tmp_path / "report.json").read_text(), parse_constant=pytest.fail)
     assert report["imbalance_ratio"] == ratio  # null, never Infinity (not JSON)
+
+
+@pytest.mark.parametrize("size, min_image_side, hint", [
+    ((10, 300), 0, "3 are slivers, one side over 25x the other (crop them to a less extreme shape)"),
+    ((25, 25), 32, "3 have a side under 32 pixels (data.min_image_side; 0 keeps every image with a side of 8 or more)"),
+    ((4, 4), 0, "3 have a side under 8 pixels (degenerate)"),
+])
+def test_a_class_the_audit_empties_is_named_with_the_reason(tmp_path, size, min_image_side, hint):
+    from configs.errors import UsageError
+    from configs.schema import DataConfig
+    from data.audit_training import prepare_training_data
+
+    for name, shape in (("a", (40, 40)), ("b", size)):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(4):  # 3 train, 1 validation
+            Image.new("RGB", shape, (i * 40, 0, 0)).save(tmp_path / "img" / name / f"{i}.png")
+    d = DataConfig(root=str(tmp_path / "img"), audit_dir=str(tmp_path / "cache"), min_image_side=min_image_side)
+    with pytest.raises(UsageError, match=r"class 'b' has no usable training images after the audit left out 3 "
+                                         r"too_small \(see .*report.json\); " + re.escape(hint) + "$"):
+        prepare_training_data(discover(d.root), d, is_main=True, say=lambda line: None)
