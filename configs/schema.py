@@ -105,7 +105,8 @@ class OptimConfig:
     step_size: int = _doc(7, "epochs between decays of the step scheduler")
     gamma: float = _doc(0.1, "decay factor of the step scheduler")
     warmup_epochs: float = _doc(0.0, "linear warm-up from 0 to optim.lr over these epochs, before any scheduler "
-                                     "(with none: then constant, as transformers' constant_with_warmup); at most train.epochs")
+                                     "(with none: then constant, as transformers' constant_with_warmup); at most "
+                                     "train.epochs")
     min_lr: float = _doc(0.0, "floor of the cosine schedule")
     backbone_lr_mult: float = _doc(1.0, "backbone learning rate = lr x this (discriminative learning rates); "
                                         "the head always gets lr")
@@ -352,7 +353,8 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
         except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not a text file; --config takes a TOML file, e.g. configs/demo.toml") from None
+            raise ConfigError(f"{path} is not a text file; --config takes a TOML file, "
+                              f"e.g. configs/demo.toml") from None
         for section, table in tables.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"'{section}' in {path} must be a [section] table of keys"

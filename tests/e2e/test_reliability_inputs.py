@@ -22,8 +22,8 @@ def test_the_run_records_the_precision_that_ran_and_a_rerun_from_its_config_says
     root = make_image_folder(tmp_path / "images", per_class=4)
     first = tmp_path / "first"
     # The launcher asks for bf16, the config says auto: bf16 runs, and config.toml says bf16, not auto.
-    result = run_script("train.py", f"data.root={root}", f"run.dir={first}", *TINY, "train.precision=auto", cwd=tmp_path,
-                        launcher=accelerate_launch("-q", "--num_processes", "1", "--mixed_precision", "bf16"))
+    result = run_script("train.py", f"data.root={root}", f"run.dir={first}", *TINY, "train.precision=auto",
+                        cwd=tmp_path, launcher=accelerate_launch("-q", "--num_processes", "1", "--mixed_precision", "bf16"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'precision = "bf16"' in (first / "config.toml").read_text().splitlines()
     assert read_metadata(first / "best.safetensors")["runtime"]["precision"] == "bf16"

@@ -10,7 +10,8 @@ DEMO = str(REPO / "configs" / "demo.toml")
 
 @pytest.mark.parametrize("args, present", [
     (["--config", DEMO, "data.root=/x", "--print-config", "train.epochs=1"], ['root = "/x"', "epochs = 1"]),
-    (["--print-config", "--config", DEMO, "--device", "cpu", "data.batch_size=8"], ['device = "cpu"', "batch_size = 8"]),
+    (["--print-config", "--config", DEMO, "--device", "cpu", "data.batch_size=8"],
+     ['device = "cpu"', "batch_size = 8"]),
     (["data.root=/x", "model.name=tiny_cnn", "--print-config", "train.epochs=2", "train.epochs=3"], ["epochs = 3"]),
 ])
 def test_overrides_may_come_before_and_after_options(tmp_path, args, present):

@@ -125,13 +125,15 @@ def _file(tmp_path, name, content):
 
 
 WEIGHTS_FILES = [
-    ("x.pth", b"these are not weights\n" * 10, "x.pth is not a readable torch weights file: it is a text file, not weights (it starts 'these are not"),
+    ("x.pth", b"these are not weights\n" * 10,
+     "x.pth is not a readable torch weights file: it is a text file, not weights (it starts 'these are not"),
     ("x.safetensors", b"hello\n", "x.safetensors is not a readable safetensors file: it is a text file, not weights"),
     ("empty.pth", b"", "empty.pth is not a readable torch weights file: it is empty (0 bytes)"),
     ("lfs.safetensors", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
      "it is a Git LFS pointer, not the weights: run `git lfs pull` where it was cloned"),
     ("page.pth", b"<!DOCTYPE html>\n<html><body>Sign in</body></html>", "it is an HTML page, not weights"),
-    ("noise.pth", b"\x80\x02" + bytes(range(200, 256)) * 4, "noise.pth is not a readable torch weights file (damaged or another format)"),
+    ("noise.pth", b"\x80\x02" + bytes(range(200, 256)) * 4,
+     "noise.pth is not a readable torch weights file (damaged or another format)"),
     ("noise.safetensors", b"\xff" * 64, "noise.safetensors is not a readable safetensors file"),
     ("module.pt", lambda p: torch.save(torch.nn.Linear(2, 2), p),
      "it needs arbitrary objects unpickled (first: torch.nn.modules.linear.Linear)"),
@@ -167,8 +169,8 @@ def _hub_unreachable(monkeypatch):
     import models.build
 
     probes = []
-    monkeypatch.setattr(models.build, "_hub_unreachable",
-                        lambda endpoint: probes.append(endpoint) or "ConnectError: [Errno -2] Name or service not known")
+    why = "ConnectError: [Errno -2] Name or service not known"
+    monkeypatch.setattr(models.build, "_hub_unreachable", lambda endpoint: probes.append(endpoint) or why)
     return probes
 
 
@@ -221,7 +223,8 @@ def test_an_unreachable_hub_still_loads_weights_from_the_cache(empty_hub_cache, 
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()},
               str(snapshot / "snapshots" / ("0" * 40) / "model.safetensors"))
     built = build_classifier("timm/test_vit", 3, pretrained=True)
-    assert torch.equal(built.model.state_dict()["patch_embed.proj.weight"], reference.state_dict()["patch_embed.proj.weight"])
+    key = "patch_embed.proj.weight"
+    assert torch.equal(built.model.state_dict()[key], reference.state_dict()[key])
 
 
 def test_torchvision_weights_without_network_name_torch_home(tmp_path, monkeypatch):
