@@ -199,7 +199,7 @@ def our_pipeline(args, folder: Path, device: torch.device, channels_last: bool):
 
         dataset = ImageListDataset(splits.train, EncodedTransform(transform.plan))
         loading = Loading(args.workers, True, 4, collate_encoded)
-        decode = DeviceDecode(args.image_size, transform.ops, device)
+        decode = DeviceDecode(transform.ops, device)
     finish = BatchFinish(IMAGENET_MEAN, IMAGENET_STD, after, None, channels_last, decode)
     batches = TrainBatches(dataset, args.batch, loading, 0, accelerator, finish=finish)
     return batches

@@ -20,8 +20,8 @@ _MAX_SUBSTITUTES = 16
 
 
 class ImageListDataset(Dataset):
-    """(uint8 image, label) pairs, through `transform` (a data.transforms.ImageTransform). A file that fails to decode (changed since the audit, or the audit
-    was off) is recorded in `failure_log` (JSON lines) and replaced by the next readable sample,
+    """(uint8 image, label) pairs, through `transform` (a data.transforms.ImageTransform). A file
+    that fails to decode (changed since the audit, or the audit was off) is recorded in `failure_log` (JSON lines) and replaced by the next readable sample,
     so one bad file never ends an epoch."""
 
     def __init__(self, samples: list[Sample], transform=None,

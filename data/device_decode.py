@@ -95,8 +95,8 @@ class DeviceDecode:
     `record_failure(path, error)` (data.dataset.ImageListDataset's failure log) and replaced by its
     neighbour in the batch, as the CPU path replaces it by the next readable sample."""
 
-    def __init__(self, size: int, ops: list, device, record_failure=None):
-        self.size, self.ops, self.device = size, list(ops), torch.device(device)
+    def __init__(self, ops: list, device, record_failure=None):
+        self.ops, self.device = list(ops), torch.device(device)
         self.record_failure = record_failure
 
     def __call__(self, batch: EncodedBatch) -> torch.Tensor:

@@ -239,6 +239,9 @@ class ImageTransform:
         image = load_rgb(path, max_pixels, self.plan)
         return apply_ops(image, self.ops, draw_op_seed()) if self.ops else image
 
+    def __repr__(self) -> str:  # part of the feature cache's key (trainer.features): stable across runs
+        return f"ImageTransform(plan={self.plan!r}, ops={self.ops!r})"
+
 
 def draw_op_seed() -> int:
     """The seed a sample's ops run under, drawn from torch's RNG (seeded per sample by
@@ -252,9 +255,6 @@ def apply_ops(image: torch.Tensor, ops: list, seed: int) -> torch.Tensor:
     for op in ops:
         image = op(image)
     return image
-
-    def __repr__(self) -> str:
-        return f"ImageTransform(plan={self.plan!r}, ops={self.ops!r})"
 
 
 def erase_on_device(op: v2.RandomErasing, image: torch.Tensor) -> torch.Tensor:

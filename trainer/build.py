@@ -173,7 +173,7 @@ def _device_decoding(data: RunData, loading: Loading, device) -> tuple[Dataset, 
     images = data.train_images
     encoded = ImageListDataset(images.samples, EncodedTransform(images.transform.plan), images.failure_log,
                                images.max_pixels)
-    decode = DeviceDecode(data.preprocessing.image_size, images.transform.ops, device, encoded.record_failure)
+    decode = DeviceDecode(images.transform.ops, device, encoded.record_failure)
     return encoded, dataclasses.replace(loading, collate=collate_encoded), decode
 
 

@@ -213,8 +213,7 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
         if lines.due():  # the main process only: no collective here
             lines.show(epoch, position, steps_per_epoch, loss.item(), position + 1 - first_position)
         progress.step_done(loss_sum, correct, seen, counters)  # checkpoints every N steps; on SIGTERM: checkpoint, exit 75
-    bar.close()
-    counters.raise_if_nonfinite(accelerator, f"epoch {epoch}")
+    bar.close()  # (the epoch's last batch ran the non-finite check)
     # Sum over processes: every process reaches this collective once per epoch.
     loss_sum, correct, seen = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]),
                                                  reduction="sum").tolist()

@@ -75,3 +75,10 @@ def test_random_erasing_on_the_device_draws_what_torchvision_draws():
             expected = op(image.clone())
             torch.manual_seed(seed)
             assert torch.equal(erase_on_device(op, image.clone()), expected)
+
+
+def test_transforms_describe_themselves_the_same_in_every_process():
+    """The feature cache keys on the eval transform's repr: an object address would miss every time."""
+    pre = Preprocessing(16, 0.875, (0.5,) * 3, (0.25,) * 3)
+    assert repr(pre.eval_transform()) == repr(pre.eval_transform())
+    assert " at 0x" not in repr(train_transform("standard", 16)[0])

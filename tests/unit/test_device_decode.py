@@ -37,7 +37,7 @@ def files(tmp_path_factory) -> list:
 def _batches(paths, device, seeds):
     """The same samples through the CPU path and the device path, each sample under its seed."""
     transform, _ = train_transform("standard", 64)
-    encoder, decode = EncodedTransform(transform.plan), DeviceDecode(64, transform.ops, device)
+    encoder, decode = EncodedTransform(transform.plan), DeviceDecode(transform.ops, device)
     cpu = torch.stack([seeded_call(s, transform.load, p) for s, p in zip(seeds, paths)])
     encoded = [seeded_call(s, encoder.load, p) for s, p in zip(seeds, paths)]
     batch, _ = collate_encoded([(e, 0) for e in encoded])
@@ -72,7 +72,7 @@ def test_a_broken_jpeg_is_reported_and_replaced_by_its_neighbour(files):
     transform, _ = train_transform("standard", 32)
     failures = []
     encoder = EncodedTransform(transform.plan)
-    decode = DeviceDecode(32, [], "cpu", lambda path, error: failures.append(path))
+    decode = DeviceDecode([], "cpu", lambda path, error: failures.append(path))
     good, bad = encoder.load(files[0]), encoder.load(files[1])
     bad.data = bad.data[: len(bad.data) // 3].clone()  # truncated: no decoder can finish it
     batch, _ = collate_encoded([(good, 0), (bad, 1)])
