@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,6 +57,30 @@ def atomic_output(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `path` to fill; on a clean exit it becomes `path`.
+
+    `path` must not exist, or be an empty folder: a folder of results is never merged into or
+    replaced. On an exception the temporary folder and everything in it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this pid number
+    tmp.mkdir()
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            if child.is_file():
+                fsync_file(child)
+        if path.is_dir():
+            path.rmdir()  # empty, or this raises and nothing is replaced
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:
     path = Path(path)
     with atomic_output(path, durable=durable) as tmp:
@@ -78,4 +103,4 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_output", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file", "sha256_file"]
+__all__ = ["atomic_folder", "atomic_output", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file", "sha256_file"]

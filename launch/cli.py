@@ -55,11 +55,16 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose help is the script's docstring and whose errors are one `error:` line."""
+    return _OneLineParser(description=doc.split("\n")[0], epilog=doc,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def config_parser(doc: str) -> argparse.ArgumentParser:
     """A parser with the config arguments every run-building script takes: --config FILE,
     section.key=value overrides (anywhere on the line) and --device (runtime.device)."""
-    parser = _OneLineParser(description=doc.split("\n")[0], epilog=doc,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(doc)
     parser.add_argument("--config", help="TOML config file (see configs/)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="same as runtime.device=...")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config keys")
