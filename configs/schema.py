@@ -80,6 +80,20 @@ class DataConfig:
     max_image_pixels: int = _doc(89_478_485, "audit and loading: images with more pixels are decompression bombs "
                                              "(0: no limit)")
     leakage: str = _choice("warn", ("warn", "error"), "identical images in train and validation: warn or stop")
+    source: str = _choice("folder", ("folder", "csv", "hf", "shards"),
+                          "where samples come from (data.root is where the data lives): folder: class folders; "
+                          "csv: data.csv lists file,label rows; hf: a Hugging Face dataset on disk "
+                          "(save_to_disk, parquet or imagefolder); shards: tar shards written by "
+                          "launch/make_shards.py")
+    csv: str = _doc("", "source = csv: the CSV file (a relative path is in data.root)")
+    csv_file_column: str = _doc("file", "source = csv: the column of image paths, relative to data.root")
+    csv_label_column: str = _doc("label", "source = csv: the column of class names")
+    csv_split_column: str = _doc("", "source = csv: a column of train/val/test per row (empty: split by "
+                                     "data.val_fraction)")
+    hf_image_column: str = _doc("image", "source = hf: the column holding the images")
+    hf_label_column: str = _doc("label", "source = hf: the column holding the labels (a ClassLabel gives the "
+                                         "class names)")
+    shuffle_buffer: int = _doc(1000, "source = shards: samples in the seeded shuffle buffer of each loader worker")
 
 
 @dataclass
