@@ -156,7 +156,7 @@ class AuditResult:
         gone = self.left_out
         return Splits(splits.root, splits.classes, [s for s in splits.train if s[0] not in gone],
                       [s for s in splits.val if s[0] not in gone], [p for p in splits.test if p not in gone],
-                      splits.layout)
+                      splits.layout, splits.source_problems)
 
     def to_dict(self) -> dict:
         return {"root": str(self.root), "layout": self.layout, "classes": self.classes,
@@ -315,7 +315,8 @@ def audit_splits(splits: Splits, *, min_side: int = 1, max_pixels: int = DEFAULT
     result.measurements = measurements
     result.files_checked = len(entries)
     result.ignored_system, result.ignored_other, result.ignored_examples = count_ignored(root)
-    result.problems = _find_problems(entries, measurements, root, min_side, max_pixels)
+    result.problems = [Problem(**p) for p in splits.source_problems] + _find_problems(
+        entries, measurements, root, min_side, max_pixels)
     gone = result.left_out
     for split in ("train", "val", "test"):
         counts = Counter(name for path, s, name in entries if s == split and path not in gone)

@@ -34,6 +34,7 @@ def min_side_for(data_cfg) -> int:
 
 def prepare_training_data(splits: Splits, data_cfg, is_main: bool, say: Callable[[str], None]) -> TrainingData:
     d = data_cfg
+    _say_source_problems(splits, say, d.audit == "on")
     if d.audit == "off" and d.normalize != "dataset":
         return TrainingData(splits, None, None)
     # With the audit off, dataset statistics still need the training files measured (no exclusions).
@@ -52,6 +53,15 @@ def prepare_training_data(splits: Splits, data_cfg, is_main: bool, say: Callable
         say(f"data     normalize with the training split's mean {_fmt(mean)} std {_fmt(std)} "
             f"(cached in {result.folder / 'stats.json'})")
     return TrainingData(splits, result, report_path, tuple(mean), tuple(std))
+
+
+def _say_source_problems(splits: Splits, say: Callable[[str], None], reported: bool) -> None:
+    """The rows a source left out (a CSV row naming a missing file...), with the first one's line."""
+    problems = splits.source_problems
+    if problems:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(p["problem"] for p in problems).items())
+        say(f"data     left out {len(problems)} rows ({kinds}), e.g. {problems[0]['detail']}"
+            + ("; the audit report lists them all" if reported else ""))
 
 
 def _fmt(values) -> str:

@@ -31,7 +31,10 @@ class Splits:
     train: list[Sample]
     val: list[Sample]
     test: list[str] = field(default_factory=list)  # unlabelled or labelled, paths only
-    layout: str = "split-folders"  # or "class-folders"
+    layout: str = "split-folders"  # or "class-folders", "train-folder", "csv", "hf"
+    # Entries a source left out before the audit (a CSV row naming a missing file, a duplicate):
+    # dicts of data.audit.Problem's fields, reported with the audit's own problems.
+    source_problems: list[dict] = field(default_factory=list)
 
     def class_counts(self, split: str = "train") -> dict[str, int]:
         counts = dict.fromkeys(self.classes, 0)

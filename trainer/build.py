@@ -18,12 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from configs.schema import Config, read_config
-from data import ImageListDataset, Preprocessing, Splits, discover, make_loader, resolve_normalization, train_transform
+from data import ImageListDataset, Preprocessing, Splits, make_loader, resolve_normalization, train_transform
 from data.audit_training import prepare_training_data
 from data.balance import BalancedDraw, balanced_class_weights
 from data.dataset import Loading
 from data.device_decode import DeviceDecode, EncodedTransform, collate_encoded
 from data.sampling import TrainBatches
+from data.sources import load_splits
 from data.transforms import BatchFinish, batch_mixer, check_augment_ops, crop_mode_of
 from models import BuiltModel, HeadSpec, build_classifier
 from models.finetune import FinetunePlan, apply_epoch, check_finetune_config, make_plan, param_groups, prepare_for_wrapping
@@ -88,7 +89,7 @@ class RunParts:
 def audited_splits(cfg: Config) -> Splits:
     """The split a run of `cfg` trains and validates on (after the audit left bad files out), for
     one process outside training: evaluation of a run's own validation or test split."""
-    splits = discover(cfg.data.root, cfg.data.val_fraction, cfg.data.seed)
+    splits = load_splits(cfg.data)
     return _audit(cfg, splits, None, ((), ()))[0].splits
 
 
@@ -122,7 +123,7 @@ def build_data(cfg: Config, accelerator: Accelerator, splits: Splits, built: Bui
 def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     """Every part of a run, built once. Everything that can fail on user input fails here, before
     a file is written (the audit's cache and report aside)."""
-    splits = discover(cfg.data.root, cfg.data.val_fraction, cfg.data.seed)
+    splits = load_splits(cfg.data)
     m = cfg.model
     built = build_classifier(m.name, len(splits.classes), head_spec(cfg), m.pretrained, m.weights)
     plan = make_plan(built.model, built.head_name, m.freeze, cfg.train.unfreeze_at_epoch)

@@ -1,0 +1,383 @@
+"""Where a run's samples come from, chosen by `data.source`: every source becomes the same
+`data.folders.Splits` (class names, train and validation (path, label) lists, test paths), so the
+audit, the transforms, the samplers, balancing, class weights, predict/evaluate and the batch
+grid work unchanged whatever the source.
+
+- folder: class folders (`data.folders.discover`).
+- csv: `data.csv` lists one image per row, paths relative to `data.root` (Kaggle's `train/` +
+  `labels.csv`). Rows that cannot be used (missing file, duplicate, the same file under two
+  labels, a path outside data.root, no label) are left out and reported by the audit with their
+  line numbers; a missing column, a label that is not a class, several labels in one row or no
+  usable row at all is bad input.
+- hf: a Hugging Face `datasets` dataset on disk (`save_to_disk`, parquet files, or an
+  `imagefolder`). Images that are files stay where they are; images stored as bytes inside the
+  dataset are written once, as the same encoded bytes, to a cache keyed by the dataset's
+  fingerprint, so decoding, the audit and its cache read files as for every other source.
+- shards: tar shards (`data.shards`), read by their own loader; not listed here.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from configs.errors import UsageError
+from data.folders import IMAGE_EXTENSIONS, Sample, Splits, discover, stratified_split
+
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+# Extensions tried, in order, for a CSV file name without one (Kaggle's `id` columns).
+_TRY_EXTENSIONS = (".jpg", ".jpeg", ".png", *sorted(IMAGE_EXTENSIONS - {".jpg", ".jpeg", ".png"}))
+MULTI_LABEL_SEPARATOR = ";"
+ROW_LEFT_OUT = "row left out"  # the row, not the file: a duplicate row's file stays in by its first row
+
+
+def load_splits(d) -> Splits:
+    """The samples of `data.source` (d: the config's DataConfig) as Splits."""
+    if d.source == "csv":
+        return csv_splits(d)
+    if d.source == "hf":
+        return hf_splits(d)
+    if d.source == "shards":
+        raise UsageError("data.source = 'shards' is read by its own loader; this needs a folder, csv or hf source")
+    return discover(d.root, d.val_fraction, d.seed)
+
+
+def data_root(d) -> Path:
+    root = Path(d.root).expanduser().resolve()
+    if not root.is_dir():
+        raise UsageError(f"data.root {'is not a folder' if root.exists() else 'does not exist'}: {root}")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV
+
+
+@dataclass(frozen=True)
+class CsvRow:
+    line: int  # in the file, the header being line 1
+    file: str  # as written
+    label: str
+    split: str  # train, val, test, or "" without a split column
+
+
+def csv_path(d) -> Path:
+    if not d.csv:
+        raise UsageError("data.source = 'csv' needs data.csv=FILE (a CSV with a file and a label column)")
+    path = Path(d.csv).expanduser()
+    path = path if path.is_absolute() else data_root(d) / path
+    if not path.is_file():
+        raise UsageError(f"data.csv not found: {path}")
+    return path
+
+
+def read_csv_rows(path: Path, file_column: str, label_column: str, split_column: str = "") -> list[CsvRow]:
+    """Every data row of the CSV; a missing column or a bad split value is bad input."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            for key, column in (("csv_file_column", file_column), ("csv_label_column", label_column),
+                                ("csv_split_column", split_column)):
+                if column and column not in columns:
+                    raise UsageError(f"{path} has no column {column!r} (its columns: {', '.join(columns) or 'none'}); "
+                                     f"set data.{key} to the right one")
+            rows = []
+            for record in reader:
+                split = ""
+                if split_column:
+                    raw = (record.get(split_column) or "").strip()
+                    split = SPLIT_NAMES.get(raw.lower(), "")
+                    if not split:
+                        raise UsageError(f"line {reader.line_num} of {path}: {split_column} is {raw!r}; use "
+                                         f"train, val or test")
+                rows.append(CsvRow(reader.line_num, (record.get(file_column) or "").strip(),
+                                   (record.get(label_column) or "").strip(), split))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not a UTF-8 text CSV ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise UsageError(f"{path} is not a readable CSV ({e})") from None
+    return rows
+
+
+def csv_splits(d) -> Splits:
+    root, path = data_root(d), csv_path(d)
+    rows = read_csv_rows(path, d.csv_file_column, d.csv_label_column, d.csv_split_column)
+    if not rows:
+        raise UsageError(f"{path} has no data rows: it needs a header and one row per image")
+    several = next((r for r in rows if MULTI_LABEL_SEPARATOR in r.label), None)
+    if several:
+        raise UsageError(f"line {several.line} of {path} has several labels ({several.label!r}): multi-label "
+                         f"images need data.task=multilabel; with one class per image give each row one label")
+    kept, problems = _usable_rows(rows, root, path)
+    labelled = [(r, p) for r, p in kept if r.split != "test"]
+    train_rows = [(r, p) for r, p in labelled if r.split in ("", "train")]
+    classes = sorted({r.label for r, _ in train_rows})
+    if not train_rows:
+        raise UsageError(f"{path} has no usable training rows ({len(rows)} rows, {len(problems)} left out, "
+                         f"e.g. {problems[0]['detail'] if problems else 'none labelled'})")
+    if len(classes) < 2:
+        raise UsageError(f"only one class ({classes[0]!r}) in the training rows of {path}: a classifier needs two")
+    stray = next(((r, p) for r, p in labelled if r.label not in classes), None)
+    if stray:
+        raise UsageError(f"line {stray[0].line} of {path}: label {stray[0].label!r} is not a class of the training "
+                         f"rows ({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+    index = {c: i for i, c in enumerate(classes)}
+    test = sorted(str(p) for r, p in kept if r.split == "test")
+    if d.csv_split_column:
+        train = sorted((str(p), index[r.label]) for r, p in train_rows)
+        val = sorted((str(p), index[r.label]) for r, p in labelled if r.split == "val")
+        if not val:
+            raise UsageError(f"{path} has no usable val rows in its {d.csv_split_column!r} column; mark some "
+                             f"rows val, or leave data.csv_split_column empty to split by data.val_fraction")
+    else:
+        by_class: dict[str, list[Path]] = defaultdict(list)
+        for r, p in train_rows:
+            by_class[r.label].append(p)
+        train, val = stratified_split(by_class, classes, d.val_fraction, d.seed)
+    return Splits(root, classes, train, val, test, layout="csv", source_problems=problems)
+
+
+def _usable_rows(rows: list[CsvRow], root: Path, path: Path) -> tuple[list[tuple[CsvRow, Path]], list[dict]]:
+    """(row, image path) of the rows training can use, and an audit problem for each other row."""
+    problems: list[dict] = []
+
+    def leave_out(row: CsvRow, problem: str, why: str, file: Path | None = None) -> None:
+        where = file or root / row.file
+        problems.append({"path": str(where), "relpath": row.file, "split": row.split or "train",
+                         "label": row.label, "problem": problem,
+                         "detail": f"{path.name} line {row.line}: {why}", "action": ROW_LEFT_OUT})
+
+    found: dict[Path, list[tuple[CsvRow, Path]]] = defaultdict(list)
+    for row in rows:
+        if not row.file:
+            leave_out(row, "missing", "no file name")
+            continue
+        if not row.label and row.split != "test":
+            leave_out(row, "no_label", f"{row.file} has no label")
+            continue
+        file = _find_file(root, row.file)
+        if file is None:
+            leave_out(row, "missing", f"{row.file} not found under {root}")
+        elif not file.is_relative_to(root):
+            leave_out(row, "outside_root", f"{row.file} is outside data.root", file)
+        else:
+            found[file].append((row, file))
+    kept = []
+    for file, entries in found.items():
+        labels = {r.label for r, _ in entries}
+        if len(labels) > 1:
+            for row, _ in entries:
+                leave_out(row, "conflicting_labels", f"{row.file} is listed under {len(labels)} labels "
+                                                     f"({', '.join(sorted(labels))})", file)
+            continue
+        kept.append(entries[0])
+        for row, _ in entries[1:]:
+            leave_out(row, "duplicate_row", f"{row.file} repeats line {entries[0][0].line}", file)
+    kept.sort(key=lambda e: e[0].line)
+    return kept, problems
+
+
+def _find_file(root: Path, name: str) -> Path | None:
+    path = (root / name).resolve()
+    if path.is_file():
+        return path
+    if not path.suffix:
+        for ext in _TRY_EXTENSIONS:
+            if path.with_suffix(ext).is_file():
+                return path.with_suffix(ext)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+HF_VAL_NAMES = ("validation", "val", "valid")
+MANIFEST = "files.json"  # written last: its presence means the cache folder is complete
+
+
+def hf_splits(d) -> Splits:
+    root = data_root(d)
+    parts = open_hf_dataset(root)
+    if "train" not in parts:
+        raise UsageError(f"the dataset in {root} has no 'train' split (splits: {', '.join(parts) or 'none'})")
+    train_part = parts["train"]
+    for column in (d.hf_image_column, d.hf_label_column):
+        if column not in train_part.column_names:
+            key = "hf_image_column" if column == d.hf_image_column else "hf_label_column"
+            raise UsageError(f"the dataset in {root} has no column {column!r} (columns: "
+                             f"{', '.join(train_part.column_names)}); set data.{key}")
+    if len(train_part) == 0:
+        raise UsageError(f"the 'train' split of the dataset in {root} is empty")
+    classes, label_of = _hf_classes(train_part, d.hf_label_column)
+    files_root, files = _hf_files(parts, d.hf_image_column, root)
+    train = [(files["train"][i], label_of(v)) for i, v in enumerate(train_part[d.hf_label_column])]
+    val_name = next((n for n in HF_VAL_NAMES if n in parts), None)
+    if val_name:
+        val = [(files[val_name][i], _hf_label(label_of, v, val_name, i, root))
+               for i, v in enumerate(parts[val_name][d.hf_label_column])]
+    else:
+        by_class: dict[str, list[Path]] = defaultdict(list)
+        for path, label in train:
+            by_class[classes[label]].append(Path(path))
+        train, val = stratified_split(by_class, classes, d.val_fraction, d.seed)
+    test = list(files.get("test", []))
+    return Splits(files_root, classes, sorted(train), sorted(val), sorted(test), layout="hf")
+
+
+def open_hf_dataset(root: Path) -> dict:
+    """{split name: datasets.Dataset} of a dataset saved with save_to_disk, parquet files, or an
+    imagefolder, read from disk only."""
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("data.source = 'hf' needs the datasets package: pip install -e '.[hf]'") from None
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data: never ask the Hub for anything
+    datasets.disable_progress_bars()
+    _refuse_empty_saved(root)
+    try:
+        if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(root))
+        elif parquet := _parquet_files(root):
+            loaded = datasets.load_dataset("parquet", data_files=parquet)
+        else:
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(root))
+    except UsageError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable data
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{root} is not a readable Hugging Face dataset (save_to_disk folder, parquet files or "
+                         f"imagefolder): {type(e).__name__}: {first}") from None
+    if isinstance(loaded, datasets.Dataset):
+        return {"train": loaded}
+    return {_canonical_split(name): part for name, part in loaded.items()}
+
+
+def _refuse_empty_saved(root: Path) -> None:
+    # datasets' load_from_disk fails on an empty saved dataset with an IndexError: say what it is.
+    for state in [root / "state.json", *root.glob("*/state.json")]:
+        try:
+            empty = json.loads(state.read_text()).get("_data_files") == []
+        except (OSError, ValueError, AttributeError):
+            continue  # load_from_disk says what is wrong with it
+        if empty:
+            split = state.parent.name if state.parent != root else "train"
+            raise UsageError(f"the {split!r} split of the dataset in {root} is empty (no data files in {state})")
+
+
+def _canonical_split(name: str) -> str:
+    return "train" if name.lower() in ("train", "training") else name.lower()
+
+
+def _parquet_files(root: Path) -> dict[str, list[str]]:
+    """{split: files} for Hub-style parquet layouts: `train-*.parquet`, `data/train-*.parquet`,
+    `train/*.parquet`; any other parquet files are all training data."""
+    files = sorted(p for p in root.rglob("*.parquet") if not any(s.startswith(".") for s in p.parts))
+    splits: dict[str, list[str]] = defaultdict(list)
+    for p in files:
+        words = [p.parent.name.lower(), p.stem.split("-")[0].lower()]
+        split = next((SPLIT_NAMES[w] for w in words if w in SPLIT_NAMES), "train")
+        splits[{"val": "validation"}.get(split, split)].append(str(p))
+    return dict(splits)
+
+
+def _hf_classes(part, column: str):
+    """(class names, value -> index): a ClassLabel's names, else the sorted distinct values."""
+    feature = part.features[column]
+    names = getattr(feature, "names", None)
+    if names:
+        return list(names), int
+    values = sorted({str(v) for v in part[column]}, key=lambda v: (len(v), v) if v.isdigit() else (0, v))
+    if len(values) < 2:
+        raise UsageError(f"the {column!r} column has one value only ({values[0] if values else 'none'}): a "
+                         f"classifier needs two classes")
+    index = {v: i for i, v in enumerate(values)}
+    return values, lambda v: index.get(str(v), -1)
+
+
+def _hf_label(label_of, value, split: str, row: int, root: Path) -> int:
+    label = label_of(value)
+    if label < 0:
+        raise UsageError(f"row {row} of the {split!r} split in {root}: label {value!r} is not a class of the "
+                         f"'train' split")
+    return label
+
+
+def _hf_files(parts: dict, column: str, root: Path) -> tuple[Path, dict[str, list[str]]]:
+    """(the folder the image files are under, {split: one path per row}). An imagefolder's files
+    are used in place; images stored in the dataset are written out once per fingerprint."""
+    import datasets
+
+    plain = {name: part.cast_column(column, datasets.Image(decode=False)) for name, part in parts.items()}
+    paths = {name: [(cell or {}).get("path") for cell in _cells(part, column)] for name, part in plain.items()}
+    stored_as_files = all(p and Path(p).is_file() and Path(p).resolve().is_relative_to(root)
+                          for rows in paths.values() for p in rows)
+    if stored_as_files:
+        return root, {name: [str(Path(p).resolve()) for p in rows] for name, rows in paths.items()}
+    key = hashlib.sha256("/".join(f"{n}:{p._fingerprint}" for n, p in sorted(parts.items())).encode()).hexdigest()
+    folder = hf_cache_dir() / f"{root.name}-{key[:16]}"
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        _write_images(plain, column, folder)
+    names = json.loads(manifest.read_text())
+    return folder, {name: [str(folder / name / n) for n in rows] for name, rows in names.items()}
+
+
+def _cells(part, column):
+    """The column's cells, a batch at a time: the image bytes of a whole split need not fit in memory."""
+    for batch in part.select_columns([column]).iter(batch_size=256):
+        yield from batch[column]
+
+
+def hf_cache_dir() -> Path:
+    return Path(os.environ.get("IMGTRAIN_HF_DIR", "~/.cache/imgtrain/hf")).expanduser()
+
+
+def _image_name(index: int, path: str | None, data: bytes | None) -> str:
+    """A stable name per row, with the extension its bytes decode by (the name, else the magic)."""
+    ext = Path(path).suffix.lower() if path else ""
+    if ext not in IMAGE_EXTENSIONS and data is not None:
+        ext = _sniff(data)
+    return f"{index:08d}{ext or '.img'}"
+
+
+def _sniff(data: bytes) -> str:
+    for magic, ext in ((b"\xff\xd8", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"BM", ".bmp")):
+        if data.startswith(magic):
+            return ext
+    return ".webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else ".img"
+
+
+def _write_images(parts: dict, column: str, folder: Path) -> None:
+    """Every row's encoded bytes as a file, and the manifest of their names, into a temporary
+    folder renamed when complete (two processes may race: the rename keeps one whole copy)."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    names: dict[str, list[str]] = {}
+    for name, part in parts.items():
+        (tmp / name).mkdir(parents=True)
+        names[name] = []
+        for i, cell in enumerate(_cells(part, column)):
+            cell = cell or {}
+            data = cell.get("bytes")
+            if data is None and cell.get("path") and Path(cell["path"]).is_file():
+                data = Path(cell["path"]).read_bytes()
+            file = _image_name(i, cell.get("path"), data)
+            # A row without image bytes becomes an empty file: the audit reports it as empty.
+            (tmp / name / file).write_bytes(data or b"")
+            names[name].append(file)
+    (tmp / MANIFEST).write_text(json.dumps(names))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # an incomplete one from an interrupted run
+    os.replace(tmp, folder)
+
+
+__all__ = ["load_splits", "csv_splits", "hf_splits", "read_csv_rows", "open_hf_dataset", "Sample"]
