@@ -145,8 +145,10 @@ def csv_splits(d) -> Splits:
     return Splits(root, classes, train, val, test, layout="csv", source_problems=problems)
 
 
-def _usable_rows(rows: list[CsvRow], root: Path, path: Path) -> tuple[list[tuple[CsvRow, Path]], list[dict]]:
-    """(row, image path) of the rows training can use, and an audit problem for each other row."""
+def _usable_rows(rows: list[CsvRow], root: Path, path: Path,
+                 labels_needed: bool = True) -> tuple[list[tuple[CsvRow, Path]], list[dict]]:
+    """(row, image path) of the rows training can use, and an audit problem for each other row.
+    `labels_needed=False` (predict) keeps rows without a label."""
     problems: list[dict] = []
 
     def leave_out(row: CsvRow, problem: str, why: str, file: Path | None = None) -> None:
@@ -160,7 +162,7 @@ def _usable_rows(rows: list[CsvRow], root: Path, path: Path) -> tuple[list[tuple
         if not row.file:
             leave_out(row, "missing", "no file name")
             continue
-        if not row.label and row.split != "test":
+        if labels_needed and not row.label and row.split != "test":
             leave_out(row, "no_label", f"{row.file} has no label")
             continue
         file = _find_file(root, row.file)
@@ -194,6 +196,44 @@ def _find_file(root: Path, name: str) -> Path | None:
             if path.with_suffix(ext).is_file():
                 return path.with_suffix(ext)
     return None
+
+
+@dataclass
+class ListedImages:
+    """The images a CSV or a Hugging Face dataset lists, for predict and evaluate: every usable row."""
+
+    paths: list[Path]
+    labels: list[str]  # class names as the source writes them; "" for a row without one
+    source: str  # what they are, for the report
+    problems: list[dict]  # rows left out, as csv_splits reports them
+
+
+def listed_images(d, split: str | None = None) -> ListedImages:
+    """Every usable row of the source `d` describes (d.source "csv" or "hf"): for a CSV its rows
+    (of `split` only, with a split column), for a dataset its `split` (default: test, else
+    validation, else train)."""
+    if d.source == "csv":
+        path = csv_path(d)
+        rows = read_csv_rows(path, d.csv_file_column, d.csv_label_column, d.csv_split_column)
+        kept, problems = _usable_rows(rows, data_root(d), path, labels_needed=False)
+        kept = [(r, p) for r, p in kept if split is None or not d.csv_split_column or r.split == split]
+        where = f"{path}" + (f" ({split} rows)" if split and d.csv_split_column else "")
+        return ListedImages([p for _, p in kept], [r.label for r, _ in kept], where, problems)
+    root = data_root(d)
+    parts = open_hf_dataset(root)
+    name = split or next((n for n in ("test", *HF_VAL_NAMES, "train") if n in parts), "")
+    if name not in parts:
+        raise UsageError(f"the dataset in {root} has no {name!r} split (splits: {', '.join(parts)})")
+    part = parts[name]
+    if d.hf_image_column not in part.column_names:
+        raise UsageError(f"the dataset in {root} has no column {d.hf_image_column!r} (columns: "
+                         f"{', '.join(part.column_names)}); pass the run's data.hf_image_column")
+    _, files = _hf_files({name: part}, d.hf_image_column, root)
+    labels = [""] * len(part)
+    if d.hf_label_column in part.column_names:
+        names = getattr(part.features[d.hf_label_column], "names", None)
+        labels = [names[v] if names and isinstance(v, int) and v >= 0 else str(v) for v in part[d.hf_label_column]]
+    return ListedImages([Path(p) for p in files[name]], labels, f"the {name!r} split of {root}", [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +353,8 @@ def _hf_label(label_of, value, split: str, row: int, root: Path) -> int:
 
 def _hf_files(parts: dict, column: str, root: Path) -> tuple[Path, dict[str, list[str]]]:
     """(the folder the image files are under, {split: one path per row}). An imagefolder's files
-    are used in place; images stored in the dataset are written out once per fingerprint."""
+    are used in place; images stored in the dataset are written out once per split's fingerprint,
+    into one folder per dataset (so training and predict share them, and the audit cache too)."""
     import datasets
 
     plain = {name: part.cast_column(column, datasets.Image(decode=False)) for name, part in parts.items()}
@@ -322,13 +363,14 @@ def _hf_files(parts: dict, column: str, root: Path) -> tuple[Path, dict[str, lis
                           for rows in paths.values() for p in rows)
     if stored_as_files:
         return root, {name: [str(Path(p).resolve()) for p in rows] for name, rows in paths.items()}
-    key = hashlib.sha256("/".join(f"{n}:{p._fingerprint}" for n, p in sorted(parts.items())).encode()).hexdigest()
-    folder = hf_cache_dir() / f"{root.name}-{key[:16]}"
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        _write_images(plain, column, folder)
-    names = json.loads(manifest.read_text())
-    return folder, {name: [str(folder / name / n) for n in rows] for name, rows in names.items()}
+    folder = hf_cache_dir() / f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
+    files = {}
+    for name, part in plain.items():
+        split_dir = folder / f"{name}-{part._fingerprint}"
+        if not (split_dir / MANIFEST).is_file():
+            _write_images(part, column, split_dir)
+        files[name] = [str(split_dir / n) for n in json.loads((split_dir / MANIFEST).read_text())]
+    return folder, files
 
 
 def _cells(part, column):
@@ -356,28 +398,25 @@ def _sniff(data: bytes) -> str:
     return ".webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else ".img"
 
 
-def _write_images(parts: dict, column: str, folder: Path) -> None:
+def _write_images(part, column: str, folder: Path) -> None:
     """Every row's encoded bytes as a file, and the manifest of their names, into a temporary
     folder renamed when complete (two processes may race: the rename keeps one whole copy)."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    names: dict[str, list[str]] = {}
-    for name, part in parts.items():
-        (tmp / name).mkdir(parents=True)
-        names[name] = []
-        for i, cell in enumerate(_cells(part, column)):
-            cell = cell or {}
-            data = cell.get("bytes")
-            if data is None and cell.get("path") and Path(cell["path"]).is_file():
-                data = Path(cell["path"]).read_bytes()
-            file = _image_name(i, cell.get("path"), data)
-            # A row without image bytes becomes an empty file: the audit reports it as empty.
-            (tmp / name / file).write_bytes(data or b"")
-            names[name].append(file)
+    tmp.mkdir(parents=True)
+    names = []
+    for i, cell in enumerate(_cells(part, column)):
+        cell = cell or {}
+        data = cell.get("bytes")
+        if data is None and cell.get("path") and Path(cell["path"]).is_file():
+            data = Path(cell["path"]).read_bytes()
+        names.append(_image_name(i, cell.get("path"), data))
+        # A row without image bytes becomes an empty file: the audit reports it as empty.
+        (tmp / names[-1]).write_bytes(data or b"")
     (tmp / MANIFEST).write_text(json.dumps(names))
-    folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)  # an incomplete one from an interrupted run
     os.replace(tmp, folder)
 
 
-__all__ = ["load_splits", "csv_splits", "hf_splits", "read_csv_rows", "open_hf_dataset", "Sample"]
+__all__ = ["ListedImages", "Sample", "csv_splits", "hf_splits", "listed_images", "load_splits", "open_hf_dataset",
+           "read_csv_rows"]
