@@ -11,13 +11,18 @@
     python launch/evaluate.py --checkpoint RUN/best.safetensors hymenoptera_data/val --out-dir RUN/eval --tta
     # one GPU, more loader workers
     python launch/evaluate.py --checkpoint RUN/best.safetensors --split val --device cuda:0 --num-workers 8
+    # a multi-label checkpoint (data.task = multilabel): a folder with its labels.csv (file,labels)
+    python launch/evaluate.py --checkpoint RUN/best.safetensors held_out/ --labels-csv held_out/labels.csv
 
 Images go through the checkpoint's own eval transform, in eval mode and fp32. A folder that holds
 training images of the run (the same files, or copies of them) gets a warning saying how many:
 its accuracy is not a held-out score. Prints accuracy and per-class precision / recall / F1, and
 writes to --out-dir (default: `eval` beside the checkpoint, `eval-val` / `eval-test` for --split)
 metrics.json, confusion_matrix.png and top_losses.png: the images the model got wrong most
-confidently, as it saw them, titled "actual / predicted (probability)".
+confidently, as it saw them, titled "actual / predicted (probability)". A multi-label checkpoint
+reports mAP, micro / macro F1 and per-class precision / recall / F1 / AP at the per-class
+thresholds it recorded, to metrics.json; a class the CSV names that the checkpoint does not know
+is refused, naming the CSV line.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by training")
-    parser.add_argument("folder", nargs="?", help="a folder of class folders (instead of --split)")
+    parser.add_argument("folder", nargs="?", help="a folder of class folders (instead of --split); multi-label: "
+                                                  "a folder of images with a labels.csv")
+    parser.add_argument("--labels-csv", default="labels.csv", help="multi-label: the folder's file,labels CSV "
+                                                                   "(relative to the folder; default labels.csv)")
     parser.add_argument("--split", choices=("val", "test"), help="the run's own validation split, or its data "
                                                                  "root's labelled test/ folder")
     parser.add_argument("--data-root", help="where the run's images are now, if not at its recorded data.root")
@@ -51,7 +59,7 @@ def main() -> int:
 
     options = InferenceOptions(args.batch_size, args.num_workers, args.device, args.tta)
     evaluate_checkpoint(args.checkpoint, options, folder=args.folder, split=args.split, data_root=args.data_root,
-                        out_dir=args.out_dir, top_loss_count=args.top_losses)
+                        out_dir=args.out_dir, top_loss_count=args.top_losses, labels_csv=args.labels_csv)
     return 0
 
 

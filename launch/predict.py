@@ -8,12 +8,17 @@
     # one GPU, more loader workers
     python launch/predict.py --checkpoint RUN/best.safetensors photos/ --device cuda:0 --num-workers 8
     # several GPUs or machines: split the inputs and run one predict.py per GPU (CUDA_VISIBLE_DEVICES=N)
+    # a multi-label checkpoint (data.task = multilabel) writes path, labels, scores_topK, error
+    python launch/predict.py --checkpoint RUN/best.safetensors photos/ --out tags.csv
 
 Every image goes through the checkpoint's own eval transform (its recorded preprocessing: size,
 normalization and the crop mode of the run's data.augment preset), as in the run's validation.
 Columns: path, class, probability, top_k ("name:prob;name:prob;..."), error. A file that does not
 decode gets an empty prediction and its error (the run never stops on one); they are also listed on
 stderr. The CSV is written to a temporary file and renamed, so it is never half-written.
+A multi-label checkpoint's CSV has `labels`: every class whose sigmoid score reaches that class's
+threshold (chosen on the run's validation split, recorded in the checkpoint; 0.5 when none),
+';'-separated, highest first, and may be empty.
 """
 
 from __future__ import annotations

@@ -23,12 +23,13 @@ from configs.errors import UsageError
 from configs.schema import Config
 from data.audit_cache import MeasurementCache, audit_dir_for
 from data.files import atomic_write_json, sha256_file
-from data.folders import TEST_NAMES, discover, list_images
+from data.folders import TEST_NAMES, list_images
 from data.images import DEFAULT_MAX_PIXELS
+from data.multilabel import MultiLabelSplits, labels_csv_path, multi_hot, read_labels_csv
 from trainer import plots
-from trainer.build import audited_splits
-from trainer.inference import FilePredictions, InferenceOptions, predict_files
-from trainer.metrics import classification_report
+from trainer.build import audited_splits, discover_splits
+from trainer.inference import FilePredictions, InferenceOptions, is_multilabel, predict_files, thresholds_of
+from trainer.metrics import classification_report, multilabel_report
 from trainer.model_file import LoadedClassifier, load_classifier
 
 SPLITS = ("val", "test")
@@ -64,8 +65,9 @@ def run_config(meta: dict, data_root: str | None = None) -> Config:
 @dataclass
 class LabelledFiles:
     paths: list[Path]
-    labels: list[int]  # indices into the checkpoint's class names
+    labels: list[int]  # indices into the checkpoint's class names (multi-label: each file's first label)
     source: str  # what these files are, for the report: a folder, or "the validation split of ROOT"
+    targets: torch.Tensor | None = None  # multi-label: (N, C) 0/1, every label of every file
 
 
 def labelled_folder(folder: Path, class_names: list[str]) -> LabelledFiles:
@@ -87,12 +89,27 @@ def labelled_folder(folder: Path, class_names: list[str]) -> LabelledFiles:
     return LabelledFiles(paths, labels, str(folder))
 
 
+def labelled_csv(folder: Path, labels_csv: str, class_names: list[str]) -> LabelledFiles:
+    """Multi-label: the files a `file,labels` CSV lists (relative to `folder`), with every label;
+    a class the checkpoint does not know is refused naming the CSV line."""
+    if not folder.is_dir():
+        raise UsageError(f"not a folder: {folder}")
+    rows = read_labels_csv(labels_csv_path(folder, labels_csv), folder, known=class_names)
+    index = {name: i for i, name in enumerate(class_names)}
+    sets = [[index[name] for name in row.labels] for row in rows]
+    return LabelledFiles([row.path for row in rows], [s[0] for s in sets], str(folder),
+                         torch.stack([multi_hot(s, len(class_names)) for s in sets]))
+
+
 def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     """The run's own validation split (as training used it, after the audit), or the labelled
     test/ folder of its data root."""
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
     root = Path(cfg.data.root).expanduser().resolve()
+    if split == "test" and cfg.data.task == "multilabel":
+        raise UsageError("a multi-label run has no test/ folder split; name a folder that holds a labels.csv "
+                         "(or pass --labels-csv) instead of --split test")
     if split == "test":
         test_dir = next((d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in TEST_NAMES), None)
         if test_dir is None:
@@ -100,13 +117,16 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
                              f"by naming it instead of --split")
         files = labelled_folder(test_dir, class_names)
         return LabelledFiles(files.paths, files.labels, f"the test split of {root}")
-    classes = discover(root, cfg.data.val_fraction, cfg.data.seed).classes  # before the slower audit
+    classes = discover_splits(cfg).classes  # before the slower audit
     if classes != class_names:
         raise UsageError(f"the classes in {root} ({', '.join(classes[:8])}) are not the checkpoint's "
                          f"({', '.join(class_names[:8])}); pass --data-root with the run's own image folder")
     splits = audited_splits(cfg)
+    targets = None
+    if isinstance(splits, MultiLabelSplits):
+        targets = torch.stack([t for _, t in splits.targets(splits.val)])
     return LabelledFiles([Path(p) for p, _ in splits.val], [label for _, label in splits.val],
-                         f"the validation split of {root}")
+                         f"the validation split of {root}", targets)
 
 
 def training_images_among(paths: list[Path], cfg: Config) -> int:
@@ -114,7 +134,7 @@ def training_images_among(paths: list[Path], cfg: Config) -> int:
     Only files with the size of some training image are hashed (copies have equal sizes); the
     audit's cached hashes stand in for reading training images where they are still valid."""
     root = Path(cfg.data.root).expanduser().resolve()
-    train = [Path(p) for p, _ in discover(root, cfg.data.val_fraction, cfg.data.seed).train]
+    train = [Path(p) for p, _ in discover_splits(cfg).train]
     resolved = {p.resolve() for p in train}
     by_size: dict[int, list[Path]] = defaultdict(list)
     for p in train:
@@ -191,9 +211,22 @@ def plot_top_losses(path: Path, loaded: LoadedClassifier, files: LabelledFiles, 
                             title="top losses: actual / predicted (probability)" if indices else "no mistakes")
 
 
+def multilabel_evaluation_report(files: LabelledFiles, preds: FilePredictions, class_names: list[str],
+                                 thresholds: torch.Tensor) -> dict:
+    """mAP, micro / macro F1 and per-class precision / recall / F1 / AP at the checkpoint's
+    thresholds, and the mean BCE loss, of the readable files."""
+    ok = preds.ok
+    scores, truth = preds.probs[ok], files.targets[ok]
+    eps = 1e-7  # BCE on probabilities: clamp away from log(0)
+    p = scores.double().clamp(eps, 1 - eps)
+    loss = -(truth * p.log() + (1 - truth) * (1 - p).log()).mean().item() if len(truth) else None
+    return multilabel_report(scores, truth, class_names, thresholds.tolist()) | {
+        "loss": loss, "unreadable": [str(files.paths[i]) for i in sorted(preds.errors)]}
+
+
 def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, folder: str | None = None,
                         split: str | None = None, data_root: str | None = None, out_dir: str | Path | None = None,
-                        top_loss_count: int = 16) -> dict:
+                        top_loss_count: int = 16, labels_csv: str = "labels.csv") -> dict:
     """evaluate.py: the report of `checkpoint` on `folder` or on the run's own `split`, printed and
     written to `out_dir` (metrics.json, confusion_matrix.png, top_losses.png). Everything that can
     fail on bad input fails before a file is written."""
@@ -205,6 +238,7 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
     checkpoint = Path(checkpoint)
     loaded = load_classifier(checkpoint)
     meta, names = loaded.metadata, loaded.class_names
+    multilabel = is_multilabel(loaded)
     max_pixels, overlap = DEFAULT_MAX_PIXELS, None
     if split is not None:
         cfg = run_config(meta, data_root)
@@ -213,7 +247,8 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
         # Validation's batch size: per-image results do not depend on it, but kernels may.
         options = dataclasses.replace(options, batch_size=options.batch_size or cfg.data.batch_size)
     else:
-        files = labelled_folder(Path(folder).expanduser(), names)
+        folder_path = Path(folder).expanduser()
+        files = labelled_csv(folder_path, labels_csv, names) if multilabel else labelled_folder(folder_path, names)
         cfg = _reachable_run_config(meta, data_root)
         if cfg is not None:
             try:
@@ -221,6 +256,8 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
             except UsageError as e:  # the run's data root changed: the check is lost, not the evaluation
                 print(f"note: could not check for the run's training images ({e})", file=sys.stderr)
     preds = predict_files(loaded, files.paths, options, max_pixels)
+    if multilabel:
+        return _evaluate_multilabel(loaded, files, preds, checkpoint, folder, split, out_dir, overlap)
 
     report = evaluation_report(files, preds, names)
     report |= {"checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
@@ -239,6 +276,37 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
                         max_pixels),
     ]
     _print_report(report, names, meta, split, preds, written)
+    return report
+
+
+def _evaluate_multilabel(loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions, checkpoint: Path,
+                         folder: str | None, split: str | None, out_dir, overlap: int | None) -> dict:
+    """The multi-label report: printed and written to metrics.json (no confusion matrix: an image
+    has several true classes)."""
+    meta, names = loaded.metadata, loaded.class_names
+    report = multilabel_evaluation_report(files, preds, names, thresholds_of(loaded))
+    report |= {"checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
+               "task": "multilabel", "tta": preds.flip_tta, "preprocessing": loaded.preprocessing.to_dict(),
+               "checkpoint_epoch": meta["epoch"], "checkpoint_metrics": meta.get("metrics", {})}
+    if overlap is not None:
+        report["training_images"] = overlap
+    out = Path(out_dir) if out_dir else checkpoint.parent / (f"eval-{split}" if split else "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", report)
+    print(f"mAP {report['map']:.4f}, micro F1 {report['micro_f1']:.4f}, macro F1 {report['macro_f1']:.4f} on "
+          f"{report['images']} images ({report['source']}), at the checkpoint's per-class thresholds")
+    recorded = meta.get("metrics", {}).get("val_map")
+    if split == "val" and recorded is not None:
+        print(f"the checkpoint recorded val_mAP {recorded:.4f} at epoch {meta['epoch']} (its thresholds were chosen "
+              f"on this split, so its F1 here is optimistic)")
+    width = max(len(n) for n in names)
+    print(f"{'class':<{width}}  precision  recall      f1      AP  threshold  support")
+    for name, m in report["per_class"].items():
+        ap = f"{m['ap']:>6.4f}" if m["ap"] == m["ap"] else f"{'-':>6}"  # NaN: no positives here
+        print(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {ap}  "
+              f"{m['threshold']:>9.4f}  {m['support']:>7d}")
+    print(f"wrote {out / 'metrics.json'}")
+    _warn_about(report, preds)
     return report
 
 
@@ -264,6 +332,11 @@ def _print_report(report: dict, names: list[str], meta: dict, split: str | None,
     for name, m in report["per_class"].items():
         print(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {m['support']:>7d}")
     print(f"wrote {', '.join(str(p) for p in written)}")
+    _warn_about(report, preds)
+
+
+def _warn_about(report: dict, preds: FilePredictions) -> None:
+    """Training images among the evaluated ones, and unreadable files, on stderr."""
     overlap, total = report.get("training_images"), report["images"] + len(preds.errors)
     if overlap:
         print(f"warning: {overlap} of {total} images in {report['source']} were training images of this "
