@@ -81,7 +81,8 @@ def search_batch_size(try_step: Callable[[int], None], cap: int = MAX_BATCH) -> 
             if not _is_oom(e):
                 raise
             ok = False
-        _release()  # outside the except block: the exception no longer pins the step's tensors
+        if not ok:
+            _release()  # outside the except block: the exception no longer pins the step's tensors
         return ok
 
     n = 1
@@ -164,7 +165,8 @@ def resolve_batch_size(cfg, accelerator: Accelerator, try_step: Callable[[int], 
         found = search.batch_size
         if processes > 1:  # the ranks must agree; the smallest GPU sets the batch
             found = int(accelerator.gather(torch.tensor([found], device=accelerator.device)).min().item())
-        how = search.describe() + f", on {torch.cuda.get_device_name(accelerator.device)}"
+        how = search.describe() + (f", on {torch.cuda.get_device_name(accelerator.device)}"
+                                   if torch.cuda.is_available() else "")
     t = cfg.train
     line = f"batch size auto: found {found} per process ({how})"
     if t.global_batch_size:
