@@ -471,12 +471,14 @@ def _check_multilabel(cfg: Config) -> None:
     single_only = [("data.mixup_alpha", d.mixup_alpha > 0), ("data.cutmix_alpha", d.cutmix_alpha > 0),
                    ("data.sampler=balanced", d.sampler == "balanced"),
                    ("train.class_weights=balanced", t.class_weights == "balanced"),
-                   ("train.label_smoothing", t.label_smoothing > 0), ("train.best_metric=val_acc", t.best_metric == "val_acc"),
+                   ("train.label_smoothing", t.label_smoothing > 0),
+                   ("train.best_metric=val_acc", t.best_metric == "val_acc"),
                    ("train.cache_features", t.cache_features)]
     named = [name for name, on in single_only if on]
     if named:
-        raise ConfigError(f"{named[0]} is for one class per image, not data.task=multilabel; leave it at its default"
-                          f"{' (multi-label runs pick best.safetensors by val_loss)' if 'best_metric' in named[0] else ''}")
+        why = " (multi-label runs pick best.safetensors by val_loss)" if "best_metric" in named[0] else ""
+        raise ConfigError(f"{named[0]} is for one class per image, not data.task=multilabel; leave it at its "
+                          f"default{why}")
     if not d.labels_csv:
         raise ConfigError("data.task=multilabel needs data.labels_csv (default labels.csv in data.root)")
 

@@ -85,7 +85,8 @@ def read_encoded(path: str, plan, max_pixels: int = DEFAULT_MAX_PIXELS) -> Encod
 def collate_encoded(samples) -> tuple[EncodedBatch, torch.Tensor]:
     encoded, labels = zip(*samples)
     # Class indices, or multi-hot vectors (multi-label) stacked.
-    return EncodedBatch(list(encoded)), torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
+    targets = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
+    return EncodedBatch(list(encoded)), targets
 
 
 class DeviceDecode:

@@ -112,7 +112,8 @@ def labels_csv_path(root: str | Path, labels_csv: str) -> Path:
     return path if path.is_absolute() else Path(root).expanduser() / path
 
 
-def discover_multilabel(root: str | Path, labels_csv: str, val_fraction: float = 0.2, seed: int = 0) -> MultiLabelSplits:
+def discover_multilabel(root: str | Path, labels_csv: str, val_fraction: float = 0.2,
+                        seed: int = 0) -> MultiLabelSplits:
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise UsageError(f"data.root is not a folder: {root}")

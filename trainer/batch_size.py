@@ -162,6 +162,7 @@ def resolve_batch_size(cfg, accelerator: Accelerator, try_step: Callable[[int], 
             f" capped at the {cap} training images per process" if cap < CPU_DEFAULT else "")
     else:
         search = search_batch_size(try_step, cap)
+        _release()  # training starts from an empty cache, not the probe's last blocks
         found = search.batch_size
         if processes > 1:  # the ranks must agree; the smallest GPU sets the batch
             found = int(accelerator.gather(torch.tensor([found], device=accelerator.device)).min().item())

@@ -66,7 +66,8 @@ def test_a_tiny_cnn_learns_multilabel_colors_and_predict_evaluate_use_its_thresh
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["task"] == "multilabel" and report["images"] == 40 and report["map"] > 0.9
     assert set(report["per_class"]) == set(CLASSES)
-    assert all({"precision", "recall", "f1", "ap", "support", "threshold"} <= set(m) for m in report["per_class"].values())
+    keys = {"precision", "recall", "f1", "ap", "support", "threshold"}
+    assert all(keys <= set(m) for m in report["per_class"].values())
     assert "class  precision  recall      f1      AP  threshold  support" in result.stdout
     print(f"held-out: mAP {report['map']:.4f}, micro F1 {report['micro_f1']:.4f}, macro F1 {report['macro_f1']:.4f}")
 

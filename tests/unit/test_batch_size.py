@@ -138,7 +138,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-def test_the_real_probe_runs_out_of_memory_and_backs_off(tmp_path):
+def test_the_real_probe_runs_out_of_memory_and_backs_off(fresh_accelerate_state):
     """resnet18 at 224 px under a memory cap: the probe meets a real OutOfMemoryError, the batch it
     keeps trains, and the model it probed keeps its weights."""
     from accelerate import Accelerator
@@ -164,17 +164,14 @@ def test_the_real_probe_runs_out_of_memory_and_backs_off(tmp_path):
 
 
 @cuda
-def test_a_cuda_run_records_the_number_found(tmp_path):
-    from helpers import make_image_folder, reset_accelerate_state
+def test_a_cuda_run_records_the_number_found(tmp_path, fresh_accelerate_state):
+    from helpers import make_image_folder
     from trainer.loop import train
 
     images = make_image_folder(tmp_path / "images", per_class=10)
     cfg = load_config(None, [f"data.root={images}", f"run.dir={tmp_path / 'run'}", "model.name=tiny_cnn",
                              "data.image_size=16", "data.num_workers=0", "train.epochs=1", "data.batch_size=auto",
                              "wandb.mode=disabled", "runtime.device=cuda", "data.audit=off"])
-    try:
-        train(cfg)
-    finally:
-        reset_accelerate_state()
+    train(cfg)
     recorded = (tmp_path / "run" / "config.toml").read_text()
     assert "batch_size = 24" in recorded  # tiny_cnn fits everything: the cap, 24 training images

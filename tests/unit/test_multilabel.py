@@ -22,8 +22,10 @@ def folder(tmp_path_factory):
     ("images/img_000.png,red\nimages/nope.png,blue\n", "line 3: file images/nope.png does not exist under"),
     ("images/img_000.png,red\nimages/img_001.png,\n", "line 3: images/img_001.png has no labels"),
     ("images/img_000.png, ; \n", "line 2: images/img_000.png has no labels"),
-    ("images/img_000.png,red\nimages/img_000.png,blue\n", "line 3: images/img_000.png is listed again (first on line 2)"),
-    ("images/img_000.png,red;purple\n", "line 2: unknown class 'purple' for images/img_000.png (classes: blue, green, red)"),
+    ("images/img_000.png,red\nimages/img_000.png,blue\n",
+     "line 3: images/img_000.png is listed again (first on line 2)"),
+    ("images/img_000.png,red;purple\n",
+     "line 2: unknown class 'purple' for images/img_000.png (classes: blue, green, red)"),
     (",red\n", "line 2: empty file name"),
 ])
 def test_bad_rows_name_the_csv_line(folder, rows, message):
