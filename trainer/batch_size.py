@@ -8,7 +8,8 @@ see. On CPU there is no memory wall to find, so the default is used, said so in 
 
 The number found replaces "auto" in the config, so config.toml and every checkpoint record it and
 a re-run from them trains with the same batch. With `train.global_batch_size`, the global batch
-is kept and `train.grad_accum_steps` makes up what one step cannot hold.
+is kept and `train.grad_accum_steps` makes up what one step cannot hold; the record then holds
+the batch and the accumulation (and global_batch_size 0), which a re-run takes as they are.
 """
 
 from __future__ import annotations
@@ -176,5 +177,7 @@ def resolve_batch_size(cfg, accelerator: Accelerator, try_step: Callable[[int], 
                  f"{t.grad_accum_steps} accumulation")
         found = batch
         accelerator.gradient_accumulation_steps = t.grad_accum_steps
+        # The batch and the accumulation now say it all: config.toml re-runs them as a fixed batch.
+        t.global_batch_size = 0
     cfg.data.batch_size = found
     accelerator.print(line)

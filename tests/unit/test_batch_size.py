@@ -95,7 +95,7 @@ def auto_config(*extra):
     return load_config(None, ["data.root=/tmp/x", "model.name=tiny_cnn", "data.batch_size=auto", *extra])
 
 
-def test_on_cuda_the_found_number_replaces_auto_and_the_global_batch_sets_accumulation():
+def test_on_cuda_the_found_number_replaces_auto_and_the_global_batch_sets_accumulation(tmp_path):
     cfg = auto_config("train.global_batch_size=512")
     accelerator = fake_accelerator("cuda")  # the search only calls try_step: no GPU needed
     printed = resolve(cfg, accelerator, oom_above(150))
@@ -107,6 +107,11 @@ def test_on_cuda_the_found_number_replaces_auto_and_the_global_batch_sets_accumu
     assert cfg.data.batch_size == 64 and cfg.train.grad_accum_steps == 8
     assert accelerator.gradient_accumulation_steps == 8
     assert "batch_size = 64\n" in cfg.to_toml() and 'batch_size = "auto"' not in cfg.to_toml()
+    # config.toml re-runs as a fixed batch with its accumulation: the same global batch, no search.
+    toml = tmp_path / "config.toml"
+    toml.write_text(cfg.to_toml())
+    again = load_config(toml)
+    assert (again.data.batch_size, again.train.grad_accum_steps, again.train.global_batch_size) == (64, 8, 0)
 
 
 def test_on_cpu_the_default_is_used_and_said_in_one_line():
