@@ -131,3 +131,15 @@ def test_bad_csv_stops_training_in_one_line_with_nothing_written(folder, tmp_pat
     assert result.stderr.strip() == f"error: {folder / 'broken.csv'} line 3: images/img_001.png has no labels; give " \
                                     "at least one class name, several separated by ';'"
     assert not run_dir.exists()
+
+
+def test_the_overfit_check_counts_multilabel_decisions(folder, tmp_path, fresh_accelerate_state):
+    from trainer.diagnostics import overfit_one_batch
+
+    cfg = load_config(None, [f"data.root={folder}", "data.task=multilabel", "model.name=tiny_cnn",
+                             "data.image_size=16", "data.num_workers=0", "data.batch_size=8", "optim.lr=0.01",
+                             "runtime.device=cpu", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled",
+                             "data.augment=none", "data.audit=off"])
+    result = overfit_one_batch(cfg, 40)
+    assert result.images == 8 and result.final_loss < result.first_loss / 2
+    assert result.accuracy == 1.0  # every (image, class) decision at 0.5, not top-1 against the first label
