@@ -49,7 +49,8 @@ class DataConfig:
     seed: int = _doc(0, "seed of the stratified train/validation split")
     image_size: int = _doc(224, "side of the square crop the model sees")
     crop_pct: float = _doc(0.875, "eval resizes to image_size / crop_pct, then center-crops")
-    batch_size: int = _doc(32, "images per process per step")
+    batch_size: int | str = _doc(32, "images per process per step; auto: on CUDA the largest that fits with a "
+                                     "margin (trainer/batch_size.py), 32 on CPU; config.toml records the number")
     num_workers: int | str = _doc("auto", "DataLoader worker processes per training process (auto: this "
                                           "machine's cores / processes on it, less one for the trainer)")
     prefetch_factor: int = _doc(4, "batches each worker keeps ready ahead of training")
@@ -94,6 +95,9 @@ class DataConfig:
     hf_label_column: str = _doc("label", "source = hf: the column holding the labels (a ClassLabel gives the "
                                          "class names)")
     shuffle_buffer: int = _doc(1000, "source = shards: samples in the seeded shuffle buffer of each loader worker")
+    task: str = _choice("single", ("single", "multilabel"),
+                        "single: one class per image; multilabel: any number of classes per image, from the CSV "
+                        "source's label column as ';'-separated names (sigmoid outputs, BCE loss, mAP and F1)")
 
 
 @dataclass
@@ -152,6 +156,8 @@ class TrainConfig:
     feature_cache_dir: str = _doc("~/.cache/imgtrain/features", "where cached features are kept (shared by runs)")
     checkpoint_every_steps: int = _doc(0, "also write a resumable checkpoint every N optimizer steps (0: epoch ends only)")
     keep_last: int = _doc(2, "resumable checkpoints kept in run.dir/checkpoints, besides the best epoch's")
+    global_batch_size: int = _doc(0, "with data.batch_size = auto: keep this global batch, the found batch per "
+                                     "process topped up by train.grad_accum_steps (0: the found batch as it is)")
 
 
 @dataclass
@@ -393,6 +399,20 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def config_from_dict(tables: dict) -> Config:
+    """A Config from `Config.to_dict()` as a checkpoint records it. Lenient: keys this version does
+    not know (a checkpoint from an older or newer version) are ignored and missing ones keep their
+    defaults, so every checkpoint's config can be read back. Not a check of user input: that is
+    `configs.schema.read_config`."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = tables.get(section.name) or {}
+        sections[section.name] = cls(**{k: v for k, v in values.items() if k in known})
+    return Config(**sections)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field and range checks; each names the key and what would work."""
     d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
@@ -406,7 +426,7 @@ def validate(cfg: Config) -> None:
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be between 0 and 1 (exclusive)"),
         (d.image_size >= 8, "data.image_size must be at least 8"),
         (0.0 < d.crop_pct <= 1.0, "data.crop_pct must be in (0, 1]"),
-        (d.batch_size >= 1, "data.batch_size must be at least 1"),
+        (d.batch_size == "auto" or d.batch_size >= 1, 'data.batch_size must be at least 1, or "auto"'),
         (d.num_workers == "auto" or d.num_workers >= 0, 'data.num_workers must be 0 or more, or "auto"'),
         (d.prefetch_factor >= 1, "data.prefetch_factor must be at least 1"),
         (m.head_hidden >= 1, "model.head_hidden must be at least 1"),
@@ -438,6 +458,8 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_batch_target(cfg)
+    _check_multilabel(cfg)
     if d.normalize == "custom":
         if len(d.mean) != 3 or len(d.std) != 3:
             raise ConfigError("data.normalize = 'custom' needs data.mean and data.std with 3 numbers each, "
@@ -453,6 +475,39 @@ def validate(cfg: Config) -> None:
                           f"or a torch.save(model.state_dict(), FILE) file)")
     if m.weights and not Path(m.weights).expanduser().is_file():
         raise ConfigError(f"model.weights file not found: {m.weights}")
+
+
+def _check_batch_target(cfg: Config) -> None:
+    t = cfg.train
+    if t.global_batch_size < 0:
+        raise ConfigError("train.global_batch_size must be 0 (none) or a positive number of images")
+    if t.global_batch_size and cfg.data.batch_size != "auto":
+        raise ConfigError("train.global_batch_size is kept with data.batch_size=auto; with a fixed data.batch_size "
+                          "set train.grad_accum_steps instead")
+    if t.global_batch_size and t.grad_accum_steps != 1:
+        raise ConfigError("set train.global_batch_size or train.grad_accum_steps, not both: the accumulation is "
+                          "derived from the global batch")
+
+
+def _check_multilabel(cfg: Config) -> None:
+    """What assumes one class per image does not apply to a multi-label run."""
+    if cfg.data.task != "multilabel":
+        return
+    d, t = cfg.data, cfg.train
+    single_only = [("data.mixup_alpha", d.mixup_alpha > 0), ("data.cutmix_alpha", d.cutmix_alpha > 0),
+                   ("data.sampler=balanced", d.sampler == "balanced"),
+                   ("train.class_weights=balanced", t.class_weights == "balanced"),
+                   ("train.label_smoothing", t.label_smoothing > 0),
+                   ("train.best_metric=val_acc", t.best_metric == "val_acc"),
+                   ("train.cache_features", t.cache_features)]
+    named = [name for name, on in single_only if on]
+    if named:
+        why = " (multi-label runs pick best.safetensors by val_loss)" if "best_metric" in named[0] else ""
+        raise ConfigError(f"{named[0]} is for one class per image, not data.task=multilabel; leave it at its "
+                          f"default{why}")
+    if d.source != "csv":
+        raise ConfigError("data.task=multilabel reads each image's labels from a CSV: set data.source=csv and "
+                          "data.csv=FILE, its label column (data.csv_label_column) holding ';'-separated names")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Thumbs.db) and non-image files are ignored and counted.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import math
@@ -154,9 +155,10 @@ class AuditResult:
     def clean(self, splits: Splits) -> Splits:
         """The splits without the files this audit leaves out (order and labels unchanged)."""
         gone = self.left_out
-        return Splits(splits.root, splits.classes, [s for s in splits.train if s[0] not in gone],
-                      [s for s in splits.val if s[0] not in gone], [p for p in splits.test if p not in gone],
-                      splits.layout, splits.source_problems)
+        # replace, not a new Splits: a subclass (multi-label splits) keeps its type and its fields
+        return dataclasses.replace(splits, train=[s for s in splits.train if s[0] not in gone],
+                                   val=[s for s in splits.val if s[0] not in gone],
+                                   test=[p for p in splits.test if p not in gone])
 
     def to_dict(self) -> dict:
         return {"root": str(self.root), "layout": self.layout, "classes": self.classes,

@@ -87,7 +87,8 @@ def _apply(result: AuditResult, splits: Splits, d, report_path: Path, say) -> Sp
                              f"or set data.leakage=warn")
         say(f"warning: {message}; data.leakage=error makes this fatal")
     clean = result.clean(splits)
-    empty = [c for c, n in result.clean_counts.get("train", {}).items() if n == 0]
+    # The splits' own counts: a multi-label image counts for each of its classes.
+    empty = [c for c, n in clean.class_counts("train").items() if n == 0]
     if empty:
         problems = [p for p in result.problems if p.label == empty[0] and p.split == "train"]
         kinds = Counter(p.problem for p in problems)

@@ -84,7 +84,9 @@ def read_encoded(path: str, plan, max_pixels: int = DEFAULT_MAX_PIXELS) -> Encod
 
 def collate_encoded(samples) -> tuple[EncodedBatch, torch.Tensor]:
     encoded, labels = zip(*samples)
-    return EncodedBatch(list(encoded)), torch.tensor(labels)
+    # Class indices, or multi-hot vectors (multi-label) stacked.
+    targets = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
+    return EncodedBatch(list(encoded)), targets
 
 
 class DeviceDecode:

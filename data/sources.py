@@ -29,12 +29,12 @@ from pathlib import Path
 
 from configs.errors import UsageError
 from data.folders import IMAGE_EXTENSIONS, Sample, Splits, discover, stratified_split
+from data.multilabel import SEPARATOR, MultiLabelSplits
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
 # Extensions tried, in order, for a CSV file name without one (Kaggle's `id` columns).
 _TRY_EXTENSIONS = (".jpg", ".jpeg", ".png", *sorted(IMAGE_EXTENSIONS - {".jpg", ".jpeg", ".png"}))
-MULTI_LABEL_SEPARATOR = ";"
 ROW_LEFT_OUT = "row left out"  # the row, not the file: a duplicate row's file stays in by its first row
 
 
@@ -107,45 +107,72 @@ def read_csv_rows(path: Path, file_column: str, label_column: str, split_column:
     return rows
 
 
+def label_names(label: str, multilabel: bool) -> tuple[str, ...]:
+    """A row's class names: the label itself, or (multi-label) its ';'-separated names in order,
+    blanks and repeats dropped."""
+    if not multilabel:
+        return (label,) if label else ()
+    return tuple(dict.fromkeys(n.strip() for n in label.split(SEPARATOR) if n.strip()))
+
+
 def csv_splits(d) -> Splits:
+    """The CSV source's splits; with data.task = multilabel, MultiLabelSplits whose samples carry
+    their first listed label (what the split is stratified by) and `label_sets` all of them."""
     root, path = data_root(d), csv_path(d)
     rows = read_csv_rows(path, d.csv_file_column, d.csv_label_column, d.csv_split_column)
     if not rows:
         raise UsageError(f"{path} has no data rows: it needs a header and one row per image")
-    several = next((r for r in rows if MULTI_LABEL_SEPARATOR in r.label), None)
-    if several:
+    multilabel = d.task == "multilabel"
+    several = next((r for r in rows if SEPARATOR in r.label), None)
+    if several and not multilabel:
         raise UsageError(f"line {several.line} of {path} has several labels ({several.label!r}): multi-label "
                          f"images need data.task=multilabel; with one class per image give each row one label")
-    kept, problems = _usable_rows(rows, root, path)
-    labelled = [(r, p) for r, p in kept if r.split != "test"]
-    train_rows = [(r, p) for r, p in labelled if r.split in ("", "train")]
-    classes = sorted({r.label for r, _ in train_rows})
-    if not train_rows:
-        raise UsageError(f"{path} has no usable training rows ({len(rows)} rows, {len(problems)} left out, "
-                         f"e.g. {problems[0]['detail'] if problems else 'none labelled'})")
-    if len(classes) < 2:
-        raise UsageError(f"only one class ({classes[0]!r}) in the training rows of {path}: a classifier needs two")
-    stray = next(((r, p) for r, p in labelled if r.label not in classes), None)
-    if stray:
-        raise UsageError(f"line {stray[0].line} of {path}: label {stray[0].label!r} is not a class of the training "
-                         f"rows ({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+    kept, problems = _usable_rows(rows, root, path, multilabel)
+    labelled = [(r, p, label_names(r.label, multilabel)) for r, p in kept if r.split != "test"]
+    train_rows = [row for row in labelled if row[0].split in ("", "train")]
+    classes = _csv_classes(path, rows, problems, labelled, train_rows)
     index = {c: i for i, c in enumerate(classes)}
     test = sorted(str(p) for r, p in kept if r.split == "test")
     if d.csv_split_column:
-        train = sorted((str(p), index[r.label]) for r, p in train_rows)
-        val = sorted((str(p), index[r.label]) for r, p in labelled if r.split == "val")
+        train = sorted((str(p), index[names[0]]) for _, p, names in train_rows)
+        val = sorted((str(p), index[names[0]]) for r, p, names in labelled if r.split == "val")
         if not val:
             raise UsageError(f"{path} has no usable val rows in its {d.csv_split_column!r} column; mark some "
                              f"rows val, or leave data.csv_split_column empty to split by data.val_fraction")
     else:
         by_class: dict[str, list[Path]] = defaultdict(list)
-        for r, p in train_rows:
-            by_class[r.label].append(p)
-        train, val = stratified_split(by_class, classes, d.val_fraction, d.seed)
-    return Splits(root, classes, train, val, test, layout="csv", source_problems=problems)
+        for _, p, names in train_rows:
+            by_class[names[0]].append(p)
+        train, val = stratified_split({c: by_class.get(c, []) for c in classes}, classes, d.val_fraction, d.seed)
+    if not multilabel:
+        return Splits(root, classes, train, val, test, layout="csv", source_problems=problems)
+    label_sets = {str(p): tuple(sorted(index[n] for n in names)) for _, p, names in labelled}
+    splits = MultiLabelSplits(root, classes, train, val, test, "csv", problems, label_sets)
+    absent = [c for c, n in splits.class_counts("train").items() if n == 0]
+    if absent:
+        raise UsageError(f"class {absent[0]!r} of {path} is on no training image after the split ({len(absent)} "
+                         f"such); label more images with it or change data.seed")
+    return splits
 
 
-def _usable_rows(rows: list[CsvRow], root: Path, path: Path,
+def _csv_classes(path: Path, rows: list[CsvRow], problems: list[dict], labelled: list, train_rows: list) -> list[str]:
+    """The training rows' class names, sorted; bad input when there are too few, or when another
+    row names a class no training row has."""
+    if not train_rows:
+        raise UsageError(f"{path} has no usable training rows ({len(rows)} rows, {len(problems)} left out, "
+                         f"e.g. {problems[0]['detail'] if problems else 'none labelled'})")
+    classes = sorted({n for _, _, names in train_rows for n in names})
+    if len(classes) < 2:
+        raise UsageError(f"only one class ({classes[0]!r}) in the training rows of {path}: a classifier needs two")
+    known = set(classes)
+    stray = next(((r, n) for r, _, names in labelled for n in names if n not in known), None)
+    if stray:
+        raise UsageError(f"line {stray[0].line} of {path}: label {stray[1]!r} is not a class of the training "
+                         f"rows ({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+    return classes
+
+
+def _usable_rows(rows: list[CsvRow], root: Path, path: Path, multilabel: bool = False,
                  labels_needed: bool = True) -> tuple[list[tuple[CsvRow, Path]], list[dict]]:
     """(row, image path) of the rows training can use, and an audit problem for each other row.
     `labels_needed=False` (predict) keeps rows without a label."""
@@ -162,7 +189,7 @@ def _usable_rows(rows: list[CsvRow], root: Path, path: Path,
         if not row.file:
             leave_out(row, "missing", "no file name")
             continue
-        if labels_needed and not row.label and row.split != "test":
+        if labels_needed and not label_names(row.label, multilabel) and row.split != "test":
             leave_out(row, "no_label", f"{row.file} has no label")
             continue
         file = _find_file(root, row.file)
@@ -174,7 +201,7 @@ def _usable_rows(rows: list[CsvRow], root: Path, path: Path,
             found[file].append((row, file))
     kept = []
     for file, entries in found.items():
-        labels = {r.label for r, _ in entries}
+        labels = {";".join(sorted(label_names(r.label, multilabel))) for r, _ in entries}
         if len(labels) > 1:
             for row, _ in entries:
                 leave_out(row, "conflicting_labels", f"{row.file} is listed under {len(labels)} labels "
@@ -208,14 +235,14 @@ class ListedImages:
     problems: list[dict]  # rows left out, as csv_splits reports them
 
 
-def listed_images(d, split: str | None = None) -> ListedImages:
+def listed_images(d, split: str | None = None, labelled: bool = True) -> ListedImages:
     """Every usable row of the source `d` describes (d.source "csv" or "hf"): for a CSV its rows
     (of `split` only, with a split column), for a dataset its `split` (default: test, else
-    validation, else train)."""
+    validation, else train). `labelled=False` (predict): a CSV needs no label column."""
     if d.source == "csv":
         path = csv_path(d)
-        rows = read_csv_rows(path, d.csv_file_column, d.csv_label_column, d.csv_split_column)
-        kept, problems = _usable_rows(rows, data_root(d), path, labels_needed=False)
+        rows = read_csv_rows(path, d.csv_file_column, d.csv_label_column if labelled else "", d.csv_split_column)
+        kept, problems = _usable_rows(rows, data_root(d), path, d.task == "multilabel", labels_needed=False)
         kept = [(r, p) for r, p in kept if split is None or not d.csv_split_column or r.split == split]
         where = f"{path}" + (f" ({split} rows)" if split and d.csv_split_column else "")
         return ListedImages([p for _, p in kept], [r.label for r, _ in kept], where, problems)

@@ -11,13 +11,20 @@
     python launch/evaluate.py --checkpoint RUN/best.safetensors hymenoptera_data/val --out-dir RUN/eval --tta
     # one GPU, more loader workers
     python launch/evaluate.py --checkpoint RUN/best.safetensors --split val --device cuda:0 --num-workers 8
+    # a CSV of labelled images, in the run's columns (multi-label: ';'-separated labels)
+    python launch/evaluate.py --checkpoint RUN/best.safetensors --csv held_out/labels.csv
+    # a Hugging Face dataset on disk: its test split (else validation), or --hf-split NAME
+    python launch/evaluate.py --checkpoint RUN/best.safetensors --hf ~/datasets/beans-saved
 
 Images go through the checkpoint's own eval transform, in eval mode and fp32. A folder that holds
 training images of the run (the same files, or copies of them) gets a warning saying how many:
 its accuracy is not a held-out score. Prints accuracy and per-class precision / recall / F1, and
 writes to --out-dir (default: `eval` beside the checkpoint, `eval-val` / `eval-test` for --split)
 metrics.json, confusion_matrix.png and top_losses.png: the images the model got wrong most
-confidently, as it saw them, titled "actual / predicted (probability)".
+confidently, as it saw them, titled "actual / predicted (probability)". A multi-label checkpoint
+reports mAP, micro / macro F1 and per-class precision / recall / F1 / AP at the per-class
+thresholds it recorded, to metrics.json. A label the CSV or dataset names that the checkpoint
+does not know is refused; rows without a label or file are left out with a note.
 """
 
 from __future__ import annotations
@@ -31,7 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by training")
-    parser.add_argument("folder", nargs="?", help="a folder of class folders (instead of --split)")
+    parser.add_argument("folder", nargs="?", help="a folder of class folders (instead of --split); multi-label: "
+                                                  "a folder of images with a labels.csv")
+    parser.add_argument("--csv", help="a CSV of labelled images (the run's file and label columns; paths relative "
+                                      "to --data-root, else to the CSV's folder); multi-label: ';'-separated labels")
+    parser.add_argument("--hf", metavar="DIR", help="a Hugging Face dataset on disk (the run's image and label columns)")
+    parser.add_argument("--hf-split", help="with --hf: the split to evaluate (default: test, else validation)")
     parser.add_argument("--split", choices=("val", "test"), help="the run's own validation split, or its data "
                                                                  "root's labelled test/ folder")
     parser.add_argument("--data-root", help="where the run's images are now, if not at its recorded data.root")
@@ -51,7 +63,8 @@ def main() -> int:
 
     options = InferenceOptions(args.batch_size, args.num_workers, args.device, args.tta)
     evaluate_checkpoint(args.checkpoint, options, folder=args.folder, split=args.split, data_root=args.data_root,
-                        out_dir=args.out_dir, top_loss_count=args.top_losses)
+                        out_dir=args.out_dir, top_loss_count=args.top_losses, csv=args.csv, hf=args.hf,
+                        hf_split=args.hf_split)
     return 0
 
 

@@ -8,12 +8,21 @@
     # one GPU, more loader workers
     python launch/predict.py --checkpoint RUN/best.safetensors photos/ --device cuda:0 --num-workers 8
     # several GPUs or machines: split the inputs and run one predict.py per GPU (CUDA_VISIBLE_DEVICES=N)
+    # every image a CSV lists (Kaggle's test ids), or a Hugging Face dataset's test split
+    python launch/predict.py --checkpoint RUN/best.safetensors --csv dog-breed/sample_submission.csv \
+        --data-root dog-breed/test --kaggle --out submission.csv
+    python launch/predict.py --checkpoint RUN/best.safetensors --hf ~/datasets/beans-saved --hf-split test
+    # a multi-label checkpoint (data.task = multilabel) writes path, labels, scores_topK, error
+    python launch/predict.py --checkpoint RUN/best.safetensors photos/ --out tags.csv
 
 Every image goes through the checkpoint's own eval transform (its recorded preprocessing: size,
 normalization and the crop mode of the run's data.augment preset), as in the run's validation.
 Columns: path, class, probability, top_k ("name:prob;name:prob;..."), error. A file that does not
 decode gets an empty prediction and its error (the run never stops on one); they are also listed on
 stderr. The CSV is written to a temporary file and renamed, so it is never half-written.
+A multi-label checkpoint's CSV has `labels`: every class whose sigmoid score reaches that class's
+threshold (chosen on the run's validation split, recorded in the checkpoint; 0.5 when none),
+';'-separated, highest first, and may be empty.
 """
 
 from __future__ import annotations
@@ -27,7 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by training")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER")
+    parser.add_argument("--csv", help="predict every image a CSV lists (the run's file column; paths relative to "
+                                      "--data-root, else to the CSV's folder)")
+    parser.add_argument("--data-root", help="with --csv: the folder its paths are relative to")
+    parser.add_argument("--hf", metavar="DIR", help="predict a Hugging Face dataset on disk (the run's image column)")
+    parser.add_argument("--hf-split", help="with --hf: the split (default: test, else validation)")
     parser.add_argument("--out", default="preds.csv", help="CSV file to write (default: preds.csv)")
     parser.add_argument("--top-k", type=int, default=5, help="classes listed per image (default: 5)")
     parser.add_argument("--kaggle", action="store_true", help="write `Id,Class` (file name, class index)")
@@ -43,7 +57,8 @@ def main() -> int:
     from trainer.inference import InferenceOptions, predict_to_csv
 
     options = InferenceOptions(args.batch_size, args.num_workers, args.device, args.tta)
-    predict_to_csv(args.checkpoint, args.inputs, args.out, options, top_k=args.top_k, kaggle=args.kaggle)
+    predict_to_csv(args.checkpoint, args.inputs, args.out, options, top_k=args.top_k, kaggle=args.kaggle,
+                   listed=(args.csv, args.hf, args.hf_split, args.data_root))
     return 0
 
 

@@ -47,6 +47,30 @@ def make_image_folder(root: Path, per_class: int = 12, classes=tuple(COLORS), la
     return root
 
 
+# The overrides of a multi-label run on make_multilabel_folder's labels.csv.
+MULTILABEL = ("data.task=multilabel", "data.source=csv", "data.csv=labels.csv", "data.csv_label_column=labels")
+
+
+def make_multilabel_folder(root: Path, count: int = 48, seed: int = 0, size: int = 16) -> Path:
+    """Multi-label color images: each of the red, green and blue channels independently bright or dark
+    (at least one bright), in root/images/, listed in root/labels.csv as `file,labels` ("red;blue")."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = ["file,labels"]
+    for i in range(count):
+        on = rng.random(3) < 0.5
+        if not on.any():
+            on[rng.integers(3)] = True
+        pixels = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
+        for channel in np.flatnonzero(on):
+            pixels[..., channel] = rng.integers(150, 256, size=(size, size), dtype=np.uint8)
+        name = f"images/img_{i:03d}.png"
+        Image.fromarray(pixels).save(root / name)
+        lines.append(f"{name},{';'.join(c for c, k in COLORS.items() if on[k])}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def run_env(**extra: str) -> dict[str, str]:
     """The environment of every subprocess test: CPU only, by environment rather than by luck. On
     a machine with GPUs, a 2-process CPU-DDP launch would otherwise put its ranks on cuda:0 and

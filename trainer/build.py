@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -23,11 +24,13 @@ from data.audit_training import prepare_training_data
 from data.balance import BalancedDraw, balanced_class_weights
 from data.dataset import Loading
 from data.device_decode import DeviceDecode, EncodedTransform, collate_encoded
+from data.multilabel import MultiLabelSplits
 from data.sampling import TrainBatches
 from data.sources import load_splits
 from data.transforms import BatchFinish, batch_mixer, check_augment_ops, crop_mode_of
 from models import BuiltModel, HeadSpec, build_classifier
 from models.finetune import FinetunePlan, apply_epoch, check_finetune_config, make_plan, param_groups, prepare_for_wrapping
+from trainer.batch_size import resolve_batch_size, step_probe
 from trainer.features import cached_head_datasets
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.runtime import channels_last_on, decode_on, worker_count
@@ -114,9 +117,11 @@ def build_data(cfg: Config, accelerator: Accelerator, splits: Splits, built: Bui
     preprocessing = Preprocessing(d.image_size, d.crop_pct, tuple(mean), tuple(std), crop_mode_of(d.augment))
     failure_log = Path(cfg.run.dir).expanduser().resolve() / "load_failures.jsonl"
     train_tf, after_normalize = train_transform(d.augment, d.image_size, d.crop_pct, d.augment_ops)
-    train_images = ImageListDataset(prepared.splits.train, train_tf, failure_log, d.max_image_pixels)
-    val_images = ImageListDataset(prepared.splits.val, preprocessing.eval_transform(), failure_log,
-                                  d.max_image_pixels)
+    train_samples, val_samples = prepared.splits.train, prepared.splits.val
+    if isinstance(prepared.splits, MultiLabelSplits):  # multi-hot targets instead of one class index
+        train_samples, val_samples = prepared.splits.targets(train_samples), prepared.splits.targets(val_samples)
+    train_images = ImageListDataset(train_samples, train_tf, failure_log, d.max_image_pixels)
+    val_images = ImageListDataset(val_samples, preprocessing.eval_transform(), failure_log, d.max_image_pixels)
     return RunData(prepared.splits, preprocessing, train_images, val_images, failure_log, after_normalize)
 
 
@@ -130,6 +135,9 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     # DDP registers the parameters that require grad when it wraps the model: all that ever train.
     prepare_for_wrapping(built.model, plan)
     data = build_data(cfg, accelerator, splits, built)
+    criterion = _criterion(cfg, accelerator, data)
+    if cfg.data.batch_size == "auto":  # a number before any loader exists; config.toml records it
+        _resolve_batch_size(cfg, accelerator, built, plan, criterion, data)
 
     loading = loading_for(cfg, accelerator)
     model, train_set, val_set = built.model, data.train_images, data.val_images
@@ -144,7 +152,21 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, plan, steps_per_epoch, cfg.train.epochs)
     return RunParts(cfg, data, built, plan, model, train_loader, val_loader, optimizer, scheduler,
-                    _criterion(cfg, accelerator, data), steps_per_epoch)
+                    criterion, steps_per_epoch)
+
+
+def _resolve_batch_size(cfg: Config, accelerator: Accelerator, built: BuiltModel, plan: FinetunePlan,
+                        criterion: nn.Module, data: RunData) -> None:
+    """data.batch_size = "auto": probe the real step (this model, this optimizer, this loss) on the device."""
+    def make_optimizer(model: nn.Module):
+        return build_optimizer(param_groups(model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
+
+    size, classes = cfg.data.image_size, len(data.classes)
+    target = torch.zeros(classes) if cfg.data.task == "multilabel" else torch.tensor(0)
+    image = torch.randn(3, size, size, generator=torch.Generator().manual_seed(0))  # the global RNG stays as it was
+    try_step = step_probe(built.model, make_optimizer, criterion, accelerator, (image, target),
+                          channels_last_on(cfg, accelerator))
+    resolve_batch_size(cfg, accelerator, try_step, len(data.train_images))
 
 
 def loading_for(cfg: Config, accelerator: Accelerator) -> Loading:
@@ -179,6 +201,8 @@ def _device_decoding(data: RunData, loading: Loading, device) -> tuple[Dataset, 
 
 
 def _criterion(cfg: Config, accelerator: Accelerator, data: RunData) -> nn.Module:
+    if cfg.data.task == "multilabel":  # one independent yes/no per class (weights and smoothing refused)
+        return nn.BCEWithLogitsLoss()
     weights = None
     if cfg.train.class_weights == "balanced":
         weights = balanced_class_weights(data.train_labels, len(data.classes)).to(accelerator.device)

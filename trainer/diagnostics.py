@@ -139,7 +139,10 @@ def overfit_one_batch(cfg: Config, steps: int) -> OverfitResult:
         logits = run.model(images).float()
     hard = labels.argmax(1) if labels.ndim == 2 else labels  # MixUp/CutMix targets are soft
     final = run.parts.criterion(logits, labels).item()
-    return OverfitResult(len(labels), losses[1], final, (logits.argmax(1) == hard).float().mean().item(), losses)
+    accuracy = (logits.argmax(1) == hard).float().mean().item()
+    if cfg.data.task == "multilabel":  # the share of (image, class) decisions right at 0.5
+        accuracy = ((logits > 0) == labels.bool()).float().mean().item()
+    return OverfitResult(len(labels), losses[1], final, accuracy, losses)
 
 
 # ----------------------------------------------------------------------------------------------

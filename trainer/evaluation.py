@@ -20,32 +20,21 @@ import numpy as np
 import torch
 
 from configs.errors import UsageError
-from configs.schema import Config
+from configs.schema import Config, config_from_dict
 from data.audit_cache import MeasurementCache, audit_dir_for
 from data.files import atomic_write_json, sha256_file
-from data.folders import TEST_NAMES, discover, list_images
+from data.folders import TEST_NAMES, list_images
 from data.images import DEFAULT_MAX_PIXELS
+from data.multilabel import MultiLabelSplits, multi_hot
+from data.sources import ListedImages, label_names, load_splits
 from trainer import plots
 from trainer.build import audited_splits
-from trainer.inference import FilePredictions, InferenceOptions, predict_files
-from trainer.metrics import classification_report
+from trainer.inference import (FilePredictions, InferenceOptions, is_multilabel, listed_source, predict_files,
+                               thresholds_of)
+from trainer.metrics import classification_report, multilabel_report
 from trainer.model_file import LoadedClassifier, load_classifier
 
 SPLITS = ("val", "test")
-
-
-def config_from_dict(tables: dict) -> Config:
-    """A Config from `Config.to_dict()` as a checkpoint records it. Lenient: keys this version does
-    not know (a checkpoint from an older or newer version) are ignored and missing ones keep their
-    defaults, so every checkpoint's config can be read back. Not a check of user input: that is
-    `configs.schema.read_config`."""
-    sections = {}
-    for section in dataclasses.fields(Config):
-        cls = section.default_factory  # type: ignore[misc]
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = tables.get(section.name) or {}
-        sections[section.name] = cls(**{k: v for k, v in values.items() if k in known})
-    return Config(**sections)
 
 
 def run_config(meta: dict, data_root: str | None = None) -> Config:
@@ -64,8 +53,9 @@ def run_config(meta: dict, data_root: str | None = None) -> Config:
 @dataclass
 class LabelledFiles:
     paths: list[Path]
-    labels: list[int]  # indices into the checkpoint's class names
+    labels: list[int]  # indices into the checkpoint's class names (multi-label: each file's first label)
     source: str  # what these files are, for the report: a folder, or "the validation split of ROOT"
+    targets: torch.Tensor | None = None  # multi-label: (N, C) 0/1, every label of every file
 
 
 def labelled_folder(folder: Path, class_names: list[str]) -> LabelledFiles:
@@ -87,12 +77,41 @@ def labelled_folder(folder: Path, class_names: list[str]) -> LabelledFiles:
     return LabelledFiles(paths, labels, str(folder))
 
 
+def labelled_listed(listed: ListedImages, class_names: list[str], multilabel: bool) -> LabelledFiles:
+    """The labelled images a CSV or a dataset lists, as the checkpoint's class indices (multi-label:
+    every ';'-separated name); a class the checkpoint does not know is refused, rows without a
+    label are left out with a note."""
+    index = {name: i for i, name in enumerate(class_names)}
+    paths, sets = [], []
+    for path, label in zip(listed.paths, listed.labels):
+        names = label_names(label, multilabel)
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise UsageError(f"label {unknown[0]!r} of {path.name} in {listed.source} is not a class of this "
+                             f"checkpoint ({', '.join(class_names[:8])}{'...' if len(class_names) > 8 else ''})")
+        if names:
+            paths.append(path)
+            sets.append([index[n] for n in names])
+    left_out = len(listed.paths) - len(paths) + len(listed.problems)
+    if left_out:
+        example = f", e.g. {listed.problems[0]['detail']}" if listed.problems else ""
+        print(f"note: {left_out} row(s) of {listed.source} left out (no label, missing file, duplicate){example}",
+              file=sys.stderr)
+    if not paths:
+        raise UsageError(f"no labelled images in {listed.source}")
+    targets = torch.stack([multi_hot(s, len(class_names)) for s in sets]) if multilabel else None
+    return LabelledFiles(paths, [s[0] for s in sets], listed.source, targets)
+
+
 def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     """The run's own validation split (as training used it, after the audit), or the labelled
     test/ folder of its data root."""
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
     root = Path(cfg.data.root).expanduser().resolve()
+    if split == "test" and cfg.data.task == "multilabel":
+        raise UsageError("a multi-label run has no test/ folder split; evaluate a CSV of labelled images with "
+                         "--csv FILE instead of --split test")
     if split == "test":
         test_dir = next((d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in TEST_NAMES), None)
         if test_dir is None:
@@ -100,13 +119,16 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
                              f"by naming it instead of --split")
         files = labelled_folder(test_dir, class_names)
         return LabelledFiles(files.paths, files.labels, f"the test split of {root}")
-    classes = discover(root, cfg.data.val_fraction, cfg.data.seed).classes  # before the slower audit
+    classes = load_splits(cfg.data).classes  # before the slower audit
     if classes != class_names:
         raise UsageError(f"the classes in {root} ({', '.join(classes[:8])}) are not the checkpoint's "
                          f"({', '.join(class_names[:8])}); pass --data-root with the run's own image folder")
     splits = audited_splits(cfg)
+    targets = None
+    if isinstance(splits, MultiLabelSplits):
+        targets = torch.stack([t for _, t in splits.targets(splits.val)])
     return LabelledFiles([Path(p) for p, _ in splits.val], [label for _, label in splits.val],
-                         f"the validation split of {root}")
+                         f"the validation split of {root}", targets)
 
 
 def training_images_among(paths: list[Path], cfg: Config) -> int:
@@ -114,7 +136,7 @@ def training_images_among(paths: list[Path], cfg: Config) -> int:
     Only files with the size of some training image are hashed (copies have equal sizes); the
     audit's cached hashes stand in for reading training images where they are still valid."""
     root = Path(cfg.data.root).expanduser().resolve()
-    train = [Path(p) for p, _ in discover(root, cfg.data.val_fraction, cfg.data.seed).train]
+    train = [Path(p) for p, _ in load_splits(cfg.data).train]
     resolved = {p.resolve() for p in train}
     by_size: dict[int, list[Path]] = defaultdict(list)
     for p in train:
@@ -191,20 +213,35 @@ def plot_top_losses(path: Path, loaded: LoadedClassifier, files: LabelledFiles, 
                             title="top losses: actual / predicted (probability)" if indices else "no mistakes")
 
 
+def multilabel_evaluation_report(files: LabelledFiles, preds: FilePredictions, class_names: list[str],
+                                 thresholds: torch.Tensor) -> dict:
+    """mAP, micro / macro F1 and per-class precision / recall / F1 / AP at the checkpoint's
+    thresholds, and the mean BCE loss, of the readable files."""
+    ok = preds.ok
+    scores, truth = preds.probs[ok], files.targets[ok]
+    eps = 1e-7  # BCE on probabilities: clamp away from log(0)
+    p = scores.double().clamp(eps, 1 - eps)
+    loss = -(truth * p.log() + (1 - truth) * (1 - p).log()).mean().item() if len(truth) else None
+    return multilabel_report(scores, truth, class_names, thresholds.tolist()) | {
+        "loss": loss, "unreadable": [str(files.paths[i]) for i in sorted(preds.errors)]}
+
+
 def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, folder: str | None = None,
                         split: str | None = None, data_root: str | None = None, out_dir: str | Path | None = None,
-                        top_loss_count: int = 16) -> dict:
+                        top_loss_count: int = 16, csv: str | None = None, hf: str | None = None,
+                        hf_split: str | None = None) -> dict:
     """evaluate.py: the report of `checkpoint` on `folder` or on the run's own `split`, printed and
     written to `out_dir` (metrics.json, confusion_matrix.png, top_losses.png). Everything that can
     fail on bad input fails before a file is written."""
     options.check()
-    if (folder is None) == (split is None):
-        raise UsageError("name a labelled folder or --split val|test (one of the two)")
+    if sum(x is not None for x in (folder, split, csv, hf)) != 1:
+        raise UsageError("name one of: a labelled folder, --split val|test, --csv FILE or --hf DIR")
     if top_loss_count < 0:
         raise UsageError(f"--top-losses must be 0 or more (got {top_loss_count})")
     checkpoint = Path(checkpoint)
     loaded = load_classifier(checkpoint)
     meta, names = loaded.metadata, loaded.class_names
+    multilabel = is_multilabel(loaded)
     max_pixels, overlap = DEFAULT_MAX_PIXELS, None
     if split is not None:
         cfg = run_config(meta, data_root)
@@ -213,14 +250,22 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
         # Validation's batch size: per-image results do not depend on it, but kernels may.
         options = dataclasses.replace(options, batch_size=options.batch_size or cfg.data.batch_size)
     else:
-        files = labelled_folder(Path(folder).expanduser(), names)
-        cfg = _reachable_run_config(meta, data_root)
+        if csv or hf:
+            files = labelled_listed(listed_source(meta, csv, hf, hf_split, data_root), names, multilabel)
+        elif multilabel:
+            raise UsageError("a multi-label checkpoint is evaluated on a CSV of labelled images: --csv FILE "
+                             "(e.g. --csv FOLDER/labels.csv)")
+        else:
+            files = labelled_folder(Path(folder).expanduser(), names)
+        cfg = _reachable_run_config(meta, data_root if not csv else None)
         if cfg is not None:
             try:
                 overlap = training_images_among(files.paths, cfg)
             except UsageError as e:  # the run's data root changed: the check is lost, not the evaluation
                 print(f"note: could not check for the run's training images ({e})", file=sys.stderr)
     preds = predict_files(loaded, files.paths, options, max_pixels)
+    if multilabel:
+        return _evaluate_multilabel(loaded, files, preds, checkpoint, folder, split, out_dir, overlap)
 
     report = evaluation_report(files, preds, names)
     report |= {"checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
@@ -234,11 +279,42 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
     written = [
         out / "metrics.json",
         plots.confusion_plot(out / "confusion_matrix.png", np.array(report["confusion_matrix"]), names,
-                             title=f"{split} split" if split else Path(folder).name),
+                             title=f"{split} split" if split else Path(folder or csv or hf).name),
         plot_top_losses(out / "top_losses.png", loaded, files, preds, top_losses(files, preds, top_loss_count),
                         max_pixels),
     ]
     _print_report(report, names, meta, split, preds, written)
+    return report
+
+
+def _evaluate_multilabel(loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions, checkpoint: Path,
+                         folder: str | None, split: str | None, out_dir, overlap: int | None) -> dict:
+    """The multi-label report: printed and written to metrics.json (no confusion matrix: an image
+    has several true classes)."""
+    meta, names = loaded.metadata, loaded.class_names
+    report = multilabel_evaluation_report(files, preds, names, thresholds_of(loaded))
+    report |= {"checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
+               "task": "multilabel", "tta": preds.flip_tta, "preprocessing": loaded.preprocessing.to_dict(),
+               "checkpoint_epoch": meta["epoch"], "checkpoint_metrics": meta.get("metrics", {})}
+    if overlap is not None:
+        report["training_images"] = overlap
+    out = Path(out_dir) if out_dir else checkpoint.parent / (f"eval-{split}" if split else "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", report)
+    print(f"mAP {report['map']:.4f}, micro F1 {report['micro_f1']:.4f}, macro F1 {report['macro_f1']:.4f} on "
+          f"{report['images']} images ({report['source']}), at the checkpoint's per-class thresholds")
+    recorded = meta.get("metrics", {}).get("val_map")
+    if split == "val" and recorded is not None:
+        print(f"the checkpoint recorded val_mAP {recorded:.4f} at epoch {meta['epoch']} (its thresholds were chosen "
+              f"on this split, so its F1 here is optimistic)")
+    width = max(len(n) for n in names)
+    print(f"{'class':<{width}}  precision  recall      f1      AP  threshold  support")
+    for name, m in report["per_class"].items():
+        ap = f"{m['ap']:>6.4f}" if m["ap"] == m["ap"] else f"{'-':>6}"  # NaN: no positives here
+        print(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {ap}  "
+              f"{m['threshold']:>9.4f}  {m['support']:>7d}")
+    print(f"wrote {out / 'metrics.json'}")
+    _warn_about(report, preds)
     return report
 
 
@@ -264,6 +340,11 @@ def _print_report(report: dict, names: list[str], meta: dict, split: str | None,
     for name, m in report["per_class"].items():
         print(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {m['support']:>7d}")
     print(f"wrote {', '.join(str(p) for p in written)}")
+    _warn_about(report, preds)
+
+
+def _warn_about(report: dict, preds: FilePredictions) -> None:
+    """Training images among the evaluated ones, and unreadable files, on stderr."""
     overlap, total = report.get("training_images"), report["images"] + len(preds.errors)
     if overlap:
         print(f"warning: {overlap} of {total} images in {report['source']} were training images of this "

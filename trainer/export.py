@@ -19,7 +19,8 @@ import torch
 from configs.errors import UsageError
 from data.files import atomic_folder, atomic_write_json, atomic_write_text, sha256_file
 from trainer.build import audited_splits
-from trainer.evaluation import LabelledFiles, config_from_dict, evaluation_report, run_config
+from configs.schema import config_from_dict
+from trainer.evaluation import LabelledFiles, evaluation_report, run_config
 from trainer.hub_export import INTERPOLATION, hub_refusal, push_folder, write_hub_files
 from trainer.inference import InferenceOptions, collect_images, predict_files
 from trainer.model_card import CardFacts, model_card

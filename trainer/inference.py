@@ -10,6 +10,7 @@ every other image still gets its prediction.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import sys
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from configs.errors import UsageError
+from configs.schema import config_from_dict
 from data.files import atomic_write_text
 from data.folders import IMAGE_EXTENSIONS, list_images
 from data.images import DEFAULT_MAX_PIXELS
+from data.sources import ListedImages, listed_images
 from data.transforms import flips_horizontally
 from trainer.model_file import LoadedClassifier, load_classifier
 
@@ -77,9 +80,21 @@ class TolerantImageDataset(Dataset):
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), index, f"{type(e).__name__}: {e}"
 
 
+def is_multilabel(loaded: LoadedClassifier) -> bool:
+    """A checkpoint of data.task = multilabel: independent sigmoid scores, not one softmax."""
+    return loaded.metadata.get("task") == "multilabel"
+
+
+def thresholds_of(loaded: LoadedClassifier) -> torch.Tensor:
+    """A multi-label checkpoint's per-class thresholds (chosen on its validation split), else 0.5 each."""
+    recorded = loaded.metadata.get("thresholds")
+    return torch.tensor(recorded if recorded else [0.5] * len(loaded.class_names), dtype=torch.float64)
+
+
 @dataclass
 class FilePredictions:
-    """Softmax probabilities for a list of image files, and why the failed ones failed."""
+    """Softmax probabilities (multi-label: per-class sigmoid scores) for a list of image files, and
+    why the failed ones failed."""
 
     paths: list[Path]
     probs: torch.Tensor  # (N, C); rows of failed files are NaN
@@ -102,14 +117,16 @@ def pick_device(name: str = "auto") -> torch.device:
 @torch.no_grad()
 def predict_files(loaded: LoadedClassifier, paths: list[Path], options: InferenceOptions = InferenceOptions(),
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> FilePredictions:
-    """Softmax probabilities for every file, in fp32 and eval mode, through the checkpoint's eval
-    transform; with `options.tta_flip` averaged with the mirrored image's."""
+    """Softmax probabilities (multi-label checkpoints: sigmoid scores) for every file, in fp32 and eval
+    mode, through the checkpoint's eval transform; with `options.tta_flip` averaged with the mirrored
+    image's."""
     device = pick_device(options.device)
     tta_flip = options.tta_flip and flip_tta_fits(loaded)
     dataset = TolerantImageDataset(paths, loaded.eval_transform(), loaded.image_size, max_pixels)
     loader = DataLoader(dataset, batch_size=options.batch_size or 64, num_workers=options.num_workers,
                         shuffle=False, pin_memory=device.type == "cuda")
     model = loaded.model.to(device).eval()
+    scores = torch.sigmoid if is_multilabel(loaded) else (lambda logits: logits.softmax(1))
     probs = torch.full((len(paths), len(loaded.class_names)), float("nan"))
     errors: dict[int, str] = {}
     for images, indices, problems in loader:
@@ -120,9 +137,9 @@ def predict_files(loaded: LoadedClassifier, paths: list[Path], options: Inferenc
         if not good.any():
             continue
         images = loaded.preprocessing.normalize(images[good].to(device, non_blocking=True))
-        p = model(images).float().softmax(1)
+        p = scores(model(images).float())
         if tta_flip:
-            p = (p + model(images.flip(-1)).float().softmax(1)) / 2
+            p = (p + scores(model(images.flip(-1)).float())) / 2
         probs[indices[good]] = p.cpu()
     return FilePredictions(paths, probs, errors, tta_flip)
 
@@ -159,17 +176,60 @@ def prediction_rows(preds: FilePredictions, class_names: list[str], top_k: int,
     return header, rows
 
 
+def multilabel_rows(preds: FilePredictions, class_names: list[str], thresholds: torch.Tensor,
+                    top_k: int) -> tuple[list[str], list[list]]:
+    """(header, rows) for a multi-label checkpoint: `path, labels, scores, error`; labels are every
+    class at or above its threshold (';'-separated, highest score first, possibly none), scores the
+    top_k classes' "name:score"."""
+    k = min(top_k, len(class_names))
+    rows = []
+    for i, path in enumerate(preds.paths):
+        if i in preds.errors:
+            rows.append([str(path), "", "", preds.errors[i]])
+            continue
+        p = preds.probs[i]
+        order = p.argsort(descending=True).tolist()
+        called = [class_names[c] for c in order if p[c].double() >= thresholds[c]]
+        listing = ";".join(f"{class_names[c]}:{p[c].item():.4f}" for c in order[:k])
+        rows.append([str(path), ";".join(called), listing, ""])
+    return ["path", "labels", f"scores_top{k}", "error"], rows
+
+
+def listed_source(meta: dict, csv: str | None, hf: str | None, hf_split: str | None,
+                  data_root: str | None, labelled: bool = True) -> ListedImages:
+    """`--csv FILE` (paths relative to --data-root, else the CSV's folder; the run's column names)
+    or `--hf DIR`: the images they list, read with the run's data config (`labelled`: evaluate)."""
+    d = config_from_dict(meta.get("config") or {}).data
+    if csv:
+        csv_file = Path(csv).expanduser().resolve()
+        d = dataclasses.replace(d, source="csv", csv=str(csv_file), csv_split_column="",
+                                root=str(Path(data_root).expanduser() if data_root else csv_file.parent))
+    else:
+        d = dataclasses.replace(d, source="hf", root=str(Path(hf).expanduser()))
+    return listed_images(d, hf_split, labelled)
+
+
 def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, options: InferenceOptions, *,
-                   top_k: int = 5, kaggle: bool = False) -> FilePredictions:
-    """predict.py: every image under `inputs` -> one CSV row each, written atomically to `out`;
-    a summary line on stdout, unreadable files listed on stderr."""
+                   top_k: int = 5, kaggle: bool = False, listed: tuple = (None,) * 4) -> FilePredictions:
+    """predict.py: every image under `inputs` (or, `listed` = (csv, hf, hf_split, data_root), every
+    image a CSV or a dataset lists) -> one CSV row each, written atomically to `out`; a summary
+    line on stdout, unreadable files listed on stderr."""
     options.check()
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
     loaded = load_classifier(checkpoint)
-    paths = collect_images(inputs)
+    multilabel = is_multilabel(loaded)
+    if multilabel and kaggle:
+        raise UsageError("--kaggle writes one class index per image; this checkpoint is multi-label "
+                         "(the default CSV has a labels column)")
+    if bool(inputs) == any(listed[:2]):
+        raise UsageError("name images or folders, or one of --csv FILE / --hf DIR")
+    paths = collect_images(inputs) if inputs else listed_source(loaded.metadata, *listed, labelled=False).paths
     preds = predict_files(loaded, paths, options)
-    header, rows = prediction_rows(preds, loaded.class_names, top_k, kaggle)
+    if multilabel:
+        header, rows = multilabel_rows(preds, loaded.class_names, thresholds_of(loaded), top_k)
+    else:
+        header, rows = prediction_rows(preds, loaded.class_names, top_k, kaggle)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)

@@ -29,6 +29,7 @@ from trainer.build import RunParts, build_run, head_spec
 from trainer.faults import crash_point
 from trainer.features import with_sample_images
 from trainer.model_file import ClassifierFacts, save_classifier
+from trainer.multilabel import evaluate_multilabel
 from trainer.progress import Progress
 from trainer.report import ProgressLines, RunReport
 from trainer.run_lock import RunLock
@@ -168,8 +169,13 @@ def run_epoch(training: Training, parts: RunParts, epoch: int) -> tuple[dict, Va
     group_lrs = progress.epoch_start_lrs  # the rates this epoch started with (also after a mid-epoch resume)
     train_stats = train_one_epoch(training, epoch)
     step = training.step
-    val_stats, predictions = evaluate(step.accelerator, step.model, training.val_loader, step.criterion,
-                                      len(parts.data.classes))
+    if parts.cfg.data.task == "multilabel":  # mAP and F1 instead of accuracy; no confusion matrix
+        train_stats.pop("train_acc")  # top-1 against the first label means nothing here
+        val_stats, predictions = evaluate_multilabel(step.accelerator, step.model, training.val_loader,
+                                                     parts.data.classes), None
+    else:
+        val_stats, predictions = evaluate(step.accelerator, step.model, training.val_loader, step.criterion,
+                                          len(parts.data.classes))
     if parts.cfg.train.cache_features:  # the grid needs images, not the features the head saw
         predictions = with_sample_images(predictions, parts.data.val_images, step.accelerator.num_processes,
                                          parts.cfg.data.batch_size, parts.data.preprocessing)

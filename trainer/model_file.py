@@ -30,7 +30,7 @@ from data.transforms import Preprocessing, crop_mode_of
 from models.build import bare_keys
 
 FORMAT = "imgtrain/classifier-v1"
-_JSON_KEYS = ("head", "class_names", "mean", "std", "config", "metrics", "runtime", "preprocessing")
+_JSON_KEYS = ("head", "class_names", "mean", "std", "config", "metrics", "runtime", "preprocessing", "thresholds")
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
@@ -73,7 +73,11 @@ def save_classifier(path: str | Path, state_dict: dict[str, torch.Tensor], facts
         "metrics": json.dumps(metrics, sort_keys=True),
         "epoch": str(epoch),
         "runtime": json.dumps(facts.runtime, sort_keys=True),
+        # single, or multilabel: sigmoid scores, each class called at its own threshold (below)
+        "task": facts.config.get("data", {}).get("task", "single"),
     }
+    if "val_thresholds" in metrics:  # multi-label: per-class thresholds chosen on validation, in class order
+        metadata["thresholds"] = json.dumps([metrics["val_thresholds"][name] for name in facts.class_names])
     # The most asked-for facts also get top-level keys, readable without parsing JSON.
     if "val_acc" in metrics:
         metadata["val_acc"] = repr(float(metrics["val_acc"]))
@@ -105,6 +109,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta["crop_pct"] = float(meta["crop_pct"])
         meta["epoch"] = int(meta["epoch"])
         meta.setdefault("config", {})
+        meta.setdefault("task", "single")  # files from before multi-label
         if "preprocessing" not in meta:
             meta["preprocessing"] = _preprocessing_of_old_file(meta).to_dict()
         Preprocessing.from_dict(meta["preprocessing"])  # fails here, not later, when damaged

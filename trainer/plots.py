@@ -77,7 +77,8 @@ def curves(path: str | Path, epochs: Sequence[dict], steps: Sequence[dict] = ())
                      alpha=0.3, linewidth=0.8, label="train loss (steps)")
     x = [e["epoch"] for e in epochs]
     for key, ax, style in (("train_loss", loss_ax, "o-"), ("val_loss", loss_ax, "s-"), ("train_acc", acc_ax, "o-"),
-                           ("val_acc", acc_ax, "s-"), ("val_top5", acc_ax, "^--")):
+                           ("val_acc", acc_ax, "s-"), ("val_top5", acc_ax, "^--"),
+                           ("val_map", acc_ax, "s-"), ("val_f1_macro", acc_ax, "d--")):  # the last two: multi-label
         values = [e.get(key) for e in epochs]
         if values and all(v is not None for v in values):
             ax.plot(x, values, style, label=key.replace("_", " "))

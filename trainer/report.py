@@ -21,6 +21,9 @@ _COLUMNS = [
     ("val_loss", "val_loss", "{:>8.4f}"),
     ("val_acc", "val_acc", "{:>7.4f}"),
     ("val_top5", "val_top5", "{:>8.4f}"),
+    ("val_map", "val_mAP", "{:>7.4f}"),  # multi-label runs: these three instead of accuracy
+    ("val_f1_micro", "val_F1_micro", "{:>12.4f}"),
+    ("val_f1_macro", "val_F1_macro", "{:>12.4f}"),
     ("lr", "lr", "{:>9.2e}"),
     ("images_per_sec", "img/s", "{:>8.1f}"),
     ("epoch_time", "time", "{:>6.1f}s"),
@@ -142,7 +145,8 @@ class RunReport:
         if stopped_early:
             lines.append("stopped early: no improvement for train.early_stopping_patience epochs")
         if best:
-            lines.append(f"best epoch {best['epoch']}: val_acc {best['val_acc']:.4f}, val_loss {best['val_loss']:.4f}")
+            score = f"val_acc {best['val_acc']:.4f}" if "val_acc" in best else f"val_mAP {best['val_map']:.4f}"
+            lines.append(f"best epoch {best['epoch']}: {score}, val_loss {best['val_loss']:.4f}")
         lines.append(f"wall time {time.time() - self._started:.1f}s")
         lines += [f"wrote {path}" for path in written]
         self.print(*lines)

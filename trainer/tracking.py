@@ -214,10 +214,16 @@ class RunTracking:
             samples = [train_ds[i] for i in picks]
         # uint8 as the workers deliver them: what the model sees before normalization on the device.
         images = torch.stack([s[0] for s in samples]).permute(0, 2, 3, 1).float().numpy() / 255.0
-        plots.image_grid(self.run_dir / "train_samples.png", images, [self.class_names[s[1]] for s in samples],
+        plots.image_grid(self.run_dir / "train_samples.png", images, [self._caption(s[1]) for s in samples],
                          title="training samples (after augmentation)")
         self._log({"epoch": 0, "media/train_samples": self._image("train_samples.png"),
                    "media/class_distribution": self._image("class_distribution.png")})
+
+    def _caption(self, label) -> str:
+        """A class index, or a multi-hot vector (multi-label): every class it has."""
+        if isinstance(label, torch.Tensor) and label.ndim == 1:
+            return ", ".join(self.class_names[i] for i in label.nonzero().flatten().tolist())
+        return self.class_names[label]
 
     # ---- training steps and epochs ----
 

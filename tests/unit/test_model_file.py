@@ -11,7 +11,7 @@ from configs.errors import UsageError
 from configs.schema import Config
 from data.transforms import Preprocessing
 from models import HeadSpec, build_classifier
-from trainer.evaluation import config_from_dict
+from configs.schema import config_from_dict
 from models.build import bare_keys
 from trainer.model_file import ClassifierFacts, load_classifier, read_metadata, save_classifier
 
