@@ -104,8 +104,8 @@ def test_evaluate_refuses_unknown_class_folders(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    ([], "name a labelled folder or --split val|test (one of the two)"),
-    (["{folder}", "--split", "val"], "name a labelled folder or --split val|test (one of the two)"),
+    ([], "name one of: a labelled folder, --split val|test, --csv FILE or --hf DIR"),
+    (["{folder}", "--split", "val"], "name one of: a labelled folder, --split val|test, --csv FILE or --hf DIR"),
     (["--split", "val"], "the checkpoint records no data.root; pass --data-root FOLDER (the run's image folder)"),
     (["--split", "val", "--data-root", "{nope}"], "the run's data root {nope} is not a folder here; pass "
                                                   "--data-root FOLDER where the run's images are now"),
