@@ -138,6 +138,11 @@ class TrainConfig:
     feature_cache_dir: str = _doc("~/.cache/imgtrain/features", "where cached features are kept (shared by runs)")
     checkpoint_every_steps: int = _doc(0, "also write a resumable checkpoint every N optimizer steps (0: epoch ends only)")
     keep_last: int = _doc(2, "resumable checkpoints kept in run.dir/checkpoints, besides the best epoch's")
+    ema_decay: float = _doc(0.0, "keep an exponential moving average of the weights, this decay per optimizer "
+                                 "step (0: off; e.g. 0.9998, or 0.99-0.999 for a few hundred steps), evaluated "
+                                 "beside them each epoch (ema_val_acc); best.safetensors takes the better")
+    ema_warmup: bool = _doc(True, "EMA decay min(train.ema_decay, (1 + n) / (10 + n)) at update n, so the start "
+                                  "fades within the first steps")
 
 
 @dataclass
@@ -420,6 +425,7 @@ def validate(cfg: Config) -> None:
         (t.unfreeze_at_epoch >= 0, "train.unfreeze_at_epoch must be 0 (off) or more"),
         (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be 0 (epoch ends only) or more"),
         (t.keep_last >= 1, "train.keep_last must be at least 1"),
+        (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0: off; e.g. 0.9998)"),
     ]
     for ok, message in checks:
         if not ok:

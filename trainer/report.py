@@ -20,6 +20,7 @@ _COLUMNS = [
     ("train_acc", "train_acc", "{:>9.4f}"),
     ("val_loss", "val_loss", "{:>8.4f}"),
     ("val_acc", "val_acc", "{:>7.4f}"),
+    ("ema_val_acc", "ema_acc", "{:>7.4f}"),  # with train.ema_decay: the EMA weights' val_acc
     ("val_top5", "val_top5", "{:>8.4f}"),
     ("lr", "lr", "{:>9.2e}"),
     ("images_per_sec", "img/s", "{:>8.1f}"),
@@ -142,7 +143,10 @@ class RunReport:
         if stopped_early:
             lines.append("stopped early: no improvement for train.early_stopping_patience epochs")
         if best:
-            lines.append(f"best epoch {best['epoch']}: val_acc {best['val_acc']:.4f}, val_loss {best['val_loss']:.4f}")
+            ema = best.get("best_weights") == "ema"  # best.safetensors holds the EMA weights
+            p = "ema_" if ema else ""
+            lines.append(f"best epoch {best['epoch']}{' (EMA weights)' if ema else ''}: val_acc {best[p + 'val_acc']:.4f}, "
+                         f"val_loss {best[p + 'val_loss']:.4f}")
         lines.append(f"wall time {time.time() - self._started:.1f}s")
         lines += [f"wrote {path}" for path in written]
         self.print(*lines)
