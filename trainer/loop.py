@@ -26,7 +26,7 @@ from data.files import atomic_write_text
 from data.transforms import NormalizedBatches
 from models import count_parameters, set_train_mode
 from trainer.build import RunParts, build_run, head_spec
-from trainer.ema import file_metrics, make_ema, prefixed
+from trainer.ema import WeightEma, file_metrics, make_ema, prefixed
 from trainer.faults import crash_point
 from trainer.features import with_sample_images
 from trainer.model_file import ClassifierFacts, save_classifier
@@ -174,7 +174,7 @@ def classifier_facts(cfg: Config, parts: RunParts, runtime: dict) -> ClassifierF
                            runtime={k: runtime[k] for k in kept})
 
 
-def ema_for_validation(ema, parts: RunParts) -> nn.Module | None:
+def ema_for_validation(ema: WeightEma | None, parts: RunParts) -> nn.Module | None:
     """The EMA module validation runs: the whole classifier, or its head when batches are cached features."""
     if ema is None:
         return None

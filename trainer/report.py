@@ -144,8 +144,8 @@ class RunReport:
             lines.append("stopped early: no improvement for train.early_stopping_patience epochs")
         if best:
             ema = best.get("best_weights") == "ema"  # best.safetensors holds the EMA weights
-            p = "ema_" if ema else ""
-            lines.append(f"best epoch {best['epoch']}{' (EMA weights)' if ema else ''}: val_acc {best[p + 'val_acc']:.4f}, "
+            p, held = ("ema_", " (EMA weights)") if ema else ("", "")
+            lines.append(f"best epoch {best['epoch']}{held}: val_acc {best[p + 'val_acc']:.4f}, "
                          f"val_loss {best[p + 'val_loss']:.4f}")
         lines.append(f"wall time {time.time() - self._started:.1f}s")
         lines += [f"wrote {path}" for path in written]

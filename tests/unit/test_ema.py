@@ -3,6 +3,8 @@ an epoch picks raw or EMA weights, the model files and the resume check. In-proc
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -16,6 +18,7 @@ from trainer.ema import WeightEma, check_resumable, file_metrics
 from trainer.loop import save_model_files
 from trainer.model_file import ClassifierFacts, load_classifier, read_metadata
 from trainer.progress import RunHistory
+from trainer.state_folder import COMPLETE, DamagedCheckpoint, load_checkpoint, save_checkpoint, verify
 from trainer.step import StepCounters, StepOptions, StepParts, train_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -183,3 +186,26 @@ def test_file_metrics_name_the_held_weights_val_metrics():
 def test_ema_decay_outside_zero_to_one_is_refused(value, tmp_path):
     with pytest.raises(ConfigError, match=r"train.ema_decay must be in \[0, 1\)"):
         read_config(None, [f"data.root={tmp_path}", "model.name=tiny_cnn", f"train.ema_decay={value}"])
+
+
+def test_a_checkpoint_holds_the_ema_and_one_without_its_file_is_damaged(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = _model()
+    ema = WeightEma(model, 0.9)
+    ema.update()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"global_step": 1, "epoch": 1, "epoch_complete": False, "samples_done": 4, "history": [],
+             "epochs_without_improvement": 0, "scheduler": {}, "class_names": ["a", "b"], "config": {},
+             "ema": ema.to_state()}
+    folder = save_checkpoint(accelerator, tmp_path, 1, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                             trainer_state=state, rank_tensors={"torch_cpu": torch.get_rng_state()}, rank_json={},
+                             ema_state=ema.state_dict())
+    loaded = load_checkpoint(folder, 0)
+    assert loaded.state["ema"] == {"decay": 0.9, "warmup": True, "updates": 1}
+    assert all(torch.equal(loaded.ema[k], v) for k, v in ema.state_dict().items())
+    # A COMPLETE that does not list ema.safetensors, though state.json says there is an EMA.
+    manifest = json.loads((folder / COMPLETE).read_text())
+    del manifest["files"]["ema.safetensors"]
+    (folder / COMPLETE).write_text(json.dumps(manifest))
+    with pytest.raises(DamagedCheckpoint, match="is not a complete"):
+        verify(folder)
