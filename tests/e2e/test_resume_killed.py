@@ -10,6 +10,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -132,6 +133,17 @@ def test_killed_with_ema_and_resumed_ends_bitwise_identical(image_folder, tmp_pa
     assert best["metrics"]["val_loss"] == best_row[prefix + "val_loss"]
     ema, last = load_file(str(run / "ema.safetensors")), load_file(str(run / "last.safetensors"))
     assert not all(torch.equal(ema[k], last[k]) for k in ema)  # an average, not a copy
+    # Keeping the average changes nothing about training: the raw weights are those of a run without it.
+    without = tmp_path / "without-ema"
+    assert train(image_folder, without, "data.num_workers=1").returncode == 0
+    assert_same_bits(without / "last.safetensors", run / "last.safetensors")
+    # ema.safetensors records its own validation metrics: evaluate.py --split val gives them back.
+    r = run_script("evaluate.py", "--checkpoint", str(run / "ema.safetensors"), "--split", "val", "--num-workers", "0",
+                   cwd=tmp_path, env=run_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((run / "eval-val" / "metrics.json").read_text())
+    assert report["accuracy"] == rows[-1]["ema_val_acc"]
+    assert report["loss"] == pytest.approx(rows[-1]["ema_val_loss"], rel=1e-5, abs=1e-6)
 
     # Turning the EMA off on resume is refused in one line, nothing changed.
     kept = step_folders(run)
