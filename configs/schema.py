@@ -158,6 +158,11 @@ class TrainConfig:
     keep_last: int = _doc(2, "resumable checkpoints kept in run.dir/checkpoints, besides the best epoch's")
     global_batch_size: int = _doc(0, "with data.batch_size = auto: keep this global batch, the found batch per "
                                      "process topped up by train.grad_accum_steps (0: the found batch as it is)")
+    ema_decay: float = _doc(0.0, "keep an exponential moving average of the weights, this decay per optimizer "
+                                 "step (0: off; e.g. 0.9998, or 0.99-0.999 for a few hundred steps), evaluated "
+                                 "beside them each epoch (ema_val_acc); best.safetensors takes the better")
+    ema_warmup: bool = _doc(True, "EMA decay min(train.ema_decay, (1 + n) / (10 + n)) at update n, so the start "
+                                  "fades within the first steps")
 
 
 @dataclass
@@ -454,6 +459,7 @@ def validate(cfg: Config) -> None:
         (t.unfreeze_at_epoch >= 0, "train.unfreeze_at_epoch must be 0 (off) or more"),
         (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be 0 (epoch ends only) or more"),
         (t.keep_last >= 1, "train.keep_last must be at least 1"),
+        (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0: off; e.g. 0.9998)"),
     ]
     for ok, message in checks:
         if not ok:

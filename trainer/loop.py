@@ -26,6 +26,7 @@ from data.files import atomic_write_text
 from data.transforms import NormalizedBatches
 from models import count_parameters, set_train_mode
 from trainer.build import RunParts, build_run, head_spec
+from trainer.ema import WeightEma, file_metrics, make_ema, prefixed
 from trainer.faults import crash_point
 from trainer.features import with_sample_images
 from trainer.model_file import ClassifierFacts, save_classifier
@@ -58,6 +59,7 @@ class Training:
     log_every: int
     global_batch_size: int
     progress_every_seconds: float  # progress lines when stdout is not a terminal
+    ema_model: nn.Module | None = None  # the EMA weights as validation runs them (with cached features: the head)
 
 
 def train(cfg: Config) -> TrainResult:
@@ -75,6 +77,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     model = prepare_model(parts.model, accelerator, cfg)
     # The training batches are sharded by their own resumable sampler, not by accelerator.prepare.
     model, optimizer, val_loader = accelerator.prepare(model, parts.optimizer, parts.val_loader)
+    # The average of the whole classifier's weights, on the device (None: train.ema_decay = 0).
+    ema = make_ema(cfg, parts.built.model)
     channels_last = channels_last_on(cfg, accelerator)
     if not cfg.train.cache_features:  # images arrive as uint8 and are normalized on the device
         val_loader = NormalizedBatches(val_loader, parts.data.preprocessing, channels_last)
@@ -92,25 +96,29 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
                                                  "val": splits.class_counts("val")}, cfg.train.seed)
     # The module that trains, unwrapped: checkpoints hold its keys without a wrapper's prefix.
     # Loads the saved state when resuming (RNG last: nothing above may draw after it).
-    progress.attach(parts.model, optimizer, parts.scheduler, parts.train_loader, accelerator.scaler, wandb_run_id)
+    progress.attach(parts.model, optimizer, parts.scheduler, parts.train_loader, accelerator.scaler, wandb_run_id,
+                    ema=ema)
     total, trainable = count_parameters(parts.built.model)
     report.start(model_name=cfg.model.name, total_params=total, trainable_params=trainable, splits=splits,
                  runtime=runtime, notes=parts.built.notes)
     facts = classifier_facts(cfg, parts, runtime)
     training = Training(StepParts(accelerator, model, optimizer, parts.scheduler, parts.criterion,
-                                  StepOptions(cfg.train.grad_clip_norm, channels_last)),
+                                  StepOptions(cfg.train.grad_clip_norm, channels_last), ema),
                         parts.train_loader, val_loader, progress, tracking, cfg.train.log_every_steps,
-                        runtime["global_batch_size"], cfg.train.progress_every_seconds)
+                        runtime["global_batch_size"], cfg.train.progress_every_seconds,
+                        ema_model=ema_for_validation(ema, parts))
+    model_weights = {"raw": parts.built.model, **({"ema": ema.module} if ema is not None else {})}
 
     # ---- epochs ----
     try:
         for epoch in progress.epochs():
             metrics, predictions = run_epoch(training, parts, epoch)
             improved = progress.record_epoch(metrics)
+            weights = progress.history.epochs[-1].get("best_weights", "raw")  # the better of raw and EMA
             record = report.epoch(progress.history.epochs[-1])
-            tracking.epoch(record, progress.history.epochs, predictions)
+            tracking.epoch(record, progress.history.epochs, predictions[weights])
             if accelerator.is_main_process:
-                save_model_files(run_dir, parts.built.model, facts, metrics, improved)
+                save_model_files(run_dir, model_weights, facts, metrics, weights if improved else None)
             progress.end_epoch(epoch, improved)  # the resumable checkpoint, rotated
             if progress.stopped_early:
                 break
@@ -123,7 +131,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     if failures:
         report.print(f"warning: {len(failures)} files failed to load during training and were skipped; "
                      f"listed in {parts.data.failure_log}")
-    written = [run_dir / "best.safetensors", run_dir / "last.safetensors", progress.root, run_dir / "config.toml",
+    written = [run_dir / "best.safetensors", run_dir / "last.safetensors",
+               *([run_dir / "ema.safetensors"] if ema is not None else []), progress.root, run_dir / "config.toml",
                run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
     history = progress.history
     report.finish(best=history.best, stopped_early=progress.stopped_early, written=written, epochs=history.epochs)
@@ -131,14 +140,20 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     return TrainResult(run_dir, history.best, history.epochs, progress.stopped_early)
 
 
-def save_model_files(run_dir: Path, model: nn.Module, facts: ClassifierFacts, metrics: dict, improved: bool) -> None:
-    """last.safetensors, and best.safetensors when the epoch improved; each replaced atomically,
-    so a failed write (disk full) leaves the previous file whole and ends training in one line."""
-    state = model.state_dict()  # the whole classifier, also when only the head trained
-    for name in ("last.safetensors", "best.safetensors") if improved else ("last.safetensors",):
+def save_model_files(run_dir: Path, models: dict[str, nn.Module], facts: ClassifierFacts, metrics: dict,
+                     best: str | None) -> None:
+    """last.safetensors (the raw weights), ema.safetensors (the EMA's, when `models` has "ema"), and
+    best.safetensors when the epoch improved (`best`: which of the two, else None); each replaced
+    atomically, so a failed write (disk full) leaves the previous file whole and ends training in one line."""
+    files = {"last.safetensors": "raw", **({"ema.safetensors": "ema"} if "ema" in models else {})}
+    if best is not None:
+        files["best.safetensors"] = best
+    for name, weights in files.items():
+        state = models[weights].state_dict()  # the whole classifier, also when only the head trained
         try:
             crash_point("model_file", metrics["epoch"])
-            save_classifier(run_dir / name, state, facts, metrics=metrics, epoch=metrics["epoch"])
+            save_classifier(run_dir / name, state, facts, metrics=file_metrics(metrics, weights),
+                            epoch=metrics["epoch"], weights=weights)
         except (OSError, SafetensorError) as e:
             raise TrainingFailed(f"could not write {run_dir / name} ({type(e).__name__}: {e}); the previous one "
                                  "is intact. Free space in run.dir and continue with run.resume=auto") from None
@@ -160,8 +175,16 @@ def classifier_facts(cfg: Config, parts: RunParts, runtime: dict) -> ClassifierF
                            runtime={k: runtime[k] for k in kept})
 
 
-def run_epoch(training: Training, parts: RunParts, epoch: int) -> tuple[dict, ValidationPredictions]:
-    """Train one epoch, then evaluate; the epoch's metrics and the validation predictions."""
+def ema_for_validation(ema: WeightEma | None, parts: RunParts) -> nn.Module | None:
+    """The EMA module validation runs: the whole classifier, or its head when batches are cached features."""
+    if ema is None:
+        return None
+    return ema.module.get_submodule(parts.built.head_name) if parts.cfg.train.cache_features else ema.module
+
+
+def run_epoch(training: Training, parts: RunParts, epoch: int) -> tuple[dict, dict[str, ValidationPredictions]]:
+    """Train one epoch, then evaluate the raw weights (and the EMA's, metrics prefixed ema_); the
+    epoch's metrics and each one's validation predictions, keyed "raw" / "ema"."""
     started = time.perf_counter()
     parts.enter_epoch(epoch)  # a pure function of the epoch, so a resume recomputes it
     progress = training.progress
@@ -169,16 +192,23 @@ def run_epoch(training: Training, parts: RunParts, epoch: int) -> tuple[dict, Va
     group_lrs = progress.epoch_start_lrs  # the rates this epoch started with (also after a mid-epoch resume)
     train_stats = train_one_epoch(training, epoch)
     step = training.step
-    if parts.cfg.data.task == "multilabel":  # mAP and F1 instead of accuracy; no confusion matrix
+    multilabel = parts.cfg.data.task == "multilabel"  # mAP and F1 instead of accuracy; no confusion matrix
+    if multilabel:
         train_stats.pop("train_acc")  # top-1 against the first label means nothing here
-        val_stats, predictions = evaluate_multilabel(step.accelerator, step.model, training.val_loader,
-                                                     parts.data.classes), None
-    else:
-        val_stats, predictions = evaluate(step.accelerator, step.model, training.val_loader, step.criterion,
-                                          len(parts.data.classes))
-    if parts.cfg.train.cache_features:  # the grid needs images, not the features the head saw
-        predictions = with_sample_images(predictions, parts.data.val_images, step.accelerator.num_processes,
-                                         parts.cfg.data.batch_size, parts.data.preprocessing)
+    val_stats, predictions = {}, {}
+    evaluated = {"raw": step.model, **({"ema": training.ema_model} if training.ema_model is not None else {})}
+    for weights, model in evaluated.items():  # every process evaluates both: the same collectives
+        if multilabel:
+            stats, predictions[weights] = evaluate_multilabel(step.accelerator, model, training.val_loader,
+                                                              parts.data.classes), None
+        else:
+            stats, predictions[weights] = evaluate(step.accelerator, model, training.val_loader, step.criterion,
+                                                   len(parts.data.classes))
+        val_stats |= stats if weights == "raw" else prefixed(stats)
+        if parts.cfg.train.cache_features:  # the grid needs images, not the features the head saw
+            predictions[weights] = with_sample_images(predictions[weights], parts.data.val_images,
+                                                      step.accelerator.num_processes, parts.cfg.data.batch_size,
+                                                      parts.data.preprocessing)
     metrics = {"epoch": epoch, **train_stats, **val_stats, "epoch_time": time.perf_counter() - started,
                "images_per_sec": train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)}
     if len(group_lrs) > 1:

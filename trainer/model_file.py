@@ -2,7 +2,8 @@
 
 The header metadata (strings only, by the format's rule) holds the model name, head, class
 names, the preprocessing (`data.transforms.Preprocessing`: what the model was validated on), the
-resolved config and that epoch's metrics. Weights are stored under the bare model's key names:
+resolved config, that epoch's metrics and which weights the file holds (`weights`: "raw", or
+"ema" for the moving average of train.ema_decay). Weights are stored under the bare model's key names:
 never with torch.compile's `_orig_mod.` or DDP/DataParallel's `module.`. Files are written to a
 temporary name in the same folder, flushed, then renamed, so a reader never sees half a file and
 a crash mid-write leaves the previous checkpoint intact.
@@ -56,10 +57,12 @@ class ClassifierFacts:
 
 
 def save_classifier(path: str | Path, state_dict: dict[str, torch.Tensor], facts: ClassifierFacts, *,
-                    metrics: dict, epoch: int) -> None:
+                    metrics: dict, epoch: int, weights: str = "raw") -> None:
+    """`weights`: "raw" (the trained weights) or "ema" (their moving average, train.ema_decay)."""
     p = facts.preprocessing
     metadata = {
         "format": FORMAT,
+        "weights": weights,
         "model_name": facts.model_name,
         "head": json.dumps(facts.head),
         "class_names": json.dumps(list(facts.class_names)),

@@ -30,6 +30,7 @@ from configs.schema import Config
 from data.files import atomic_write_text
 from models.build import bare_keys
 from configs.errors import UsageError
+from trainer.ema import PREFIX, WeightEma, better_weights, check_resumable, score
 from trainer.faults import crash_point
 from trainer.state_folder import (DamagedCheckpoint, LoadedState, complete_checkpoints, load_checkpoint,
                            load_scheduler_state, mark_best, newest_valid, rng_state, rotate, save_checkpoint, set_aside,
@@ -121,15 +122,18 @@ class RunHistory:
     epochs_without_improvement: int = 0
 
     def record(self, metrics: dict) -> bool:
-        """Add an epoch's metrics; True when it is the new best."""
-        score = metrics[self.best_metric]
+        """Add an epoch's metrics; True when it is the new best. With EMA weights evaluated too
+        (ema_val_*), an epoch scores by the better of its raw and EMA weights, named in `best_weights`."""
+        now = score(metrics, self.best_metric)
         if self.best is None:
             improved = True
         elif self.best_metric == "val_acc":
-            improved = score > self.best[self.best_metric]
+            improved = now > score(self.best, self.best_metric)
         else:
-            improved = score < self.best[self.best_metric]
+            improved = now < score(self.best, self.best_metric)
         record = {**metrics, "is_best": improved}
+        if PREFIX + self.best_metric in metrics:
+            record["best_weights"] = better_weights(metrics, self.best_metric)
         self.epochs.append(record)
         if improved:
             self.best, self.epochs_without_improvement = record, 0
@@ -173,6 +177,7 @@ class Progress:
             folder, state = found
             for message in config_changes(state["config"], cfg, state["class_names"], classes):
                 self.warn(message)
+            check_resumable(state.get("ema"), cfg.train.ema_decay)
             self.resumed_from, self._state = folder, state
             self.wandb_run_id = state.get("wandb_run_id", "")
 
@@ -182,12 +187,14 @@ class Progress:
 
     # ---- after accelerator.prepare ----
 
-    def attach(self, model, optimizer, scheduler, batches, scaler=None, wandb_run_id: str | None = None) -> None:
+    def attach(self, model, optimizer, scheduler, batches, scaler=None, wandb_run_id: str | None = None,
+               ema: WeightEma | None = None) -> None:
         """Remember what a checkpoint holds; put the saved state back when resuming; catch signals.
 
         `model` is the module that trains, unwrapped (no DDP, DataParallel or compile wrapper), so
-        checkpoint keys never carry a wrapper's prefix."""
+        checkpoint keys never carry a wrapper's prefix; `ema` the run's average of the weights, if any."""
         self.model, self.optimizer, self.scheduler, self.batches, self.scaler = model, optimizer, scheduler, batches, scaler
+        self.ema = ema
         acc = self.accelerator
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -206,6 +213,8 @@ class Progress:
         # Checkpoints written before keys were saved bare may carry a compile or DDP prefix.
         self.model.load_state_dict(bare_keys(loaded.model))
         self.optimizer.load_state_dict(loaded.optimizer)
+        if self.ema is not None:  # check_resumable made sure the checkpoint has one
+            self.ema.load(loaded.ema, s["ema"])
         if self.scaler is not None and s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
         self.history = RunHistory.from_state(self.cfg.train.best_metric, s)
@@ -377,12 +386,14 @@ class Progress:
             "class_names": self.classes, "config": self.cfg.to_dict(),
             "best_folder": best_folder.name if best_folder else None,
             "epoch_start_lrs": self.epoch_start_lrs,
+            "ema": self.ema.to_state() if self.ema is not None else None,
         }
         if improved:
             trainer_state["best_folder"] = f"step-{self.global_step:08d}"
         folder = save_checkpoint(acc, self.root, self.global_step, model_state=model_state,
                                  optimizer_state=self.optimizer.state_dict() if acc.is_main_process else {},
-                                 trainer_state=trainer_state, rank_tensors=cpu_rng, rank_json=rank_json)
+                                 trainer_state=trainer_state, rank_tensors=cpu_rng, rank_json=rank_json,
+                                 ema_state=self.ema.state_dict() if self.ema is not None else None)
         if acc.is_main_process:
             if improved:
                 mark_best(self.root, folder)

@@ -20,10 +20,12 @@ _COLUMNS = [
     ("train_acc", "train_acc", "{:>9.4f}"),
     ("val_loss", "val_loss", "{:>8.4f}"),
     ("val_acc", "val_acc", "{:>7.4f}"),
+    ("ema_val_acc", "ema_acc", "{:>7.4f}"),  # with train.ema_decay: the EMA weights' val_acc
     ("val_top5", "val_top5", "{:>8.4f}"),
     ("val_map", "val_mAP", "{:>7.4f}"),  # multi-label runs: these three instead of accuracy
     ("val_f1_micro", "val_F1_micro", "{:>12.4f}"),
     ("val_f1_macro", "val_F1_macro", "{:>12.4f}"),
+    ("ema_val_map", "ema_mAP", "{:>7.4f}"),  # multi-label with train.ema_decay
     ("lr", "lr", "{:>9.2e}"),
     ("images_per_sec", "img/s", "{:>8.1f}"),
     ("epoch_time", "time", "{:>6.1f}s"),
@@ -145,8 +147,10 @@ class RunReport:
         if stopped_early:
             lines.append("stopped early: no improvement for train.early_stopping_patience epochs")
         if best:
-            score = f"val_acc {best['val_acc']:.4f}" if "val_acc" in best else f"val_mAP {best['val_map']:.4f}"
-            lines.append(f"best epoch {best['epoch']}: {score}, val_loss {best['val_loss']:.4f}")
+            ema = best.get("best_weights") == "ema"  # best.safetensors holds the EMA weights
+            p, held = ("ema_", " (EMA weights)") if ema else ("", "")
+            score = f"val_acc {best[p + 'val_acc']:.4f}" if p + "val_acc" in best else f"val_mAP {best[p + 'val_map']:.4f}"
+            lines.append(f"best epoch {best['epoch']}{held}: {score}, val_loss {best[p + 'val_loss']:.4f}")
         lines.append(f"wall time {time.time() - self._started:.1f}s")
         lines += [f"wrote {path}" for path in written]
         self.print(*lines)

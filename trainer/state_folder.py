@@ -4,6 +4,7 @@
         step-00000120/           one checkpoint, named by the optimizer steps done
             model.safetensors    the unwrapped model's state dict
             optimizer.safetensors the optimizer's tensors, keyed state.<param index>.<name>
+            ema.safetensors      the EMA of the weights (train.ema_decay > 0; its update count in state.json)
             state.json           the rest: optimizer param groups (hyperparameters) and non-tensor
                                  state, scheduler counters, grad scaler, epoch, step, position in
                                  the epoch, best metric, early-stopping counter, history, W&B run
@@ -156,10 +157,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def save_checkpoint(accelerator, root: Path, step: int, *, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict, trainer_state: dict, rank_tensors: dict[str, torch.Tensor],
-                    rank_json: dict) -> Path:
+                    rank_json: dict, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` under `root`; every process calls this (it has two barriers).
 
-    `model_state`, `optimizer_state` and `trainer_state` are only read on the main process;
+    `model_state`, `optimizer_state`, `trainer_state` and `ema_state` are only read on the main process;
     each process passes its own `rank_*` payload (RNG states, running totals).
     """
     final = root / folder_name(step)
@@ -179,6 +180,8 @@ def save_checkpoint(accelerator, root: Path, step: int, *, model_state: dict[str
             write_tensors(tmp / "model.safetensors", model_state)
             opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
             write_tensors(tmp / "optimizer.safetensors", opt_tensors)
+            if ema_state is not None:
+                write_tensors(tmp / "ema.safetensors", ema_state)
             write_json(tmp / "state.json", {**trainer_state, "format": FORMAT, "step": step,
                                             "optimizer": opt_meta, "num_processes": accelerator.num_processes})
 
@@ -279,7 +282,9 @@ def verify(folder: Path) -> dict:
             raise DamagedCheckpoint(f"{path} is damaged: its sha256 does not match {COMPLETE}")
     state = _read_state(folder / "state.json")
     missing = [f"rank-{r}.json" for r in range(state["num_processes"]) if f"rank-{r}.json" not in files]
-    if state.get("format") != FORMAT or missing or "model.safetensors" not in files:
+    # state.json's "ema" (its update count) says the weights' average is part of this checkpoint.
+    ema_missing = bool(state.get("ema")) and "ema.safetensors" not in files
+    if state.get("format") != FORMAT or missing or ema_missing or "model.safetensors" not in files:
         raise DamagedCheckpoint(f"{folder} is not a complete {FORMAT} checkpoint")
     return state
 
@@ -350,6 +355,7 @@ class LoadedState:
     optimizer: dict  # an optimizer.state_dict()
     rank_tensors: dict[str, torch.Tensor] | None  # None when this process has no file (other process count)
     rank_json: dict | None
+    ema: dict[str, torch.Tensor] | None = None  # the EMA's weights, when the run keeps one
 
 
 def load_checkpoint(folder: Path, rank: int, state: dict | None = None) -> LoadedState:
@@ -358,4 +364,5 @@ def load_checkpoint(folder: Path, rank: int, state: dict | None = None) -> Loade
     rank_file = folder / f"rank-{rank}.json"
     rank_tensors = _load(folder / f"rank-{rank}.safetensors") if rank_file.is_file() else None
     rank_json = json.loads(rank_file.read_text()) if rank_file.is_file() else None
-    return LoadedState(folder, state, _load(folder / "model.safetensors"), optimizer, rank_tensors, rank_json)
+    ema = _load(folder / "ema.safetensors") if state.get("ema") else None
+    return LoadedState(folder, state, _load(folder / "model.safetensors"), optimizer, rank_tensors, rank_json, ema)

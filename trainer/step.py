@@ -4,7 +4,8 @@ The order matters and is the same on every device and process count:
   backward (Accelerate scales fp16 losses and divides by the accumulation steps)
   -> on the last micro-batch of an accumulation: unscale + clip the gradients, step the optimizer
      (the fp16 scaler may skip it)
-  -> step the learning-rate schedule only when the optimizer really stepped.
+  -> step the learning-rate schedule, and average the weights into the EMA (`train.ema_decay`),
+     only when the optimizer really stepped.
 The schedule is not passed to `accelerator.prepare` (see trainer/optim.py), so it advances once
 per optimizer step whatever the number of processes.
 
@@ -23,6 +24,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from configs.errors import TrainingFailed
+from trainer.ema import WeightEma
 
 
 class NonFiniteLoss(TrainingFailed):
@@ -84,6 +86,7 @@ class StepParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     criterion: nn.Module
     options: StepOptions
+    ema: WeightEma | None = None  # averaged after each optimizer step that really stepped
 
 
 def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, counters: StepCounters,
@@ -109,5 +112,7 @@ def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, cou
             else:
                 parts.scheduler.step()
                 counters.optimizer_steps += 1
+                if parts.ema is not None:
+                    parts.ema.update()
         optimizer.zero_grad(set_to_none=True)
     return logits.detach(), loss.detach()

@@ -60,3 +60,24 @@ def test_two_process_run_killed_and_resumed_ends_bitwise_identical(image_folder,
     # for one process; epoch 3 is one process's whole epoch.
     assert [row["train_images"] for row in rows] == [28, 27, 27]
     assert verify(one_process_copy / "checkpoints" / step_folders(one_process_copy)[-1])["num_processes"] == 1
+
+
+def test_two_process_run_with_ema_killed_and_resumed_ends_bitwise_identical(image_folder, tmp_path):
+    # Every process keeps the same average (the weights are the same after each step) and evaluates
+    # it; the main process saves it, and both load it back on resume.
+    reference = tmp_path / "reference"
+    r = train_ddp(image_folder, reference, "train.ema_decay=0.9")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "killed"
+    r = train_ddp(image_folder, run, "train.ema_decay=0.9", crash="after_step:7")
+    assert r.returncode != 0
+    assert verify(run / "checkpoints" / "step-00000006")["ema"]["updates"] == 6
+    r = train_ddp(image_folder, run, "train.ema_decay=0.9", "run.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step-00000006" in r.stdout
+
+    for name in ("last.safetensors", "best.safetensors", "ema.safetensors"):
+        assert_same_bits(reference / name, run / name)
+    rows = metrics_without_timing(run)
+    assert rows == metrics_without_timing(reference)
+    assert [row["val_images"] for row in rows] == [9, 9, 9] and all("ema_val_acc" in row for row in rows)

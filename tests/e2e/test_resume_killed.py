@@ -10,8 +10,13 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
 from helpers import run_env, run_script
 from resume_runs import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
+from trainer.model_file import read_metadata
 from trainer.progress import EXIT_PREEMPTED
 from trainer.state_folder import COMPLETE, verify
 
@@ -92,3 +97,59 @@ def test_killed_anywhere_and_resumed_ends_bitwise_identical(image_folder, tmp_pa
     (note,) = [line for line in r.stdout.splitlines() if line.startswith("note: resuming with changed")]
     assert "train.epochs 3 -> 4" in note and "recomputed for 4 epochs" in note
     assert [s["step"] for s in logged_steps(run)][-4:] == [22, 24, 26, 28]
+
+
+def test_killed_with_ema_and_resumed_ends_bitwise_identical(image_folder, tmp_path):
+    # The weights' moving average is training state too: killed mid-epoch (step 7; checkpoint 6 is
+    # the newest) and between epochs, the resumed run ends with the same three model files and metrics.
+    common = ("data.num_workers=1", "train.ema_decay=0.9")
+    reference = tmp_path / "reference"
+    done = train(image_folder, reference, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    r = train(image_folder, run, *common, crash="after_step:7")
+    assert r.returncode == -signal.SIGKILL
+    saved = verify(run / "checkpoints" / "step-00000006")
+    assert saved["ema"] == {"decay": 0.9, "warmup": True, "updates": 6}
+    assert (run / "checkpoints" / "step-00000006" / "ema.safetensors").is_file()
+    r = train(image_folder, run, *common, "run.resume=auto", crash="epoch_end:2")
+    assert r.returncode == -signal.SIGKILL
+    r = train(image_folder, run, *common, "run.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    for name in ("last.safetensors", "best.safetensors", "ema.safetensors"):
+        assert_same_bits(reference / name, run / name)
+    rows = metrics_without_timing(run)
+    assert rows == metrics_without_timing(reference)
+    assert all(0 <= row["ema_val_acc"] <= 1 and row["best_weights"] in ("raw", "ema") for row in rows)
+    assert read_metadata(run / "last.safetensors")["weights"] == "raw"
+    assert read_metadata(run / "ema.safetensors")["weights"] == "ema"
+    # best.safetensors holds the better weights of the best epoch, and says which.
+    (best_row,) = [row for row in rows if row["is_best"]][-1:]
+    best = read_metadata(run / "best.safetensors")
+    prefix = "ema_" if best_row["best_weights"] == "ema" else ""
+    assert best["weights"] == best_row["best_weights"] and best["epoch"] == best_row["epoch"]
+    assert best["metrics"]["val_loss"] == best_row[prefix + "val_loss"]
+    ema, last = load_file(str(run / "ema.safetensors")), load_file(str(run / "last.safetensors"))
+    assert not all(torch.equal(ema[k], last[k]) for k in ema)  # an average, not a copy
+    # Keeping the average changes nothing about training: the raw weights are those of a run without it.
+    without = tmp_path / "without-ema"
+    assert train(image_folder, without, "data.num_workers=1").returncode == 0
+    assert_same_bits(without / "last.safetensors", run / "last.safetensors")
+    # ema.safetensors records its own validation metrics: evaluate.py --split val gives them back.
+    r = run_script("evaluate.py", "--checkpoint", str(run / "ema.safetensors"), "--split", "val", "--num-workers", "0",
+                   cwd=tmp_path, env=run_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((run / "eval-val" / "metrics.json").read_text())
+    assert report["accuracy"] == rows[-1]["ema_val_acc"]
+    assert report["loss"] == pytest.approx(rows[-1]["ema_val_loss"], rel=1e-5, abs=1e-6)
+
+    # Turning the EMA off on resume is refused in one line, nothing changed.
+    kept = step_folders(run)
+    r = train(image_folder, run, "data.num_workers=1", "run.resume=auto", "train.epochs=4")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: cannot resume: the checkpoint keeps EMA weights (train.ema_decay = 0.9) but train.ema_decay is 0; "
+        "set train.ema_decay=0.9 or start a new run.dir")
+    assert step_folders(run) == kept

@@ -149,3 +149,20 @@ def test_the_overfit_check_counts_multilabel_decisions(folder, tmp_path, fresh_a
     result = overfit_one_batch(cfg, 40)
     assert result.images == 8 and result.final_loss < result.first_loss / 2
     assert result.accuracy == 1.0  # every (image, class) decision at 0.5, not top-1 against the first label
+
+
+def test_ema_weights_of_a_multilabel_run_are_scored_and_recorded_with_their_own_thresholds(folder, tmp_path,
+                                                                                          fresh_accelerate_state):
+    from trainer.loop import train
+    from trainer.model_file import read_metadata
+
+    cfg = load_config(None, [f"data.root={folder}", *MULTILABEL, "model.name=tiny_cnn", "data.image_size=16",
+                             "data.num_workers=0", "data.batch_size=8", "optim.lr=0.01", "train.epochs=2",
+                             "train.ema_decay=0.9", "runtime.device=cpu", f"run.dir={tmp_path / 'run'}",
+                             "wandb.mode=disabled", "data.audit=off"])
+    result = train(cfg)
+    last = result.history[-1]
+    assert {"ema_val_loss", "ema_val_map", "ema_val_f1_macro", "ema_val_thresholds"} <= set(last)
+    ema = read_metadata(tmp_path / "run" / "ema.safetensors")
+    assert ema["metrics"]["val_map"] == last["ema_val_map"]
+    assert ema["thresholds"] == [last["ema_val_thresholds"][c] for c in ema["class_names"]]
