@@ -25,11 +25,15 @@ from data.dataset import Loading
 from data.device_decode import DeviceDecode, EncodedTransform, collate_encoded
 from data.sampling import TrainBatches
 from data.transforms import BatchFinish, batch_mixer, check_augment_ops, crop_mode_of
-from models import BuiltModel, HeadSpec, build_classifier
-from models.finetune import FinetunePlan, apply_epoch, check_finetune_config, make_plan, param_groups, prepare_for_wrapping
+from models import BuiltModel, HeadSpec, build_classifier, enable_grad_checkpointing
+from models.finetune import (FinetunePlan, GroupRules, apply_epoch, batchnorm_trains, check_finetune_config,
+                             describe_groups, make_plan, param_groups, prepare_for_wrapping)
 from trainer.features import cached_head_datasets
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.runtime import channels_last_on, decode_on, worker_count
+from trainer.runtime import channels_last_on, decode_on, sync_bn_on, worker_count
+
+# Below this many images, BatchNorm's batch statistics are noisy enough to hurt (Wu & He, Group Norm, 2018).
+SMALL_BN_BATCH = 16
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -123,9 +127,11 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     """Every part of a run, built once. Everything that can fail on user input fails here, before
     a file is written (the audit's cache and report aside)."""
     splits = discover(cfg.data.root, cfg.data.val_fraction, cfg.data.seed)
-    m = cfg.model
-    built = build_classifier(m.name, len(splits.classes), head_spec(cfg), m.pretrained, m.weights)
-    plan = make_plan(built.model, built.head_name, m.freeze, cfg.train.unfreeze_at_epoch)
+    m, o = cfg.model, cfg.optim
+    built = build_classifier(m.name, len(splits.classes), head_spec(cfg), m.pretrained, m.weights, m.drop_path_rate)
+    if cfg.runtime.grad_checkpointing:
+        enable_grad_checkpointing(built)
+    plan = make_plan(built.model, built.head_name, m.freeze, cfg.train.unfreeze_at_epoch, m.bn)
     # DDP registers the parameters that require grad when it wraps the model: all that ever train.
     prepare_for_wrapping(built.model, plan)
     data = build_data(cfg, accelerator, splits, built)
@@ -137,13 +143,30 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
         loading = Loading(0)  # the features are already in memory
     train_loader, val_loader = _loaders(cfg, accelerator, data, (train_set, val_set), loading)
 
-    optimizer = build_optimizer(param_groups(built.model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
+    groups = param_groups(built.model, plan, o.lr, o.backbone_lr_mult, GroupRules.of(o))
+    optimizer = build_optimizer(groups, o)
+    _announce_recipe(cfg, accelerator, built, plan, groups)
     # len(train_loader) is this process's share of batches; with accumulation the optimizer steps
     # once per grad_accum_steps of them (and once more for a partial tail).
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, plan, steps_per_epoch, cfg.train.epochs)
     return RunParts(cfg, data, built, plan, model, train_loader, val_loader, optimizer, scheduler,
                     _criterion(cfg, accelerator, data), steps_per_epoch)
+
+
+def _announce_recipe(cfg: Config, accelerator: Accelerator, built: BuiltModel, plan: FinetunePlan,
+                     groups: list[dict]) -> None:
+    """One line on the parameter groups when layer decay or weight-decay exemptions split them; one
+    warning when BatchNorm trains on small batches."""
+    if cfg.optim.layer_decay or any(g.get("weight_decay") == 0.0 for g in groups):
+        accelerator.print(describe_groups(groups))
+    if batchnorm_trains(built.model, plan):
+        synced = sync_bn_on(cfg, accelerator)
+        batch = cfg.data.batch_size * (accelerator.num_processes if synced else 1)
+        if batch < SMALL_BN_BATCH:
+            kind = "synchronized batches" if synced else "per-process batches"
+            accelerator.print(f"warning: BatchNorm trains on {kind} of {batch}: its statistics will be noisy; "
+                              f"consider model.bn=frozen or a larger batch")
 
 
 def loading_for(cfg: Config, accelerator: Accelerator) -> Loading:
