@@ -267,7 +267,7 @@ def describe_groups(groups: list[dict]) -> str:
     lrs = sorted({g["lr"] for g in groups})
     rates = f"lr {lrs[0]:.3g}" if len(lrs) == 1 else f"lr {lrs[0]:.3g} .. {lrs[-1]:.3g}"
     tensors = sum(len(g["params"]) for g in groups)
-    exempt = sum(len(g["params"]) for g in groups if g.get("weight_decay") == 0.0)
+    exempt = sum(len(g["params"]) for g in groups if g["name"].endswith(".no_decay"))
     decay = f"; no weight decay on {exempt} of {tensors} tensors (biases, norms, 1-D)" if exempt else ""
     return f"optimizer: {len(groups)} parameter groups, {rates} (head {groups[0]['lr']:.3g}){decay}"
 

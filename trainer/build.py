@@ -158,7 +158,7 @@ def _announce_recipe(cfg: Config, accelerator: Accelerator, built: BuiltModel, p
                      groups: list[dict]) -> None:
     """One line on the parameter groups when layer decay or weight-decay exemptions split them; one
     warning when BatchNorm trains on small batches."""
-    if cfg.optim.layer_decay or any(g.get("weight_decay") == 0.0 for g in groups):
+    if cfg.optim.layer_decay or GroupRules.of(cfg.optim).splits_decay:
         accelerator.print(describe_groups(groups))
     if batchnorm_trains(built.model, plan):
         synced = sync_bn_on(cfg, accelerator)
