@@ -166,7 +166,8 @@ class RuntimeConfig:
                                                 "with CUDA; false: the same algorithms every run, for bit-exact reruns on a GPU)")
     compile: bool = _doc(False, "torch.compile the model (inductor); slow first steps")
     grad_checkpointing: bool = _doc(False, "recompute activations in the backward pass (timm models' "
-                                           "set_grad_checkpointing): less memory, ~20-30% slower steps")
+                                           "set_grad_checkpointing): less activation memory, one more forward "
+                                           "pass of the blocks per step")
 
 
 @dataclass
