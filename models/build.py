@@ -8,8 +8,8 @@ the original 1,000-class ImageNet head can fill it; then the head is replaced fo
 Recipes that change the network itself are asked of its library: stochastic depth
 (`model.drop_path_rate`: timm's `drop_path_rate`, torchvision's `stochastic_depth_prob`) at
 construction, gradient checkpointing (`runtime.grad_checkpointing`) through timm's
-`set_grad_checkpointing`. A model that has neither is refused in one line rather than trained
-without what was asked.
+`set_grad_checkpointing`. A model that lacks the one asked for is refused in one line rather
+than trained without it.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from trainer.features import cached_head_datasets
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.runtime import channels_last_on, decode_on, sync_bn_on, worker_count
 
-# Below this many images, BatchNorm's batch statistics are noisy enough to hurt (Wu & He, Group Norm, 2018).
+# Below this many images per batch, BatchNorm's error rises steeply (Wu & He, Group Normalization, 2018).
 SMALL_BN_BATCH = 16
 
 
