@@ -220,6 +220,27 @@ def test_a_run_saved_before_the_new_keys_resumes_when_their_layout_matches():
     assert "optim.no_decay_norm_bias=false" in str(e.value)
 
 
+def test_a_real_run_with_weight_decay_resumes_in_the_layout_it_was_saved_with(image_folder, tmp_path,
+                                                                              fresh_accelerate_state):
+    import json
+
+    import trainer.loop as loop
+    from helpers import reset_accelerate_state
+
+    run_dir = tmp_path / "run"
+    common = [f"data.root={image_folder}", f"run.dir={run_dir}", "model.name=tiny_cnn", *TINY_RUN,
+              "optim.weight_decay=0.05"]
+    loop.train(load_config(None, [*common, "optim.no_decay_norm_bias=false"]))  # the layout older code saved
+    resumed = [*common, "train.epochs=2", "run.resume=auto"]
+    reset_accelerate_state()
+    with pytest.raises(UsageError, match=r"^cannot resume: the checkpoint's optimizer has 2 parameter groups"):
+        loop.train(load_config(None, resumed))
+    reset_accelerate_state()
+    loop.train(load_config(None, [*resumed, "optim.no_decay_norm_bias=false"]))
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
 # ----------------------------------------------------------------------------------------------
 # runtime.grad_checkpointing
 
