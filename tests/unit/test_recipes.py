@@ -322,3 +322,18 @@ def test_batchnorm_on_small_batches_is_one_warning_at_the_start(overrides, warne
     batch = cfg.data.batch_size
     assert lines == ([f"warning: BatchNorm trains on per-process batches of {batch}: its statistics will be noisy; "
                       f"consider model.bn=frozen or a larger batch"] if warned else [])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.drop_path_rate=0.1", "error: model.drop_path_rate: tiny_cnn has no stochastic depth to set"),
+    ("runtime.grad_checkpointing=true", "error: runtime.grad_checkpointing: tiny_cnn cannot recompute"),
+])
+def test_a_recipe_the_model_lacks_is_one_line_exit_2_nothing_written(override, message, image_folder, tmp_path):
+    from helpers import run_in_process
+
+    run_dir = tmp_path / "run"
+    result = run_in_process("train.py", f"data.root={image_folder}", "model.name=tiny_cnn", f"run.dir={run_dir}",
+                            "train.epochs=1", override, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert not run_dir.exists()
