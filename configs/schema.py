@@ -110,6 +110,13 @@ class ModelConfig:
     head: str = _choice("linear", ("linear", "mlp"), "mlp: Linear-ReLU-Dropout-Linear")
     head_hidden: int = _doc(512, "hidden width of the mlp head")
     head_dropout: float = _doc(0.5, "dropout of the mlp head")
+    drop_path_rate: float = _doc(0.0, "stochastic depth: timm's drop_path_rate, torchvision's stochastic_depth_prob "
+                                      "(efficientnet, efficientnet_v2, convnext); 0: the library's default "
+                                      "(0 in timm; e.g. 0.2 for torchvision efficientnet); refused for models "
+                                      "without it")
+    bn: str = _choice("train", ("train", "frozen"),
+                      "frozen: every BatchNorm keeps its statistics and affine parameters fixed (eval mode, "
+                      "no gradient), whatever model.freeze says")
 
 
 @dataclass
@@ -128,6 +135,11 @@ class OptimConfig:
     min_lr: float = _doc(0.0, "floor of the cosine schedule")
     backbone_lr_mult: float = _doc(1.0, "backbone learning rate = lr x this (discriminative learning rates); "
                                         "the head always gets lr")
+    layer_decay: float = _doc(0.0, "layer-wise lr decay (e.g. 0.75): the backbone's layer i of L (input side "
+                                   "first) gets x this^(L - i), the head the full rate; layers from timm's "
+                                   "group_matcher, else the model.freeze units (0: off)")
+    no_decay_norm_bias: bool = _doc(True, "with weight_decay > 0: no weight decay for biases, norm weights, other "
+                                          "1-D parameters and timm's no_weight_decay() names (as timm)")
 
 
 @dataclass
@@ -178,6 +190,9 @@ class RuntimeConfig:
     cudnn_benchmark: bool | str = _doc("auto", "let cuDNN time its algorithms for the run's shapes (auto: on "
                                                 "with CUDA; false: the same algorithms every run, for bit-exact reruns on a GPU)")
     compile: bool = _doc(False, "torch.compile the model (inductor); slow first steps")
+    grad_checkpointing: bool = _doc(False, "recompute activations in the backward pass (timm models' "
+                                           "set_grad_checkpointing): less activation memory, one more forward "
+                                           "pass of the blocks per step")
 
 
 @dataclass
@@ -456,6 +471,8 @@ def validate(cfg: Config) -> None:
         (t.grad_clip_norm >= 0, "train.grad_clip_norm must be 0 (off) or a positive norm, e.g. 1.0"),
         (cfg.runtime.cpu_threads >= 0, "runtime.cpu_threads must be 0 (auto) or a positive count"),
         (o.backbone_lr_mult > 0, "optim.backbone_lr_mult must be positive (to keep layers fixed use model.freeze)"),
+        (0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate must be in [0, 1), e.g. 0.1"),
+        (0.0 <= o.layer_decay <= 1.0, "optim.layer_decay must be 0 (off) or in (0, 1], e.g. 0.75"),
         (t.unfreeze_at_epoch >= 0, "train.unfreeze_at_epoch must be 0 (off) or more"),
         (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be 0 (epoch ends only) or more"),
         (t.keep_last >= 1, "train.keep_last must be at least 1"),

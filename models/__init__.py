@@ -7,6 +7,7 @@ from models.build import (
     build_classifier,
     check_model_name,
     count_parameters,
+    enable_grad_checkpointing,
     find_classifier,
     read_state_dict,
     set_train_mode,
@@ -15,6 +16,6 @@ from models.registry import MODELS, Registry
 
 __all__ = [
     "BuiltModel", "HeadSpec", "MODELS", "Registry", "available_models", "build_classifier",
-    "check_model_name", "count_parameters", "find_classifier", "read_state_dict",
+    "check_model_name", "count_parameters", "enable_grad_checkpointing", "find_classifier", "read_state_dict",
     "set_train_mode",
 ]

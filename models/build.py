@@ -4,6 +4,12 @@ Names: `timm/<name>` goes to `timm.create_model`, `torchvision/<name>` to
 `torchvision.models.get_model`, a bare name to our own registry (`models.registry.MODELS`).
 The backbone is always created with its library's own head first, so that a weights file with
 the original 1,000-class ImageNet head can fill it; then the head is replaced for the dataset.
+
+Recipes that change the network itself are asked of its library: stochastic depth
+(`model.drop_path_rate`: timm's `drop_path_rate`, torchvision's `stochastic_depth_prob`) at
+construction, gradient checkpointing (`runtime.grad_checkpointing`) through timm's
+`set_grad_checkpointing`. A model that lacks the one asked for is refused in one line rather
+than trained without it.
 """
 
 from __future__ import annotations
@@ -103,11 +109,11 @@ def check_model_name(name: str) -> None:
                                          + ", ".join(MODELS.names()))
 
 
-def _create_backbone(name: str, pretrained: bool) -> nn.Module:
+def _create_backbone(name: str, pretrained: bool, drop_path_rate: float = 0.0) -> nn.Module:
     check_model_name(name)
     if name.startswith(("timm/", "torchvision/")):
         try:
-            return _library_model(name, pretrained)
+            return _library_model(name, pretrained, drop_path_rate)
         except OSError as e:  # no network, a proxy, a full cache disk: requests', urllib's and the Hub's errors
             if not pretrained:
                 raise
@@ -115,16 +121,42 @@ def _create_backbone(name: str, pretrained: bool) -> nn.Module:
     if pretrained:
         raise UsageError(f"'{name}' has no pretrained weights; set model.pretrained = false "
                          f"or give model.weights = FILE")
+    if drop_path_rate:
+        raise _no_stochastic_depth(name, "our models have no residual blocks to drop")
     return MODELS.get(name)()
 
 
-def _library_model(name: str, pretrained: bool) -> nn.Module:
-    if name.startswith("timm/"):
-        with _hub_cache_only_when_unreachable(pretrained):
-            return _timm().create_model(name[5:], pretrained=pretrained)
-    import torchvision
+def _library_model(name: str, pretrained: bool, drop_path_rate: float = 0.0) -> nn.Module:
+    # 0 passes nothing: the library's own default stays (torchvision's efficientnet builders use 0.2).
+    key = "drop_path_rate" if name.startswith("timm/") else "stochastic_depth_prob"
+    extra = {key: drop_path_rate} if drop_path_rate else {}
+    try:
+        if name.startswith("timm/"):
+            with _hub_cache_only_when_unreachable(pretrained):
+                return _timm().create_model(name[5:], pretrained=pretrained, **extra)
+        import torchvision
 
-    return torchvision.models.get_model(name[12:], weights="DEFAULT" if pretrained else None)
+        model = torchvision.models.get_model(name[12:], weights="DEFAULT" if pretrained else None, **extra)
+    except TypeError as e:
+        if extra and key in str(e):  # "unexpected keyword argument", or a builder that fixes it itself
+            fixed = "its builder sets it itself" if "multiple values" in str(e) else f"it takes no {key}"
+            raise _no_stochastic_depth(name, fixed) from None
+        raise
+    if extra and not _has_stochastic_depth(model):  # a builder that swallows unknown arguments (mobilenet_v3)
+        raise _no_stochastic_depth(name, f"it ignores {key}")
+    return model
+
+
+def _has_stochastic_depth(model: nn.Module) -> bool:
+    from torchvision.ops import StochasticDepth
+
+    return any(isinstance(m, StochasticDepth) and m.p > 0 for m in model.modules())
+
+
+def _no_stochastic_depth(name: str, why: str) -> UsageError:
+    return UsageError(f"model.drop_path_rate: {name} has no stochastic depth to set ({why}); set "
+                      f"model.drop_path_rate=0, or use a model with it (most timm/<name> models; torchvision's "
+                      f"efficientnet and convnext)")
 
 
 class _HubUnreachable(OSError):
@@ -378,8 +410,9 @@ def _load_weights(model: nn.Module, name: str, path: str, num_classes: int, spec
 
 
 def build_classifier(name: str, num_classes: int, head: HeadSpec = HeadSpec(), pretrained: bool = False,
-                     weights: str = "") -> BuiltModel:
-    model = _create_backbone(name, pretrained)
+                     weights: str = "", drop_path_rate: float = 0.0) -> BuiltModel:
+    """`drop_path_rate`: stochastic depth, passed to the library when not 0 (model.drop_path_rate)."""
+    model = _create_backbone(name, pretrained, drop_path_rate)
     mean, std = normalization_of(name, model)
     notes = []
     if weights:
@@ -390,6 +423,20 @@ def build_classifier(name: str, num_classes: int, head: HeadSpec = HeadSpec(), p
         if pretrained:
             notes.append(f"loaded {name}'s pretrained weights; new head for {num_classes} classes starts fresh")
     return BuiltModel(model=model, name=name, head_name=head_name, mean=mean, std=std, notes=notes)
+
+
+def enable_grad_checkpointing(built: BuiltModel) -> None:
+    """runtime.grad_checkpointing: activations are recomputed in the backward pass instead of kept
+    (timm's checkpoint_seq over the blocks); only timm models offer it."""
+    fix = "set runtime.grad_checkpointing=false or use a timm/<name> model"
+    if not hasattr(built.model, "set_grad_checkpointing"):
+        raise UsageError(f"runtime.grad_checkpointing: {built.name} cannot recompute its activations (only timm "
+                         f"models have set_grad_checkpointing); {fix}")
+    try:
+        built.model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError) as e:  # timm's way of saying a family lacks it
+        raise UsageError(f"runtime.grad_checkpointing: {built.name} does not support gradient checkpointing"
+                         f"{f' ({e})' if str(e) else ''}; {fix}") from None
 
 
 def set_train_mode(model: nn.Module) -> None:

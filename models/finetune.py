@@ -10,6 +10,17 @@ deeper inside the containers that hold a network's stages (`features.3`, `trunk_
 Progressive unfreezing (`train.unfreeze_at_epoch = k`): epochs 1..k train only the head, epoch
 k+1 onwards what `model.freeze` allows, the backbone at `optim.backbone_lr_mult` x the head's rate.
 
+`model.bn = "frozen"` takes every BatchNorm's affine parameters out of the plan: they never get a
+gradient, and `models.build.set_train_mode` keeps those layers in eval, so their statistics stay.
+
+Parameter groups (`param_groups`, `GroupRules`): the head at optim.lr, the backbone at
+x backbone_lr_mult; with optim.layer_decay each backbone layer i of L (input side first) at a
+further x layer_decay^(L - i) (BEiT / timm's `param_groups_layer_decay`); with weight decay and
+optim.no_decay_norm_bias, biases, 1-D parameters and timm's `no_weight_decay()` names in groups of
+their own with weight_decay 0 (timm's `param_groups_weight_decay`). With the defaults (no layer
+decay, no weight decay) the groups are exactly head and backbone, as before those keys existed, so
+older checkpoints resume into the same layout.
+
 Why the design is what it is:
   * Everything that will *ever* train is in the optimizer from the start, in two parameter groups
     (head, backbone). The backbone group's learning rate is a pure function of the step (0 before
@@ -27,6 +38,7 @@ Why the design is what it is:
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 
@@ -121,6 +133,7 @@ class FinetunePlan:
     head: tuple[str, ...]           # parameter names of the head: always trained
     backbone: tuple[str, ...]       # backbone parameters that train at some point
     unfreeze_at_epoch: int = 0      # 0: the backbone part trains from epoch 1
+    head_name: str = ""             # dotted path of the head module
 
     def backbone_trains(self, epoch: int) -> bool:
         return epoch > self.unfreeze_at_epoch
@@ -129,9 +142,24 @@ class FinetunePlan:
         return set(self.head) | (set(self.backbone) if self.backbone_trains(epoch) else set())
 
 
-def make_plan(model: nn.Module, head_name: str, freeze: str, unfreeze_at_epoch: int = 0) -> FinetunePlan:
+def batchnorm_parameters(model: nn.Module) -> set[str]:
+    """Names of every BatchNorm layer's affine parameters (timm's BatchNormAct2d included)."""
+    return {f"{path}.{name}" if path else name for path, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for name, _ in module.named_parameters(recurse=False)}
+
+
+def batchnorm_trains(model: nn.Module, plan: FinetunePlan) -> bool:
+    """Whether some BatchNorm layer trains at some point of the plan (and so uses batch statistics)."""
+    return bool(batchnorm_parameters(model) & (set(plan.head) | set(plan.backbone)))
+
+
+def make_plan(model: nn.Module, head_name: str, freeze: str, unfreeze_at_epoch: int = 0,
+              bn: str = "train") -> FinetunePlan:
+    """`bn = "frozen"`: no BatchNorm parameter is ever in the plan (see the module docstring)."""
     head_prefix = head_name + "."
-    all_names = [n for n, _ in model.named_parameters()]
+    fixed = batchnorm_parameters(model) if bn == "frozen" else set()
+    all_names = [n for n, _ in model.named_parameters() if n not in fixed]
     head = tuple(n for n in all_names if n.startswith(head_prefix))
     if not head:
         raise UsageError(f"no parameters under the head '{head_name}'; cannot fine-tune this model")
@@ -146,7 +174,7 @@ def make_plan(model: nn.Module, head_name: str, freeze: str, unfreeze_at_epoch: 
                              f"last_{len(units)} or model.freeze=none")
         chosen = {n for unit in units[len(units) - frozen_units:] for n in unit} if frozen_units else set()
         backbone = tuple(n for n in all_names if n in chosen)
-    return FinetunePlan(head, backbone, unfreeze_at_epoch)
+    return FinetunePlan(head, backbone, unfreeze_at_epoch, head_name)
 
 
 def prepare_for_wrapping(model: nn.Module, plan: FinetunePlan) -> None:
@@ -165,14 +193,83 @@ def apply_epoch(model: nn.Module, plan: FinetunePlan, epoch: int) -> None:
         param.requires_grad = name in trainable
 
 
-def param_groups(model: nn.Module, plan: FinetunePlan, lr: float, backbone_lr_mult: float) -> list[dict]:
-    """Head first, then the backbone (if any part of it ever trains), each with its own lr."""
+@dataclass(frozen=True)
+class GroupRules:
+    """What splits the head and backbone groups further (the defaults split nothing)."""
+
+    layer_decay: float = 0.0        # optim.layer_decay; 0: off
+    weight_decay: float = 0.0       # optim.weight_decay
+    no_decay_norm_bias: bool = True  # optim.no_decay_norm_bias
+
+    @classmethod
+    def of(cls, optim) -> "GroupRules":
+        return cls(optim.layer_decay, optim.weight_decay, optim.no_decay_norm_bias)
+
+    @property
+    def splits_decay(self) -> bool:
+        return self.weight_decay > 0 and self.no_decay_norm_bias
+
+
+def backbone_layers(model: nn.Module, plan: FinetunePlan) -> dict[str, int]:
+    """Each backbone parameter's layer, 0 on the input side. timm models: their fine group_matcher,
+    as timm's own layer decay uses; the others: the units of model.freeze (top-level children, one
+    level deeper inside stage containers), so a torchvision ResNet has conv1, bn1, layer1..layer4."""
+    head_prefix = plan.head_name + "."
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        ranks = {layer: i for i, layer in enumerate(sorted({ids[n] for n in ids if not n.startswith(head_prefix)}))}
+        return {n: ranks[layer] for n, layer in ids.items() if not n.startswith(head_prefix)}
+    return {n: i for i, unit in enumerate(backbone_units(model, plan.head_name)) for n in unit}
+
+
+def no_weight_decay_parameters(model: nn.Module) -> set[str]:
+    """timm's rule: biases and 1-D parameters (norm weights among them), plus the names (or patterns)
+    the model's own `no_weight_decay()` lists, such as a ViT's position embedding and class token."""
+    patterns = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return {n for n, p in model.named_parameters()
+            if p.ndim <= 1 or n.endswith(".bias") or any(fnmatch.fnmatch(n, pat) for pat in patterns)}
+
+
+def param_groups(model: nn.Module, plan: FinetunePlan, lr: float, backbone_lr_mult: float,
+                 rules: GroupRules = GroupRules()) -> list[dict]:
+    """The head's groups first (full lr), then the backbone's (if any part of it ever trains), each
+    with its own lr; only parameters of the plan, so frozen ones stay out. Group names say the part
+    first ("head", "backbone.layer_3.no_decay"): the schedule zeroes the backbone's until it unfreezes."""
     params = dict(model.named_parameters())
-    groups = [{"name": "head", "params": [params[n] for n in plan.head], "lr": lr}]
-    if plan.backbone:
-        groups.append({"name": "backbone", "params": [params[n] for n in plan.backbone],
-                       "lr": lr * backbone_lr_mult})
-    return groups
+    layers = backbone_layers(model, plan) if rules.layer_decay and plan.backbone else {}
+    depth = max(layers.values(), default=-1) + 1
+    no_decay = no_weight_decay_parameters(model) if rules.splits_decay else set()
+    groups: dict[str, dict] = {}
+    for part, names, part_lr in (("head", plan.head, lr), ("backbone", plan.backbone, lr * backbone_lr_mult)):
+        for n in names:
+            name, group_lr = part, part_lr
+            if n in layers:
+                name += f".layer_{layers[n]}"
+                group_lr *= rules.layer_decay ** (depth - layers[n])  # the last layer x decay, the head x 1
+            if n in no_decay:
+                name += ".no_decay"
+            group = groups.setdefault(name, {"name": name, "params": [], "lr": group_lr})
+            if n in no_decay:
+                group["weight_decay"] = 0.0
+            group["params"].append(params[n])
+    return list(groups.values())
+
+
+def group_part(group: dict) -> str:
+    """"head" or "backbone": which part of the plan a parameter group belongs to."""
+    return group.get("name", "head").split(".")[0]
+
+
+def describe_groups(groups: list[dict]) -> str:
+    """One line for the start of a run: how many groups, their learning rates, what decays."""
+    lrs = sorted({g["lr"] for g in groups})
+    rates = f"lr {lrs[0]:.3g}" if len(lrs) == 1 else f"lr {lrs[0]:.3g} .. {lrs[-1]:.3g}"
+    tensors = sum(len(g["params"]) for g in groups)
+    exempt = sum(len(g["params"]) for g in groups if g["name"].endswith(".no_decay"))
+    decay = f"; no weight decay on {exempt} of {tensors} tensors (biases, norms, 1-D)" if exempt else ""
+    return f"optimizer: {len(groups)} parameter groups, {rates} (head {groups[0]['lr']:.3g}){decay}"
 
 
 def needs_unused_parameter_search(cfg) -> bool:
@@ -180,6 +277,7 @@ def needs_unused_parameter_search(cfg) -> bool:
     return cfg.train.unfreeze_at_epoch > 0
 
 
-__all__ = ["FinetunePlan", "apply_epoch", "backbone_units", "check_finetune_config",
-           "make_plan", "needs_unused_parameter_search", "param_groups", "parse_freeze", "prepare_for_wrapping",
-           "unit_names"]
+__all__ = ["FinetunePlan", "GroupRules", "apply_epoch", "backbone_layers", "backbone_units", "batchnorm_parameters",
+           "batchnorm_trains", "check_finetune_config", "describe_groups", "group_part", "make_plan",
+           "needs_unused_parameter_search", "no_weight_decay_parameters", "param_groups", "parse_freeze",
+           "prepare_for_wrapping", "unit_names"]

@@ -28,12 +28,16 @@ from data.multilabel import MultiLabelSplits
 from data.sampling import TrainBatches
 from data.sources import load_splits
 from data.transforms import BatchFinish, batch_mixer, check_augment_ops, crop_mode_of
-from models import BuiltModel, HeadSpec, build_classifier
-from models.finetune import FinetunePlan, apply_epoch, check_finetune_config, make_plan, param_groups, prepare_for_wrapping
+from models import BuiltModel, HeadSpec, build_classifier, enable_grad_checkpointing
+from models.finetune import (FinetunePlan, GroupRules, apply_epoch, batchnorm_trains, check_finetune_config,
+                             describe_groups, make_plan, param_groups, prepare_for_wrapping)
 from trainer.batch_size import resolve_batch_size, step_probe
 from trainer.features import cached_head_datasets
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.runtime import channels_last_on, decode_on, worker_count
+from trainer.runtime import channels_last_on, decode_on, sync_bn_on, worker_count
+
+# Below this many images per batch, BatchNorm's error rises steeply (Wu & He, Group Normalization, 2018).
+SMALL_BN_BATCH = 16
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -129,9 +133,11 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     """Every part of a run, built once. Everything that can fail on user input fails here, before
     a file is written (the audit's cache and report aside)."""
     splits = load_splits(cfg.data)
-    m = cfg.model
-    built = build_classifier(m.name, len(splits.classes), head_spec(cfg), m.pretrained, m.weights)
-    plan = make_plan(built.model, built.head_name, m.freeze, cfg.train.unfreeze_at_epoch)
+    m, o = cfg.model, cfg.optim
+    built = build_classifier(m.name, len(splits.classes), head_spec(cfg), m.pretrained, m.weights, m.drop_path_rate)
+    if cfg.runtime.grad_checkpointing:
+        enable_grad_checkpointing(built)
+    plan = make_plan(built.model, built.head_name, m.freeze, cfg.train.unfreeze_at_epoch, m.bn)
     # DDP registers the parameters that require grad when it wraps the model: all that ever train.
     prepare_for_wrapping(built.model, plan)
     data = build_data(cfg, accelerator, splits, built)
@@ -146,7 +152,9 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
         loading = Loading(0)  # the features are already in memory
     train_loader, val_loader = _loaders(cfg, accelerator, data, (train_set, val_set), loading)
 
-    optimizer = build_optimizer(param_groups(built.model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
+    groups = param_groups(built.model, plan, o.lr, o.backbone_lr_mult, GroupRules.of(o))
+    optimizer = build_optimizer(groups, o)
+    _announce_recipe(cfg, accelerator, built, plan, groups)
     # len(train_loader) is this process's share of batches; with accumulation the optimizer steps
     # once per grad_accum_steps of them (and once more for a partial tail).
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
@@ -159,7 +167,8 @@ def _resolve_batch_size(cfg: Config, accelerator: Accelerator, built: BuiltModel
                         criterion: nn.Module, data: RunData) -> None:
     """data.batch_size = "auto": probe the real step (this model, this optimizer, this loss) on the device."""
     def make_optimizer(model: nn.Module):
-        return build_optimizer(param_groups(model, plan, cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim)
+        o = cfg.optim
+        return build_optimizer(param_groups(model, plan, o.lr, o.backbone_lr_mult, GroupRules.of(o)), o)
 
     size, classes = cfg.data.image_size, len(data.classes)
     target = torch.zeros(classes) if cfg.data.task == "multilabel" else torch.tensor(0)
@@ -167,6 +176,21 @@ def _resolve_batch_size(cfg: Config, accelerator: Accelerator, built: BuiltModel
     try_step = step_probe(built.model, make_optimizer, criterion, accelerator, (image, target),
                           channels_last_on(cfg, accelerator))
     resolve_batch_size(cfg, accelerator, try_step, len(data.train_images))
+
+
+def _announce_recipe(cfg: Config, accelerator: Accelerator, built: BuiltModel, plan: FinetunePlan,
+                     groups: list[dict]) -> None:
+    """One line on the parameter groups when layer decay or weight-decay exemptions split them; one
+    warning when BatchNorm trains on small batches."""
+    if cfg.optim.layer_decay or GroupRules.of(cfg.optim).splits_decay:
+        accelerator.print(describe_groups(groups))
+    if batchnorm_trains(built.model, plan):
+        synced = sync_bn_on(cfg, accelerator)
+        batch = cfg.data.batch_size * (accelerator.num_processes if synced else 1)
+        if batch < SMALL_BN_BATCH:
+            kind = "synchronized batches" if synced else "per-process batches"
+            accelerator.print(f"warning: BatchNorm trains on {kind} of {batch}: its statistics will be noisy; "
+                              f"consider model.bn=frozen or a larger batch")
 
 
 def loading_for(cfg: Config, accelerator: Accelerator) -> Loading:

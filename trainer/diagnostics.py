@@ -55,7 +55,7 @@ def prepare(cfg: Config) -> Prepared:
     parts.enter_epoch(1)  # the first epoch's trainable set: the head alone when unfreezing later
     model, optimizer = accelerator.prepare(parts.model, parts.optimizer)
     # Each group at its configured rate (the schedule's warm-up would scale them): head optim.lr,
-    # backbone optim.lr x optim.backbone_lr_mult.
+    # backbone optim.lr x optim.backbone_lr_mult (x optim.layer_decay^depth per layer).
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"]
     set_train_mode(parts.model)
@@ -84,8 +84,9 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
 
 
 def lr_sweep(cfg: Config, start: float, end: float, steps: int) -> LrSweep:
-    """An exponential sweep from `start` to `end` over `steps` training steps; every parameter group
-    is scaled by the same factor, so the head/backbone ratio is kept."""
+    """An exponential sweep of the base rate from `start` to `end` over `steps` training steps; every
+    parameter group is scaled by the same factor, so each group's ratio to the head (backbone_lr_mult,
+    layer_decay) is kept."""
     run = prepare(cfg)
     ratios = [g["lr"] / cfg.optim.lr for g in run.optimizer.param_groups]
     lrs, losses, smooth, best = [], [], 0.0, math.inf

@@ -180,11 +180,18 @@ def make_accelerator(cfg: Config, log: bool = True) -> Accelerator:
     return accelerator
 
 
+def sync_bn_on(cfg: Config, accelerator: Accelerator) -> bool:
+    """runtime.sync_bn takes effect with CUDA and several processes (SyncBatchNorm has no CPU kernel)."""
+    return cfg.runtime.sync_bn and accelerator.device.type != "cpu" and accelerator.num_processes > 1
+
+
 def prepare_model(model: nn.Module, accelerator: Accelerator, cfg: Config) -> nn.Module:
-    """What the runtime changes on the model before `accelerator.prepare` (which adds DDP)."""
+    """What the runtime changes on the model before `accelerator.prepare` (which adds DDP). Frozen
+    BatchNorm (model.bn, model.freeze) stays frozen as SyncBatchNorm: the conversion keeps the same
+    parameters, without gradient, and set_train_mode keeps those layers in eval, where they do not sync."""
     rt = cfg.runtime
     on_cpu = accelerator.device.type == "cpu"
-    if rt.sync_bn and not on_cpu and accelerator.num_processes > 1:
+    if sync_bn_on(cfg, accelerator):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last_on(cfg, accelerator):
         model = model.to(memory_format=torch.channels_last)
