@@ -23,10 +23,10 @@ from configs.errors import UsageError
 from configs.schema import Config, config_from_dict
 from data.audit_cache import MeasurementCache, audit_dir_for
 from data.files import atomic_write_json, sha256_file
-from data.folders import TEST_NAMES, list_images
+from data.folders import TEST_NAMES, Splits, list_images
 from data.images import DEFAULT_MAX_PIXELS
 from data.multilabel import MultiLabelSplits, multi_hot
-from data.sources import ListedImages, label_names, load_splits
+from data.sources import ListedImages, label_names, listed_images, load_splits
 from trainer import plots
 from trainer.build import audited_splits
 from trainer.inference import (FilePredictions, InferenceOptions, is_multilabel, listed_source, predict_files,
@@ -109,9 +109,10 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
     root = Path(cfg.data.root).expanduser().resolve()
-    if split == "test" and cfg.data.task == "multilabel":
-        raise UsageError("a multi-label run has no test/ folder split; evaluate a CSV of labelled images with "
-                         "--csv FILE instead of --split test")
+    if split == "test" and cfg.data.source in ("csv", "hf"):  # the CSV's test rows, the dataset's test split
+        if cfg.data.source == "csv" and not cfg.data.csv_split_column:
+            raise UsageError("the run's CSV has no split column, so no test rows; evaluate another CSV with --csv")
+        return labelled_listed(listed_images(cfg.data, "test"), class_names, cfg.data.task == "multilabel")
     if split == "test":
         test_dir = next((d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in TEST_NAMES), None)
         if test_dir is None:
@@ -123,7 +124,11 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     if classes != class_names:
         raise UsageError(f"the classes in {root} ({', '.join(classes[:8])}) are not the checkpoint's "
                          f"({', '.join(class_names[:8])}); pass --data-root with the run's own image folder")
-    splits = audited_splits(cfg)
+    return validation_files(audited_splits(cfg), root)
+
+
+def validation_files(splits: Splits, root: Path) -> LabelledFiles:
+    """The (audited) validation split of a run's data as LabelledFiles; multi-label: with targets."""
     targets = None
     if isinstance(splits, MultiLabelSplits):
         targets = torch.stack([t for _, t in splits.targets(splits.val)])
@@ -211,6 +216,14 @@ def plot_top_losses(path: Path, loaded: LoadedClassifier, files: LabelledFiles, 
         titles.append(f"{names[files.labels[i]]} / {names[guess]} ({preds.probs[i, guess].item():.2f})")
     return plots.image_grid(path, images, titles, wrong=[True] * len(indices),
                             title="top losses: actual / predicted (probability)" if indices else "no mistakes")
+
+
+def report_of(loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions) -> dict:
+    """The evaluation report for the checkpoint's task: accuracy and per-class P/R/F1, or (multi-label)
+    mAP and F1 at its thresholds."""
+    if is_multilabel(loaded):
+        return multilabel_evaluation_report(files, preds, loaded.class_names, thresholds_of(loaded))
+    return evaluation_report(files, preds, loaded.class_names)
 
 
 def multilabel_evaluation_report(files: LabelledFiles, preds: FilePredictions, class_names: list[str],

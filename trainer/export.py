@@ -20,10 +20,10 @@ from configs.errors import UsageError
 from data.files import atomic_folder, atomic_write_json, atomic_write_text, sha256_file
 from trainer.build import audited_splits
 from configs.schema import config_from_dict
-from trainer.evaluation import LabelledFiles, evaluation_report, run_config
+from trainer.evaluation import report_of, run_config, validation_files
 from trainer.hub_export import INTERPOLATION, hub_refusal, push_folder, write_hub_files
 from trainer.inference import InferenceOptions, collect_images, predict_files
-from trainer.model_card import CardFacts, model_card
+from trainer.model_card import CardFacts, headline, model_card
 from trainer.model_file import LoadedClassifier, load_classifier
 from trainer.onnx_export import OnnxCheck, check_onnx, export_onnx, metadata_of
 
@@ -103,7 +103,8 @@ def export_checkpoint(request: ExportRequest) -> Path:
 def _write_onnx(loaded: LoadedClassifier, path: Path, record: dict, images: torch.Tensor) -> OnnxCheck:
     name = loaded.metadata["model_name"]
     source = {k: record[k] for k in ("checkpoint", "sha256", "epoch")}
-    metadata = metadata_of(name, list(loaded.class_names), _preprocessing(loaded), source)
+    thresholds = loaded.metadata.get("thresholds") if loaded.metadata.get("task") == "multilabel" else None
+    metadata = metadata_of(name, list(loaded.class_names), _preprocessing(loaded), source, thresholds)
     export_onnx(loaded.model, loaded.image_size, path, metadata, name)
     return check_onnx(path, loaded.model, images)
 
@@ -130,10 +131,9 @@ def gather_evidence(loaded: LoadedClassifier, request: ExportRequest) -> Evidenc
         raise UsageError(f"the classes in {cfg.data.root} ({', '.join(splits.classes[:8])}) are not the "
                          f"checkpoint's ({', '.join(loaded.class_names[:8])}); pass --data-root with the run's "
                          f"own image folder, or --images")
-    files = LabelledFiles([Path(p) for p, _ in splits.val], [label for _, label in splits.val],
-                          f"the validation split of {cfg.data.root}")
+    files = validation_files(splits, Path(cfg.data.root).expanduser().resolve())
     options = InferenceOptions(batch_size=cfg.data.batch_size, device=request.device)
-    report = evaluation_report(files, predict_files(loaded, files.paths, options), loaded.class_names)
+    report = report_of(loaded, files, predict_files(loaded, files.paths, options))
     loaded.model.cpu()  # predict_files may have moved it to the GPU; the export runs on the CPU
     picked = _spread(files.paths, CHECK_IMAGES)
     counts = {"train": splits.class_counts("train"), "val": splits.class_counts("val")}
@@ -172,7 +172,8 @@ def _card_facts(loaded: LoadedClassifier, request: ExportRequest, evidence: Evid
     return CardFacts(meta["model_name"], list(loaded.class_names), Path(request.checkpoint).name, meta["epoch"],
                      meta.get("metrics", {}), meta.get("config", {}), _preprocessing(loaded),
                      class_counts=evidence.class_counts, data_layout=evidence.layout, evaluation=evidence.evaluation,
-                     evaluation_source=evidence.source.split(" of ", 1)[-1], repo_id=request.push)
+                     evaluation_source=evidence.source.split(" of ", 1)[-1], repo_id=request.push,
+                     thresholds=meta.get("thresholds") if meta.get("task") == "multilabel" else None)
 
 
 def _print_summary(out: Path, record: dict, evidence: Evidence) -> None:
@@ -182,6 +183,5 @@ def _print_summary(out: Path, record: dict, evidence: Evidence) -> None:
         print(f"note: timm's eval transform differs from this run's: {note}", file=sys.stderr)
     if evidence.evaluation is not None:
         e = evidence.evaluation
-        print(f"evaluated for the model card: accuracy {e['accuracy']:.4f}, macro F1 {e['macro_f1']:.4f} "
-              f"on {e['images']} images")
+        print(f"evaluated for the model card: {headline(e)} on {e['images']} images")
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")

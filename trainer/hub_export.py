@@ -82,7 +82,12 @@ def write_hub_files(loaded: LoadedClassifier, folder: Path) -> list[str]:
     data_config, notes = timm_data_config(loaded.preprocessing)
     # {"format": "pt"} is what the Hub's own writers put in the header.
     save_file(plain_tensors(model.state_dict()), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    save_config_for_hf(model, str(folder / CONFIG_NAME), model_config={"label_names": list(loaded.class_names)},
+    # "imgtrain": what timm's config has no field for (the task; a multi-label model's thresholds).
+    ours = {"task": loaded.metadata.get("task", "single")}
+    if ours["task"] == "multilabel":
+        ours["thresholds"] = loaded.metadata.get("thresholds")
+    save_config_for_hf(model, str(folder / CONFIG_NAME),
+                       model_config={"label_names": list(loaded.class_names), "imgtrain": ours},
                        data_config=data_config)
     return notes
 

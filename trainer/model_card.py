@@ -28,6 +28,14 @@ class CardFacts:
     onnx_check: str = ""  # OnnxCheck.summary(), when ONNX was written
     files: list[str] = field(default_factory=list)
     repo_id: str | None = None
+    thresholds: list[float] | None = None  # multi-label: per class, chosen on validation
+
+
+def headline(e: dict) -> str:
+    """An evaluation report's summary: accuracy and macro F1, or (multi-label) mAP and F1."""
+    if "map" in e:
+        return f"mAP {e['map']:.4f}, micro F1 {e['micro_f1']:.4f}, macro F1 {e['macro_f1']:.4f}"
+    return f"accuracy {e['accuracy']:.4f}, macro F1 {e['macro_f1']:.4f}"
 
 
 def model_card(f: CardFacts) -> str:
@@ -65,8 +73,9 @@ def _usage(f: CardFacts) -> str:
                 f'model = timm.create_model("{where}", pretrained=True).eval()',
                 "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
                 'image = Image.open("photo.jpg").convert("RGB")',
-                "probs = model(transform(image).unsqueeze(0)).softmax(1)[0]",
-                'print(model.pretrained_cfg["label_names"][int(probs.argmax())], float(probs.max()))',
+                *(_multilabel_use() if f.thresholds else
+                  ["probs = model(transform(image).unsqueeze(0)).softmax(1)[0]",
+                   'print(model.pretrained_cfg["label_names"][int(probs.argmax())], float(probs.max()))']),
                 "```", ""]
     if "model.onnx" in f.files:
         size = f.preprocessing["image_size"]
@@ -80,6 +89,14 @@ def _usage(f: CardFacts) -> str:
                 'logits = session.run(["logits"], {"images": batch})[0]',
                 "print([names[i] for i in logits.argmax(1)])", "```", ""]
     return "\n".join(out)
+
+
+def _multilabel_use() -> list[str]:
+    return ["# multi-label: a sigmoid per class, each against its own threshold (config.json's imgtrain.thresholds)",
+            "import json, pathlib",
+            'thresholds = json.loads(pathlib.Path("config.json").read_text())["imgtrain"]["thresholds"]',
+            "scores = model(transform(image).unsqueeze(0)).sigmoid()[0]",
+            'print([n for n, s, t in zip(model.pretrained_cfg["label_names"], scores, thresholds) if s >= t])']
 
 
 def _data(f: CardFacts) -> str:
@@ -129,11 +146,13 @@ def _evaluation(f: CardFacts) -> str:
         out += ["", "Per-class results: not measured (the run's validation images were not reachable at "
                     "export; `python launch/evaluate.py --checkpoint CHECKPOINT --split val` measures them)."]
     else:
-        out += ["", f"Measured at export on {f.evaluation_source} ({e['images']} images): accuracy "
-                    f"{e['accuracy']:.4f}, macro F1 {e['macro_f1']:.4f}.", "",
-                "| class | precision | recall | F1 | images |", "| --- | ---: | ---: | ---: | ---: |"]
+        extra = [k for k in ("ap", "threshold") if k in next(iter(e["per_class"].values()))]  # multi-label
+        out += ["", f"Measured at export on {f.evaluation_source} ({e['images']} images): {headline(e)}.", "",
+                "| class | precision | recall | F1 | " + "".join(f"{k} | " for k in extra) + "images |",
+                "| --- | ---: | ---: | ---: | " + "---: | " * len(extra) + "---: |"]
         for name, m in e["per_class"].items():
-            out.append(f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |")
+            cells = "".join(f"{m[k]:.4f} | " for k in extra)
+            out.append(f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {cells}{m['support']} |")
     if f.onnx_check:
         out += ["", f"ONNX check: {f.onnx_check}."]
     return "\n".join(out) + "\n"

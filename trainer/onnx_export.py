@@ -115,14 +115,18 @@ def check_onnx(path: Path, model: nn.Module, images: torch.Tensor) -> OnnxCheck:
     return check
 
 
-def metadata_of(model_name: str, class_names: list[str], preprocessing: dict, source: dict) -> dict[str, str]:
-    """The ONNX file's metadata: strings, JSON where structured."""
-    return {
+def metadata_of(model_name: str, class_names: list[str], preprocessing: dict, source: dict,
+                thresholds: list[float] | None = None) -> dict[str, str]:
+    """The ONNX file's metadata: strings, JSON where structured; `thresholds`: a multi-label model's."""
+    scores = ("a sigmoid per class, called at or above its entry of thresholds" if thresholds else
+              "softmax gives probabilities")
+    extra = {"task": "multilabel", "thresholds": json.dumps(thresholds)} if thresholds else {"task": "single"}
+    return extra | {
         "format": "imgtrain/onnx-classifier-v1",
         "model_name": model_name,
         "class_names": json.dumps(class_names),
         "preprocessing": json.dumps(preprocessing, sort_keys=True),
         "input": f"{INPUT_NAME}: float32 (batch, 3, H, W), RGB scaled to [0, 1], minus mean, divided by std",
-        "output": f"{OUTPUT_NAME}: float32 (batch, classes), softmax gives probabilities in class_names order",
+        "output": f"{OUTPUT_NAME}: float32 (batch, classes) in class_names order; {scores}",
         "source": json.dumps(source, sort_keys=True),
     }

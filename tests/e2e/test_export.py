@@ -153,3 +153,26 @@ def test_push_offline_fails_in_one_line_and_keeps_the_complete_folder(timm_run, 
                                                              "HF_HUB_OFFLINE is set; the export in ")
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md", "export.json"}
     assert "hf-hub:someone/tiny-model" in (out / "README.md").read_text()
+
+
+def test_multilabel_checkpoint_exports_its_task_and_thresholds(tmp_path):
+    from helpers import MULTILABEL, make_multilabel_folder
+
+    data = make_multilabel_folder(tmp_path / "data", count=48)
+    ckpt = _train(data, tmp_path / "run", *MULTILABEL, "model.name=timm/test_resnet", "data.image_size=32",
+                  "train.best_metric=val_loss")
+    out = tmp_path / "export"
+    result = run_in_process("export.py", "--checkpoint", str(ckpt), "--format", "both", "--out", str(out),
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    meta = load_classifier(ckpt).metadata
+    config = json.loads((out / "config.json").read_text())
+    assert config["imgtrain"] == {"task": "multilabel", "thresholds": meta["thresholds"]}
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_meta = session.get_modelmeta().custom_metadata_map
+    assert onnx_meta["task"] == "multilabel" and json.loads(onnx_meta["thresholds"]) == meta["thresholds"]
+    card = (out / "README.md").read_text()
+    assert "mAP " in card and "| class | precision | recall | F1 | ap | threshold | images |" in card
+    assert ".sigmoid()" in card
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert plain.pretrained_cfg["label_names"] == ["blue", "green", "red"]
