@@ -43,7 +43,10 @@ STOP_CHECK_EVERY = 8
 # Keys whose change makes a checkpoint meaningless for the new config: a different network, a
 # different optimizer state layout, or a different train/validation split.
 REFUSED_CHANGES = ("model.name", "model.head", "model.head_hidden", "model.head_dropout", "model.freeze",
-                   "optim.name", "data.val_fraction", "data.seed")
+                   "model.bn", "optim.name", "optim.layer_decay", "data.val_fraction", "data.seed", "data.source",
+                   "data.task")
+# What a checkpoint written before a key existed trained with (not the key's default today).
+_BEFORE_THE_KEY = {"optim.no_decay_norm_bias": False}
 # Keys that change nothing about what has been trained so far; anything else is allowed with a
 # warning that the continuation differs from the uninterrupted run.
 SAFE_CHANGES = ("train.epochs", "train.log_every_steps", "train.progress_every_seconds", "train.checkpoint_every_steps", "train.keep_last",
@@ -68,9 +71,14 @@ def config_changes(saved: dict, cfg: Config, saved_classes: list[str], classes: 
     changed = []
     for section, table in cfg.to_dict().items():
         for key, value in table.items():
-            dotted, old = f"{section}.{key}", saved.get(section, {}).get(key, value)
+            dotted = f"{section}.{key}"
+            old = saved.get(section, {}).get(key, _BEFORE_THE_KEY.get(dotted, value))
             if old != value:
-                if dotted in REFUSED_CHANGES:
+                # The weight-decay exemptions change the optimizer's groups only with weight decay.
+                exemptions = dotted == "optim.no_decay_norm_bias"
+                if exemptions and cfg.optim.weight_decay == 0:
+                    continue
+                if dotted in REFUSED_CHANGES or exemptions:
                     raise UsageError(f"cannot resume: {dotted} is {value!r} but the checkpoint was trained with "
                                      f"{old!r}; set {dotted}={old!r} or start a new run.dir")
                 if not any(dotted == s or (s.endswith(".") and dotted.startswith(s)) for s in SAFE_CHANGES):

@@ -233,8 +233,11 @@ def test_a_real_run_with_weight_decay_resumes_in_the_layout_it_was_saved_with(im
     loop.train(load_config(None, [*common, "optim.no_decay_norm_bias=false"]))  # the layout older code saved
     resumed = [*common, "train.epochs=2", "run.resume=auto"]
     reset_accelerate_state()
-    with pytest.raises(UsageError, match=r"^cannot resume: the checkpoint's optimizer has 2 parameter groups"):
+    config_before = (run_dir / "config.toml").read_bytes()
+    with pytest.raises(UsageError, match=r"^cannot resume: optim.no_decay_norm_bias is True but the checkpoint "
+                                         r"was trained with False; set optim.no_decay_norm_bias=False"):
         loop.train(load_config(None, resumed))
+    assert (run_dir / "config.toml").read_bytes() == config_before  # refused before anything is written
     reset_accelerate_state()
     loop.train(load_config(None, [*resumed, "optim.no_decay_norm_bias=false"]))
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -337,3 +340,25 @@ def test_a_recipe_the_model_lacks_is_one_line_exit_2_nothing_written(override, m
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("saved_optim, overrides, refused", [
+    ({"weight_decay": 0.05}, ["optim.weight_decay=0.05"], "optim.no_decay_norm_bias is True but the checkpoint "
+                                                          "was trained with False"),  # saved before the key
+    ({"weight_decay": 0.0}, [], None),  # without weight decay the exemptions change no group
+    ({"weight_decay": 0.05, "no_decay_norm_bias": False}, ["optim.weight_decay=0.05",
+                                                           "optim.no_decay_norm_bias=false"], None),
+    ({"layer_decay": 0.75}, [], "optim.layer_decay is 0.0 but the checkpoint was trained with 0.75"),
+])
+def test_resume_refuses_recipe_changes_before_anything_is_written(saved_optim, overrides, refused):
+    from trainer.progress import config_changes
+
+    cfg = load_config(None, ["data.root=/tmp/x", "model.name=tiny_cnn", *overrides])
+    saved = cfg.to_dict()
+    saved["optim"] = {k: v for k, v in saved["optim"].items() if k not in ("no_decay_norm_bias", "layer_decay")}
+    saved["optim"].update(saved_optim)
+    if refused is None:
+        assert config_changes(saved, cfg, ["a"], ["a"]) == []
+    else:
+        with pytest.raises(UsageError, match=refused):
+            config_changes(saved, cfg, ["a"], ["a"])
