@@ -6,8 +6,8 @@
     python launch/lr_find.py --config configs/regnet.toml data.root=/path runtime.device=cuda train.precision=bf16
 
 It trains on exactly what training would see (same split, audit, normalization, augmentation and
-batches: trainer/build.py). Every parameter group is scaled by the same factor, so the ratio between
-the head and the backbone (optim.backbone_lr_mult) is kept. Writes the loss-vs-lr plot (--out,
+batches: trainer/build.py). Every parameter group is scaled by the same factor, so each group's
+ratio to the head (optim.backbone_lr_mult, optim.layer_decay) is kept. Writes the loss-vs-lr plot (--out,
 default lr_find.png) and prints a suggestion for optim.lr: the steepest descent of the smoothed loss.
 """
 
@@ -39,8 +39,8 @@ def main() -> int:
     sweep = lr_sweep(cfg, args.start, args.end, args.steps)
     plot_lr_sweep(sweep, args.out)
     print(f"swept {len(sweep.lrs)} steps from {sweep.lrs[0]:.1e} to {sweep.lrs[-1]:.1e}; plot in {args.out}")
-    print(f"suggested optim.lr={sweep.suggested:.2e}" + (f" (backbone x{cfg.optim.backbone_lr_mult:g} kept)"
-                                                         if len(sweep.ratios) > 1 else ""))
+    kept = f" (the {len(sweep.ratios)} parameter groups' ratios to the head kept)" if len(sweep.ratios) > 1 else ""
+    print(f"suggested optim.lr={sweep.suggested:.2e}{kept}")
     return 0
 
 
