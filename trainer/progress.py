@@ -238,6 +238,13 @@ class Progress:
                 self._totals = [sum(t[i] for t in totals) for i in range(3)] + list(totals[0][3:])
             elif not s["epoch_complete"]:
                 self._totals = [0.0, 0, 0]
+        saved_key = s.get("order_key", {})
+        if same_world and saved_key != sampler.order_key:  # another process count was announced above
+            key = next(k for k in sorted({*saved_key, *sampler.order_key}) if saved_key.get(k) != sampler.order_key.get(k))
+            old = saved_key.get(key)
+            self.warn(f"the checkpoint's training order was drawn for {key}={old}, this run's for {key}="
+                      f"{sampler.order_key.get(key)}: training continues from the same {s['samples_seen']} samples "
+                      f"seen but results will not be bitwise identical (set {key}={old} to resume exactly)")
         load_scheduler_state(self.scheduler, sched)
         if acc.is_main_process:
             self._trim_log("metrics.jsonl", "epoch", self.epoch - 1)
@@ -377,6 +384,7 @@ class Progress:
             "class_names": self.classes, "config": self.cfg.to_dict(),
             "best_folder": best_folder.name if best_folder else None,
             "epoch_start_lrs": self.epoch_start_lrs,
+            "order_key": sampler.order_key,
         }
         if improved:
             trainer_state["best_folder"] = f"step-{self.global_step:08d}"
