@@ -125,11 +125,14 @@ class _ShardWriter:
 
 
 def write_shards(splits: Splits, out: str | Path, target_bytes: int, stats: tuple, source: dict,
-                 say=print) -> dict:
+                 seed: int = 0, say=print) -> dict:
     """Write `splits.train` and `.val` as shards plus index.json into the new folder `out`, atomically.
 
-    `stats`: the training split's (mean, std) or empty; `source`: what the shards were made from
-    (the digest over every sample's relative path, size and sha256 is added here)."""
+    Training samples are written in an order shuffled by `seed`: a reader's shuffle buffer only
+    mixes neighbours, and a split sorted by class would feed it one class at a time. Validation
+    keeps the source's order. `stats`: the training split's (mean, std) or empty; `source`: what
+    the shards were made from (a digest over every sample's relative path, size and sha256 is
+    added here)."""
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} already exists and is not empty: choose a new folder (shards are never "
@@ -139,12 +142,15 @@ def write_shards(splits: Splits, out: str | Path, target_bytes: int, stats: tupl
             raise UsageError(f"the {split} split of {splits.root} is empty after the audit: nothing to write")
     started, digest = time.perf_counter(), hashlib.sha256()
     with atomic_folder(out) as tmp:
-        index = {"format": FORMAT, "version": VERSION, "classes": list(splits.classes),
+        index = {"format": FORMAT, "version": VERSION, "classes": list(splits.classes), "shuffle_seed": seed,
                  "mean": list(stats[0]) if stats else [], "std": list(stats[1]) if stats else [],
                  "target_shard_bytes": target_bytes, "splits": {}}
         for split in SPLITS:
             writer = _ShardWriter(tmp, split, target_bytes)
-            for path, label in getattr(splits, split):
+            samples = getattr(splits, split)
+            if split == "train":
+                samples = [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))]
+            for path, label in samples:
                 data = Path(path).read_bytes()
                 rel = os.path.relpath(path, splits.root) if Path(path).is_absolute() else str(path)
                 digest.update(f"{split}\t{rel}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}\n".encode())

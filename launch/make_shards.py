@@ -51,7 +51,7 @@ def main() -> int:
     mean, std = source_stats(cfg, splits)
     source = {"source": cfg.data.source, "root": str(Path(cfg.data.root).expanduser().resolve()),
               "audit": cfg.data.audit, "val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed}
-    write_shards(splits, out, target, (mean, std), source)
+    write_shards(splits, out, target, (mean, std), source, seed=cfg.data.seed)
     print(f"train from them: python launch/train.py --config {args.config or 'C.toml'} data.source=shards "
           f"data.root={out}")
     return 0
