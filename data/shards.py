@@ -34,7 +34,6 @@ import io
 import json
 import math
 import os
-import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from configs.errors import UsageError
-from data.dataset import Loading
+from data.dataset import ImageListDataset, Loading
 from data.files import atomic_folder, sha256_file
 from data.folders import Splits
 from data.sampling import _AUGMENT, _WORKERS, SeededCollate, derived_seeds, seeded_call
@@ -374,18 +373,6 @@ class ShardOrder:
 
 # ---- the training stream ----
 
-def _record_failure(failure_log: str | None, name: str, error: Exception) -> None:
-    """As ImageListDataset does: one stderr line and one JSON line (read by read_load_failures)."""
-    message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    print(f"warning: skipped {name}: {message}", file=sys.stderr, flush=True)
-    if failure_log:
-        fd = os.open(failure_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps({"path": name, "error": message}) + "\n").encode())
-        finally:
-            os.close(fd)
-
-
 def read_segment(root: Path, shard: dict, segment: Segment, wanted: np.ndarray):
     """(slot, (ext, bytes, label)) for the wanted samples of one segment, streaming the tar from
     the first wanted sample (one seek) to the last; `wanted` marks the segment's samples by slot."""
@@ -423,13 +410,14 @@ def read_segment(root: Path, shard: dict, segment: Segment, wanted: np.ndarray):
 
 class ShardStream(IterableDataset):
     """This process's training batches for the epoch `order` is at, from its first batch; each
-    DataLoader worker makes the batches the loader will take from it (see the module docstring)."""
+    DataLoader worker makes the batches the loader will take from it (see the module docstring).
 
-    def __init__(self, index: ShardIndex, order: ShardOrder, transform, collate, failure_log, max_pixels: int):
+    `images`: the training split as an ImageListDataset over ShardMembers, for its decoding
+    (transform, pixel limit) and its failure log."""
+
+    def __init__(self, index: ShardIndex, order: ShardOrder, images: ImageListDataset, collate):
         self.root, self.shards, self.order = index.root, index.shards("train"), order
-        self.transform, self.collate = transform, SeededCollate(collate)
-        self.failure_log = str(failure_log) if failure_log else None
-        self.max_pixels = max_pixels
+        self.images, self.transform, self.collate = images, images.transform.transform, SeededCollate(collate)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -451,17 +439,20 @@ class ShardStream(IterableDataset):
         for t, (name, data, label) in zip(range(t0, len(outputs)), self._replay(segments, outputs[t0:])):
             seed = int(seeds[order.position(stream, t)])
             try:
-                image = seeded_call(seed, self.transform.load, io.BytesIO(data), self.max_pixels)
+                image = seeded_call(seed, self._decode, data)
                 last_good = (data, label)
-            except Exception as e:  # changed since it was audited: skipped, listed, replaced
-                _record_failure(self.failure_log, name, e)
+            except Exception as e:  # a decoder that fails on audited bytes: skipped, listed, replaced
+                self.images.record_failure(name, e)
                 if last_good is None:
                     raise
-                image, label = seeded_call(seed, self.transform.load, io.BytesIO(last_good[0]), self.max_pixels), last_good[1]
+                image, label = seeded_call(seed, self._decode, last_good[0]), last_good[1]
             batch.append((seed, (image, label)))
             if len(batch) == order.batch_size or t == len(outputs) - 1:
                 yield self.collate(batch)
                 batch = []
+
+    def _decode(self, data: bytes) -> torch.Tensor:
+        return self.transform.load(io.BytesIO(data), self.images.max_pixels)
 
     def _replay(self, segments: list[Segment], outputs: np.ndarray):
         """The samples of `outputs` (slots of the stream, in output order), reading the stream's
@@ -490,14 +481,14 @@ class ShardBatches:
     """What data.sampling.TrainBatches is for the folder source, for shards: this process's
     training batches, on its device, resumable at any batch (`start_epoch(epoch, samples_done)`)."""
 
-    def __init__(self, index: ShardIndex, transform, batch_size: int, loading: Loading, seed: int,
-                 accelerator, buffer: int, failure_log=None, max_pixels: int = 0, finish=None):
+    def __init__(self, index: ShardIndex, images: ImageListDataset, batch_size: int, loading: Loading, seed: int,
+                 accelerator, buffer: int, finish=None):
         from accelerate.data_loader import prepare_data_loader
 
         rank, world = accelerator.process_index, accelerator.num_processes
         counts = [s["samples"] for s in index.shards("train")]
         self.sampler = ShardOrder(counts, batch_size, seed, rank, world, loading.num_workers, buffer)
-        stream = ShardStream(index, self.sampler, transform, loading.collate, failure_log, max_pixels)
+        stream = ShardStream(index, self.sampler, images, loading.collate)
         kwargs = loading.kwargs()
         # Workers are forked for every epoch, so they see the epoch and resume point set on the
         # stream; the fork costs little next to an epoch (the dataset is only the index).

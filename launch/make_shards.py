@@ -27,7 +27,8 @@ from cli import config_parser, parse_config_args, run_main
 def parse_args(argv=None) -> argparse.Namespace:
     parser = config_parser(__doc__)
     parser.add_argument("--out", required=True, help="the new shards folder (must not exist, or be empty)")
-    parser.add_argument("--shard-size", default="256MB", help="target size of each tar (default 256MB; KB, MB, GB, MiB)")
+    parser.add_argument("--shard-size", default="256MB",
+                        help="target size of each tar (default 256MB; units B, KB, MB, GB, KiB, MiB, GiB)")
     return parse_config_args(parser, argv)
 
 

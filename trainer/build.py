@@ -252,6 +252,6 @@ def _shard_loaders(cfg: Config, accelerator: Accelerator, data: RunData, index: 
     """Training streams the tars (resumable, see data/shards.py); validation reads them in order,
     sharded by accelerator.prepare like the folder source's, so every sample counts once."""
     d, seed = cfg.data, cfg.train.seed
-    train = ShardBatches(index, data.train_images.transform.transform, d.batch_size, loading, seed, accelerator,
-                         d.shuffle_buffer, data.failure_log, d.max_image_pixels, _batch_finish(cfg, accelerator, data))
+    train = ShardBatches(index, data.train_images, d.batch_size, loading, seed, accelerator, d.shuffle_buffer,
+                         _batch_finish(cfg, accelerator, data))
     return train, make_loader(data.val_images, d.batch_size, loading, seed)

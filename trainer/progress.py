@@ -238,12 +238,14 @@ class Progress:
                 self._totals = [sum(t[i] for t in totals) for i in range(3)] + list(totals[0][3:])
             elif not s["epoch_complete"]:
                 self._totals = [0.0, 0, 0]
-        saved_key = s.get("order_key", {})
-        if same_world and saved_key != sampler.order_key:  # another process count was announced above
-            key = next(k for k in sorted({*saved_key, *sampler.order_key}) if saved_key.get(k) != sampler.order_key.get(k))
+        # What else the epoch's order depends on (data.shards: the loader workers); another process
+        # count was announced above.
+        saved_key, key_now = s.get("order_key", {}), sampler.order_key
+        if same_world and saved_key != key_now:
+            key = next(k for k in sorted({*saved_key, *key_now}) if saved_key.get(k) != key_now.get(k))
             old = saved_key.get(key)
             self.warn(f"the checkpoint's training order was drawn for {key}={old}, this run's for {key}="
-                      f"{sampler.order_key.get(key)}: training continues from the same {s['samples_seen']} samples "
+                      f"{key_now.get(key)}: training continues from the same {s['samples_seen']} samples "
                       f"seen but results will not be bitwise identical (set {key}={old} to resume exactly)")
         load_scheduler_state(self.scheduler, sched)
         if acc.is_main_process:

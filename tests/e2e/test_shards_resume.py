@@ -21,8 +21,9 @@ def shard_folder(tmp_path_factory):
     """36 images, 27 for training in shards of ~3 samples (so epochs cross shard boundaries), 9 validation."""
     root = tmp_path_factory.mktemp("shards")
     images = make_image_folder(root / "images")
-    r = run_script("make_shards.py", f"data.root={images}", "model.name=tiny_cnn", "data.val_fraction=0.25", "--out", str(root / "shards"),
-                   "--shard-size", "7KB", cwd=root, env=run_env(IMGTRAIN_AUDIT_DIR=str(root / "audit")))
+    r = run_script("make_shards.py", f"data.root={images}", "model.name=tiny_cnn", "data.val_fraction=0.25",
+                   "--out", str(root / "shards"), "--shard-size", "7KB", cwd=root,
+                   env=run_env(IMGTRAIN_AUDIT_DIR=str(root / "audit")))
     assert r.returncode == 0, r.stderr[-3000:]
     index = json.loads((root / "shards" / "index.json").read_text())
     assert index["splits"]["train"]["samples"] == 27 and len(index["splits"]["train"]["shards"]) >= 5
@@ -98,7 +99,8 @@ def test_damaged_shards_and_bad_arguments_end_in_one_line_with_nothing_written(s
     assert not run_dir.exists()
     (damaged / "index.json").unlink()
     r = train(damaged, run_dir)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {damaged / 'index.json'} not found")
+    last_line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last_line.startswith(f"error: {damaged / 'index.json'} not found")
     assert not run_dir.exists()
 
     images = make_image_folder(tmp_path / "images", per_class=4)
@@ -106,6 +108,7 @@ def test_damaged_shards_and_bad_arguments_end_in_one_line_with_nothing_written(s
              (("--out", str(tmp_path / "x"), "--shard-size", "lots"), "error: --shard-size 'lots': give bytes"),
              (("--out", str(tmp_path / "x"), "data.source=shards"), "error: the config already reads shards")]
     for args, line in cases:
-        r = run_script("make_shards.py", f"data.root={images}", "model.name=tiny_cnn", *args, cwd=tmp_path, env=run_env())
+        r = run_script("make_shards.py", f"data.root={images}", "model.name=tiny_cnn", *args, cwd=tmp_path,
+                       env=run_env())
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(line), r.stderr
     assert not (tmp_path / "x").exists()

@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, default_collate
 
 from configs.errors import UsageError
 from data.folders import discover
-from data.shards import (ShardOrder, ShardStream, buffer_order, parse_size, read_index, verify_shards,
+from data.dataset import ImageListDataset
+from data.shards import (ShardMembers, ShardOrder, ShardStream, buffer_order, parse_size, read_index, verify_shards,
                          write_shards)
 from data.sampling import seeded_call
-from data.transforms import train_transform
+from data.transforms import Preprocessing, train_transform
 from helpers import make_image_folder
 
 
@@ -48,7 +49,8 @@ def epoch_batches(root, *, rank=0, world=1, workers=0, epoch=1, samples_done=0, 
     index = read_index(root)
     order = ShardOrder([s["samples"] for s in index.shards("train")], batch, 7, rank, world, workers, buffer)
     order.start_epoch(epoch, samples_done)
-    stream = ShardStream(index, order, Fingerprint(), default_collate, None, 0)
+    images = ImageListDataset(index.samples("train"), ShardMembers(index, Fingerprint()), None, 0)
+    stream = ShardStream(index, order, images, default_collate)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=lambda b: b)
     assert len(loader) == order.steps_per_epoch - samples_done // (batch * world)
     return [(images.tolist(), labels.tolist()) for images, labels, _ in loader]
@@ -176,3 +178,14 @@ def test_shard_size_parses_units(text, size):
 def test_shard_size_refuses_nonsense():
     with pytest.raises(UsageError, match="give bytes with a unit"):
         parse_size("big")
+
+
+def test_validation_samples_read_from_the_tars_are_the_files(shards):
+    root, splits = shards
+    index = read_index(root)
+    eval_tf = Preprocessing(16, 0.875, (0.5,) * 3, (0.25,) * 3, "center").eval_transform()
+    from_tars = ImageListDataset(index.samples("val"), ShardMembers(index, eval_tf))
+    from_files = ImageListDataset(splits.val, eval_tf)
+    assert len(from_tars) == len(from_files) == 6
+    for i in range(len(from_files)):
+        assert torch.equal(from_tars[i][0], from_files[i][0]) and from_tars[i][1] == from_files[i][1]
