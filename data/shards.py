@@ -10,8 +10,9 @@ grid and a resumed run, which skip to a sample without reading what comes before
 Training streams the tars (`ShardBatches`), yet its order is a pure function of (seed, epoch,
 process count, loader streams), computed on sample numbers from the index before any byte is
 read:
-  1. the epoch's shards in an order drawn from (seed, epoch), their samples one after another;
-     padded to a multiple of the process count with the first samples (as DistributedSampler);
+  1. the epoch's shards in an order drawn from (seed, epoch), their samples one after another,
+     starting at a sample drawn from (seed, epoch) and wrapping around; padded to a multiple of
+     the process count with the first samples (as DistributedSampler);
   2. process `rank` takes the rank-th contiguous range, so each process reads its own tars;
   3. inside that range, loader worker `w` takes a contiguous part with exactly the samples of the
      batches the DataLoader will take from it (batches w, w + workers, ...), so every process and
@@ -347,8 +348,13 @@ class ShardOrder:
         return self.steps_per_epoch - self.first_batch
 
     def _epoch_stream(self) -> list[Segment]:
+        """The shards in a seeded order, their samples one after another, started at a seeded
+        sample (so that with few shards, processes and workers still get other samples every
+        epoch), then padded with the stream's first samples."""
         g = torch.Generator().manual_seed(int(derived_seeds(self.seed, self.epoch, _SHARDS)[0]))
-        segments = [Segment(s, 0, self.counts[s]) for s in torch.randperm(len(self.counts), generator=g).tolist()]
+        shards = [Segment(s, 0, self.counts[s]) for s in torch.randperm(len(self.counts), generator=g).tolist()]
+        start = int(torch.randint(self.num_samples, (), generator=g))
+        segments = _take(shards, start, self.num_samples - start) + _take(shards, 0, start)
         return segments + _take(segments, 0, self.padded_size - self.num_samples)
 
     def _batch_size(self, batch: int) -> int:

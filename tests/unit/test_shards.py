@@ -189,3 +189,12 @@ def test_validation_samples_read_from_the_tars_are_the_files(shards):
     assert len(from_tars) == len(from_files) == 6
     for i in range(len(from_files)):
         assert torch.equal(from_tars[i][0], from_files[i][0]) and from_tars[i][1] == from_files[i][1]
+
+
+def test_with_one_shard_each_process_still_gets_other_samples_every_epoch(shards, tmp_path):
+    _, splits = shards
+    write_shards(splits, tmp_path / "one", 10**9, (), {}, say=lambda _: None)
+    assert len(read_index(tmp_path / "one").shards("train")) == 1
+    rank0 = [{sample[0] for images, _ in epoch_batches(tmp_path / "one", world=2, epoch=e) for sample in images}
+             for e in (1, 2)]
+    assert len(rank0[0]) == len(rank0[1]) == 20 and rank0[0] != rank0[1]
