@@ -256,7 +256,8 @@ class ShardMembers:
 
 
 def _read_sample(path: str, offset: int, size: int) -> bytes:
-    # The image member's data follows its one 512-byte ustar header (names are short: no extensions).
+    # The image member's data follows its one 512-byte ustar header (names are short, so no long-name
+    # header comes first): one positioned read, safe in forked workers (no shared file offset).
     fd = os.open(path, os.O_RDONLY)
     try:
         return os.pread(fd, size, offset + _BLOCK)
