@@ -51,6 +51,12 @@ class ResumableSampler(Sampler):
         self.epoch, self.samples_done = 1, 0
 
     @property
+    def order_key(self) -> dict:
+        """Settings the epoch's order depends on besides (seed, epoch, process count), by config
+        key: none here (data.shards' order also depends on the loader workers)."""
+        return {}
+
+    @property
     def padded_size(self) -> int:
         return math.ceil(self.num_samples / self.world_size) * self.world_size
 

@@ -45,7 +45,8 @@ def load_splits(d) -> Splits:
     if d.source == "hf":
         return hf_splits(d)
     if d.source == "shards":
-        raise UsageError("data.source = 'shards' is read by its own loader; this needs a folder, csv or hf source")
+        raise UsageError("a shards run's images are inside its tar shards, which only training reads: evaluate "
+                         "or export with the source they were written from (a folder, --csv or --hf), or --images")
     return discover(d.root, d.val_fraction, d.seed)
 
 

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from configs.errors import UsageError
 from configs.schema import Config, read_config
 from data import ImageListDataset, Preprocessing, Splits, make_loader, resolve_normalization, train_transform
 from data.audit_training import prepare_training_data
@@ -27,6 +28,7 @@ from data.device_decode import DeviceDecode, EncodedTransform, collate_encoded
 from data.multilabel import MultiLabelSplits
 from data.sampling import TrainBatches
 from data.sources import load_splits
+from data.shards import ShardBatches, ShardIndex, ShardMembers, read_index, verify_shards
 from data.transforms import BatchFinish, batch_mixer, check_augment_ops, crop_mode_of
 from models import BuiltModel, HeadSpec, build_classifier, enable_grad_checkpointing
 from models.finetune import (FinetunePlan, GroupRules, apply_epoch, batchnorm_trains, check_finetune_config,
@@ -132,7 +134,8 @@ def build_data(cfg: Config, accelerator: Accelerator, splits: Splits, built: Bui
 def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     """Every part of a run, built once. Everything that can fail on user input fails here, before
     a file is written (the audit's cache and report aside)."""
-    splits = load_splits(cfg.data)
+    shards = open_shards(cfg, accelerator) if cfg.data.source == "shards" else None
+    splits = shards.to_splits() if shards else load_splits(cfg.data)
     m, o = cfg.model, cfg.optim
     built = build_classifier(m.name, len(splits.classes), head_spec(cfg), m.pretrained, m.weights, m.drop_path_rate)
     if cfg.runtime.grad_checkpointing:
@@ -140,7 +143,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     plan = make_plan(built.model, built.head_name, m.freeze, cfg.train.unfreeze_at_epoch, m.bn)
     # DDP registers the parameters that require grad when it wraps the model: all that ever train.
     prepare_for_wrapping(built.model, plan)
-    data = build_data(cfg, accelerator, splits, built)
+    data = shard_data(cfg, shards, built) if shards else build_data(cfg, accelerator, splits, built)
     criterion = _criterion(cfg, accelerator, data)
     if cfg.data.batch_size == "auto":  # a number before any loader exists; config.toml records it
         _resolve_batch_size(cfg, accelerator, built, plan, criterion, data)
@@ -150,7 +153,10 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     if cfg.train.cache_features:  # fixed backbone: train only the head, on features computed once
         train_set, val_set, model = cached_head_datasets(accelerator, built, data, cfg, loading.num_workers)
         loading = Loading(0)  # the features are already in memory
-    train_loader, val_loader = _loaders(cfg, accelerator, data, (train_set, val_set), loading)
+    if shards:
+        train_loader, val_loader = _shard_loaders(cfg, accelerator, data, shards, loading)
+    else:
+        train_loader, val_loader = _loaders(cfg, accelerator, data, (train_set, val_set), loading)
 
     groups = param_groups(built.model, plan, o.lr, o.backbone_lr_mult, GroupRules.of(o))
     optimizer = build_optimizer(groups, o)
@@ -208,11 +214,17 @@ def _loaders(cfg: Config, accelerator: Accelerator, data: RunData, datasets: tup
         decode = None
         if decode_on(cfg, accelerator) == "cuda":  # workers read bytes; JPEGs are decoded by nvjpeg
             train_set, train_loading, decode = _device_decoding(data, loading, accelerator.device)
-        finish = BatchFinish(data.preprocessing.mean, data.preprocessing.std, data.after_normalize,
-                             batch_mixer(len(data.classes), d.mixup_alpha, d.cutmix_alpha),
-                             channels_last_on(cfg, accelerator), decode)
+        finish = _batch_finish(cfg, accelerator, data, decode)
     train_loader = TrainBatches(train_set, d.batch_size, train_loading, seed, accelerator, draw, finish)
     return train_loader, make_loader(datasets[1], d.batch_size, loading, seed)
+
+
+def _batch_finish(cfg: Config, accelerator: Accelerator, data: RunData, decode=None) -> BatchFinish:
+    """uint8 worker batches -> what the model takes, on the device (normalize, erasing, MixUp/CutMix)."""
+    d = cfg.data
+    return BatchFinish(data.preprocessing.mean, data.preprocessing.std, data.after_normalize,
+                       batch_mixer(len(data.classes), d.mixup_alpha, d.cutmix_alpha),
+                       channels_last_on(cfg, accelerator), decode)
 
 
 def _device_decoding(data: RunData, loading: Loading, device) -> tuple[Dataset, Loading, DeviceDecode]:
@@ -231,3 +243,64 @@ def _criterion(cfg: Config, accelerator: Accelerator, data: RunData) -> nn.Modul
     if cfg.train.class_weights == "balanced":
         weights = balanced_class_weights(data.train_labels, len(data.classes)).to(accelerator.device)
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing)
+
+
+# ---- data.source = "shards": tar shards written by launch/make_shards.py (data/shards.py) ----
+
+def open_shards(cfg: Config, accelerator: Accelerator) -> ShardIndex:
+    """The shards folder's index, checked before anything is written: every process checks that
+    each shard is there with its size; the main process also checks every sha256."""
+    d, t = cfg.data, cfg.train
+    refused = [(d.sampler == "balanced", 'data.sampler = "balanced" (a draw with replacement needs random access)'),
+               (t.cache_features, "train.cache_features"),
+               (d.decode == "cuda", 'data.decode = "cuda" (shard samples are decoded by the loader workers)'),
+               (d.shuffle_buffer < 0, "a negative data.shuffle_buffer")]
+    for bad, what in refused:
+        if bad:
+            raise UsageError(f"data.source = shards does not support {what}; change it or use the folder source")
+    index = read_index(d.root)
+    if d.normalize == "dataset" and not index.mean:
+        raise UsageError(f"data.normalize = dataset: {index.root / 'index.json'} has no mean/std; write the shards "
+                         f"again with launch/make_shards.py or set data.normalize=custom with data.mean/data.std")
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            verify_shards(index)
+    train = index.splits["train"]
+    accelerator.print(f"data     shards {index.root}: {train['samples']} training samples in {len(train['shards'])} "
+                      f"shards, {index.splits['val']['samples']} validation (sha256 checked)")
+    return index
+
+
+def source_stats(cfg: Config, splits: Splits) -> tuple[tuple, tuple]:
+    """The training split's mean/std for index.json (launch/make_shards.py), measured as
+    data.normalize = "dataset" would: from the audit's cache, the files being the audited ones."""
+    data = dataclasses.replace(cfg.data, audit="off", normalize="dataset")
+    prepared = prepare_training_data(splits, data, True, print)
+    return prepared.mean, prepared.std
+
+
+def shard_data(cfg: Config, index: ShardIndex, built: BuiltModel) -> RunData:
+    """RunData over the shards: class names and dataset mean/std from index.json; the datasets read
+    single samples at the offsets the index gives (validation, the sample grid)."""
+    d = cfg.data
+    mean, std = resolve_normalization(d.normalize, built.mean, built.std,
+                                      index.mean if d.normalize == "dataset" else d.mean,
+                                      index.std if d.normalize == "dataset" else d.std)
+    preprocessing = Preprocessing(d.image_size, d.crop_pct, tuple(mean), tuple(std), crop_mode_of(d.augment))
+    failure_log = Path(cfg.run.dir).expanduser().resolve() / "load_failures.jsonl"
+    train_tf, after_normalize = train_transform(d.augment, d.image_size, d.crop_pct, d.augment_ops)
+    splits = index.to_splits()
+    train_images = ImageListDataset(splits.train, ShardMembers(index, train_tf), failure_log, d.max_image_pixels)
+    val_images = ImageListDataset(splits.val, ShardMembers(index, preprocessing.eval_transform()), failure_log,
+                                  d.max_image_pixels)
+    return RunData(splits, preprocessing, train_images, val_images, failure_log, after_normalize)
+
+
+def _shard_loaders(cfg: Config, accelerator: Accelerator, data: RunData, index: ShardIndex,
+                   loading: Loading) -> tuple[ShardBatches, DataLoader]:
+    """Training streams the tars (resumable, see data/shards.py); validation reads them in order,
+    sharded by accelerator.prepare like the folder source's, so every sample counts once."""
+    d, seed = cfg.data, cfg.train.seed
+    train = ShardBatches(index, data.train_images, d.batch_size, loading, seed, accelerator, d.shuffle_buffer,
+                         _batch_finish(cfg, accelerator, data))
+    return train, make_loader(data.val_images, d.batch_size, loading, seed)

@@ -144,9 +144,9 @@ def _reachable_config(loaded: LoadedClassifier, data_root: str | None):
     if data_root:
         return run_config(loaded.metadata, data_root)  # named explicitly: a wrong folder is an error
     cfg = config_from_dict(loaded.metadata.get("config") or {})
-    if cfg.data.root and Path(cfg.data.root).expanduser().is_dir():
+    if cfg.data.source != "shards" and cfg.data.root and Path(cfg.data.root).expanduser().is_dir():
         return cfg
-    return None
+    return None  # (a shards run's validation images are inside its tars: --images checks on real ones)
 
 
 def _spread(paths: list[Path], count: int) -> list[Path]:

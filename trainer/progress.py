@@ -255,6 +255,15 @@ class Progress:
                 self._totals = [sum(t[i] for t in totals) for i in range(3)] + list(totals[0][3:])
             elif not s["epoch_complete"]:
                 self._totals = [0.0, 0, 0]
+        # What else the epoch's order depends on (data.shards: the loader workers); another process
+        # count was announced above.
+        saved_key, key_now = s.get("order_key", {}), sampler.order_key
+        if same_world and saved_key != key_now:
+            key = next(k for k in sorted({*saved_key, *key_now}) if saved_key.get(k) != key_now.get(k))
+            old = saved_key.get(key)
+            self.warn(f"the checkpoint's training order was drawn for {key}={old}, this run's for {key}="
+                      f"{key_now.get(key)}: training continues from the same {s['samples_seen']} samples "
+                      f"seen but results will not be bitwise identical (set {key}={old} to resume exactly)")
         load_scheduler_state(self.scheduler, sched)
         if acc.is_main_process:
             self._trim_log("metrics.jsonl", "epoch", self.epoch - 1)
@@ -395,6 +404,7 @@ class Progress:
             "best_folder": best_folder.name if best_folder else None,
             "epoch_start_lrs": self.epoch_start_lrs,
             "ema": self.ema.to_state() if self.ema is not None else None,
+            "order_key": sampler.order_key,
         }
         if improved:
             trainer_state["best_folder"] = f"step-{self.global_step:08d}"

@@ -1,0 +1,62 @@
+"""Write a config's dataset as WebDataset-style tar shards plus index.json, then train from them.
+
+    # the audited train and val samples of C.toml's source, in shards of about 256 MB
+    python launch/make_shards.py --config configs/demo.toml --out datasets/digits-shards
+    # smaller shards, any config key overridden as for training (the source, its split, the audit)
+    python launch/make_shards.py --config configs/regnet.toml data.root=/data/buildings --out /data/buildings-shards \
+        --shard-size 64MB
+    # train from them: one process, several GPUs, several machines (as launch/train.py)
+    python launch/train.py --config configs/demo.toml data.source=shards data.root=datasets/digits-shards
+    accelerate launch --multi_gpu --num_processes 4 launch/train.py --config configs/regnet.toml \
+        data.source=shards data.root=/data/buildings-shards data.shuffle_buffer=2000
+
+Each sample is `KEY.jpg` (or .png, ...: the file's own bytes, not re-encoded) and `KEY.cls` (its
+class index). index.json records the class names, the training split's mean/std, each shard's
+samples, size and sha256, and a digest over every source file's relative path, size and sha256.
+The folder appears whole or not at all; an existing non-empty --out is refused. Bad input ends in
+one `error:` line, exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cli import config_parser, parse_config_args, run_main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = config_parser(__doc__)
+    parser.add_argument("--out", required=True, help="the new shards folder (must not exist, or be empty)")
+    parser.add_argument("--shard-size", default="256MB",
+                        help="target size of each tar (default 256MB; units B, KB, MB, GB, KiB, MiB, GiB)")
+    return parse_config_args(parser, argv)
+
+
+def main() -> int:
+    from pathlib import Path
+
+    from configs.errors import UsageError
+    from data.shards import parse_size, write_shards
+    from trainer.build import audited_splits, load_config, source_stats
+
+    args = parse_args()
+    target = parse_size(args.shard_size)
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} already exists and is not empty: choose a new folder")
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.source == "shards":
+        raise UsageError("the config already reads shards (data.source = shards): point it at the images "
+                         "to shard (e.g. data.source=folder data.root=...)")
+    splits = audited_splits(cfg)
+    mean, std = source_stats(cfg, splits)
+    source = {"source": cfg.data.source, "root": str(Path(cfg.data.root).expanduser().resolve()),
+              "audit": cfg.data.audit, "val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed}
+    write_shards(splits, out, target, (mean, std), source, seed=cfg.data.seed)
+    print(f"train from them: python launch/train.py --config {args.config or 'C.toml'} data.source=shards "
+          f"data.root={out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
