@@ -157,7 +157,27 @@ class SeededCollate:
         return images, labels, seeds[0] ^ _COLLATE  # a Python int: reading it back never waits on the device
 
 
-class TrainBatches:
+class FinishedBatches:
+    """What every source of training batches shares: `sampler` restarts an epoch anywhere,
+    `loader` yields (images, labels, batch seed) on the device, `finish` completes each batch there
+    under its own seed (data.transforms.BatchFinish)."""
+
+    sampler: object
+    loader: object
+    finish: Callable | None
+
+    def start_epoch(self, epoch: int, samples_done: int = 0) -> None:
+        self.sampler.start_epoch(epoch, samples_done)
+
+    def __iter__(self):
+        for images, labels, seed in self.loader:
+            if self.finish is None:
+                yield images, labels
+            else:
+                yield seeded_call(seed, self.finish, images, labels)
+
+
+class TrainBatches(FinishedBatches):
     """This process's training batches for an epoch, on its device, resumable at any batch.
 
     Not sharded by `accelerator.prepare`: Accelerate would shard and pad the batches again and
@@ -182,16 +202,6 @@ class TrainBatches:
                                           put_on_device=True, rng_types=[], non_blocking=loading.pin_memory)
         self.finish = finish
 
-    def start_epoch(self, epoch: int, samples_done: int = 0) -> None:
-        self.sampler.start_epoch(epoch, samples_done)
-
     def __len__(self) -> int:
         return len(self.loader)
-
-    def __iter__(self):
-        for images, labels, seed in self.loader:
-            if self.finish is None:
-                yield images, labels
-            else:
-                yield seeded_call(seed, self.finish, images, labels)
 

@@ -48,7 +48,7 @@ from configs.errors import UsageError
 from data.dataset import ImageListDataset, Loading
 from data.files import atomic_folder, sha256_file
 from data.folders import Splits
-from data.sampling import _AUGMENT, _WORKERS, SeededCollate, derived_seeds, seeded_call
+from data.sampling import _AUGMENT, _WORKERS, FinishedBatches, SeededCollate, derived_seeds, seeded_call
 
 INDEX = "index.json"
 FORMAT, VERSION = "imgtrain-shards", 1
@@ -484,7 +484,7 @@ def _as_is(batch):
     return batch
 
 
-class ShardBatches:
+class ShardBatches(FinishedBatches):
     """What data.sampling.TrainBatches is for the folder source, for shards: this process's
     training batches, on its device, resumable at any batch (`start_epoch(epoch, samples_done)`)."""
 
@@ -508,15 +508,5 @@ class ShardBatches:
                                           non_blocking=loading.pin_memory)
         self.finish = finish
 
-    def start_epoch(self, epoch: int, samples_done: int = 0) -> None:
-        self.sampler.start_epoch(epoch, samples_done)
-
     def __len__(self) -> int:
         return len(self.sampler)
-
-    def __iter__(self):
-        for images, labels, seed in self.loader:
-            if self.finish is None:
-                yield images, labels
-            else:
-                yield seeded_call(seed, self.finish, images, labels)

@@ -277,18 +277,20 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
             except UsageError as e:  # the run's data root changed: the check is lost, not the evaluation
                 print(f"note: could not check for the run's training images ({e})", file=sys.stderr)
     preds = predict_files(loaded, files.paths, options, max_pixels)
-    if multilabel:
-        return _evaluate_multilabel(loaded, files, preds, checkpoint, folder, split, out_dir, overlap)
-
-    report = evaluation_report(files, preds, names)
-    report |= {"checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
-               "tta": preds.flip_tta, "preprocessing": loaded.preprocessing.to_dict(),
-               "checkpoint_epoch": meta["epoch"], "checkpoint_metrics": meta.get("metrics", {})}
+    report = report_of(loaded, files, preds) | {
+        "checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
+        "task": "multilabel" if multilabel else "single", "tta": preds.flip_tta,
+        "preprocessing": loaded.preprocessing.to_dict(), "checkpoint_epoch": meta["epoch"],
+        "checkpoint_metrics": meta.get("metrics", {})}
     if overlap is not None:
         report["training_images"] = overlap
     out = Path(out_dir) if out_dir else checkpoint.parent / (f"eval-{split}" if split else "eval")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", report)
+    if multilabel:  # no confusion matrix: an image has several true classes
+        _print_multilabel_report(report, names, meta, split, out)
+        _warn_about(report, preds)
+        return report
     written = [
         out / "metrics.json",
         plots.confusion_plot(out / "confusion_matrix.png", np.array(report["confusion_matrix"]), names,
@@ -300,20 +302,7 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
     return report
 
 
-def _evaluate_multilabel(loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions, checkpoint: Path,
-                         folder: str | None, split: str | None, out_dir, overlap: int | None) -> dict:
-    """The multi-label report: printed and written to metrics.json (no confusion matrix: an image
-    has several true classes)."""
-    meta, names = loaded.metadata, loaded.class_names
-    report = multilabel_evaluation_report(files, preds, names, thresholds_of(loaded))
-    report |= {"checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
-               "task": "multilabel", "tta": preds.flip_tta, "preprocessing": loaded.preprocessing.to_dict(),
-               "checkpoint_epoch": meta["epoch"], "checkpoint_metrics": meta.get("metrics", {})}
-    if overlap is not None:
-        report["training_images"] = overlap
-    out = Path(out_dir) if out_dir else checkpoint.parent / (f"eval-{split}" if split else "eval")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", report)
+def _print_multilabel_report(report: dict, names: list[str], meta: dict, split: str | None, out: Path) -> None:
     print(f"mAP {report['map']:.4f}, micro F1 {report['micro_f1']:.4f}, macro F1 {report['macro_f1']:.4f} on "
           f"{report['images']} images ({report['source']}), at the checkpoint's per-class thresholds")
     recorded = meta.get("metrics", {}).get("val_map")
@@ -327,8 +316,6 @@ def _evaluate_multilabel(loaded: LoadedClassifier, files: LabelledFiles, preds: 
         print(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {ap}  "
               f"{m['threshold']:>9.4f}  {m['support']:>7d}")
     print(f"wrote {out / 'metrics.json'}")
-    _warn_about(report, preds)
-    return report
 
 
 def _reachable_run_config(meta: dict, data_root: str | None) -> Config | None:
