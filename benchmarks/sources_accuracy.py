@@ -60,7 +60,9 @@ def prepare(base: Path, env: dict) -> dict[str, list[str]]:
 
 
 def train(overrides: list[str], processes: int, run_dir: Path, epochs: int, env: dict) -> list[dict]:
-    flags = ["--multi_gpu", "--num_machines", "1", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"]
+    flags = ["--num_processes", "1"]
+    if processes == 2:
+        flags = ["--multi_gpu", "--num_machines", "1", "--num_processes", "2"]
     cmd = [ACCELERATE, "launch", "-q", *flags, "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "demo.toml"), *overrides,
            f"run.dir={run_dir}", f"train.epochs={epochs}"]

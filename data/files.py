@@ -103,4 +103,5 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_folder", "atomic_output", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file", "sha256_file"]
+__all__ = ["atomic_folder", "atomic_output", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file",
+           "sha256_file"]

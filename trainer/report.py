@@ -149,7 +149,8 @@ class RunReport:
         if best:
             ema = best.get("best_weights") == "ema"  # best.safetensors holds the EMA weights
             p, held = ("ema_", " (EMA weights)") if ema else ("", "")
-            score = f"val_acc {best[p + 'val_acc']:.4f}" if p + "val_acc" in best else f"val_mAP {best[p + 'val_map']:.4f}"
+            score = (f"val_acc {best[p + 'val_acc']:.4f}" if p + "val_acc" in best
+                     else f"val_mAP {best[p + 'val_map']:.4f}")
             lines.append(f"best epoch {best['epoch']}{held}: {score}, val_loss {best[p + 'val_loss']:.4f}")
         lines.append(f"wall time {time.time() - self._started:.1f}s")
         lines += [f"wrote {path}" for path in written]

@@ -27,4 +27,5 @@ def test_lr_find_writes_a_plot_and_a_suggestion(image_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
     line = next(l for l in result.stdout.splitlines() if l.startswith("suggested optim.lr="))
-    assert 1e-5 <= float(line.split("=")[1].split()[0]) <= 1 and "(the 2 parameter groups' ratios to the head kept)" in line
+    assert 1e-5 <= float(line.split("=")[1].split()[0]) <= 1
+    assert "(the 2 parameter groups' ratios to the head kept)" in line

@@ -50,7 +50,8 @@ def test_csv_rows_that_cannot_be_used_are_left_out_with_their_line(image_folder)
     problems = {(p["problem"], p["detail"].split(":")[0]) for p in splits.source_problems}
     last = len(rows) + 1  # the header is line 1
     assert problems == {("missing", f"labels.csv line {last + 1}"), ("duplicate_row", f"labels.csv line {last + 2}"),
-                        ("conflicting_labels", "labels.csv line 4"), ("conflicting_labels", f"labels.csv line {last + 3}"),
+                        ("conflicting_labels", "labels.csv line 4"),
+                        ("conflicting_labels", f"labels.csv line {last + 3}"),
                         ("outside_root", f"labels.csv line {last + 4}"), ("no_label", f"labels.csv line {last + 5}")}
     used = {Path(p).name for p, _ in splits.train + splits.val}
     assert Path(rows[1][0]).name in used  # found by trying image extensions
@@ -73,7 +74,8 @@ def test_csv_split_column_decides_train_val_test(image_folder):
 @pytest.mark.parametrize("header, rows, keys, message", [
     (("file", "breed"), [("red/red_000.png", "red")], {}, "has no column 'label' (its columns: file, breed); "
                                                           "set data.csv_label_column"),
-    (("file", "label"), [("red/red_000.png", "red;green")], {}, "line 2 of labels.csv has several labels ('red;green')"),
+    (("file", "label"), [("red/red_000.png", "red;green")], {},
+     "line 2 of labels.csv has several labels ('red;green')"),
     (("file", "label"), [], {}, "has no data rows"),
     (("file", "label", "split"), [("red/red_000.png", "red", "train"), ("green/green_000.png", "green", "train"),
                                   ("blue/blue_000.png", "blue", "val")], {"csv_split_column": "split"},
