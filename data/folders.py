@@ -10,6 +10,7 @@ the order the file system lists files in. Class names and indices come from the 
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,15 +49,24 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively), sorted, hidden files and folders skipped."""
-    found = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.is_file() and is_image_file(path):
-            found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    """Image files under `folder` (recursively), sorted by relative path, hidden files and folders
+    skipped, symlinked folders not followed (as Path.rglob). os.scandir with strings: pathlib's
+    per-path parsing took seconds for 100,000 files."""
+    found: list[tuple[str, str]] = []  # (relative posix path, path)
+    _scan_images(str(folder), "", found)
+    found.sort()
+    return [Path(path) for _, path in found]
+
+
+def _scan_images(folder: str, prefix: str, found: list[tuple[str, str]]) -> None:
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                _scan_images(entry.path, f"{prefix}{entry.name}/", found)
+            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append((prefix + entry.name, entry.path))
 
 
 def _child_named(root: Path, names: tuple[str, ...]) -> Path | None:
