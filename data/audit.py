@@ -24,11 +24,12 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from data.audit_cache import MeasurementCache, audit_dir_for
+from data.audit_cache import MeasurementCache, VerdictCache, audit_dir_for, verdict_key
 from data.files import atomic_write_json, atomic_write_text
 from data.folders import IMAGE_EXTENSIONS, Splits
 from data.images import DEFAULT_MAX_PIXELS, DecompressionBomb, decode_rgb
@@ -117,8 +118,17 @@ class AuditResult:
     ignored_other: int = 0
     ignored_examples: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    measurements: dict[str, dict] = field(default_factory=dict)  # relpath -> record
     clean_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> count
+    _measurements: dict[str, dict] = field(default_factory=dict, repr=False)
+    _measure_later: Callable[[], dict[str, dict]] | None = field(default=None, repr=False)
+
+    @property
+    def measurements(self) -> dict[str, dict]:
+        """relpath -> record. When the verdict cache answered the audit, read (or measured) only
+        once something asks: dataset statistics for a file list stats.json does not hold."""
+        if self._measure_later is not None:
+            self._measurements, self._measure_later = self._measure_later(), None
+        return self._measurements
 
     @property
     def left_out(self) -> set[str]:
@@ -229,6 +239,13 @@ def _relpath(path: str, root: Path) -> str:
         return str(path)
 
 
+def _relpaths(paths: list[str], root: Path) -> list[str]:
+    """`_relpath` of many paths: the prefix test once per path and nothing else for the usual case."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+    cut = len(prefix)
+    return [p[cut:] if p.startswith(prefix) and os.sep == "/" else _relpath(p, root) for p in paths]
+
+
 def count_ignored(root: Path) -> tuple[int, int, list[str]]:
     """Files under the root that are not audited: hidden/system files and non-image files."""
     system, other, examples = 0, 0, []
@@ -293,38 +310,36 @@ def audit_splits(splits: Splits, *, min_side: int = 1, max_pixels: int = DEFAULT
     started = time.perf_counter()
     root = splits.root
     result = AuditResult(root, splits.layout, list(splits.classes), audit_dir_for(root, audit_dir))
-    labelled = {"train": splits.train, "val": splits.val}
-    entries: list[tuple[str, str, str]] = []  # (path, split, class name)
-    for split in ("train", "val"):
-        if split in only:
-            entries += [(path, split, splits.classes[label]) for path, label in labelled[split]]
-    if "test" in only:
-        entries += [(path, "test", "") for path in splits.test]
-
+    entries = _audited_entries(splits, only)
+    files = [(path, rel, os.stat(path)) for (path, _, _), rel in zip(entries, _relpaths([e[0] for e in entries], root))]
     cache = MeasurementCache(result.folder, enabled=use_cache)
-    measurements, jobs = {}, []
-    for path, _, _ in entries:
-        rel = _relpath(path, root)
-        stat = os.stat(path)
-        cached = cache.get(rel, stat.st_size, stat.st_mtime_ns)
-        # A bomb was never decoded: once the limit is raised above its size, decode it after all.
-        if cached and not (cached["kind"] == "decompression_bomb"
-                           and (not max_pixels or cached["width"] * cached["height"] <= max_pixels)):
-            measurements[rel] = cached
-        else:
-            jobs.append((path, rel, stat.st_size, stat.st_mtime_ns, max_pixels))
-    result.cache_hits = len(measurements)
-    measurements.update(measure_all(jobs, workers or os.cpu_count() or 1, progress))
-    if write_cache and use_cache and jobs:
-        # Keep entries of splits not audited this time (e.g. test) so they stay cached.
-        merged = {k: v for k, v in cache.entries.items() if (root / k).exists()} | measurements
-        cache.save(merged)
 
-    result.measurements = measurements
+    def measure() -> dict[str, dict]:
+        measurements, result.cache_hits = _measure(files, cache, max_pixels, workers or os.cpu_count() or 1,
+                                                   progress)
+        if write_cache and use_cache and result.cache_hits < len(files):
+            # Keep entries of splits not audited this time (e.g. test) so they stay cached.
+            top = str(root)
+            cache.save({k: v for k, v in cache.entries.items() if os.path.exists(os.path.join(top, k))}
+                       | measurements)
+        return measurements
+
+    verdicts = VerdictCache(result.folder, enabled=use_cache)
+    key = verdict_key([(rel, split, name, st.st_size, st.st_mtime_ns)
+                       for (_, split, name), (_, rel, st) in zip(entries, files)],
+                      {"min_side": min_side, "max_pixels": max_pixels, "root": str(root)})
+    verdict = verdicts.load(key)
+    if verdict is not None:  # nothing changed since the last audit: its answer stands
+        found = [Problem(**p) for p in verdict]
+        result.cache_hits, result._measure_later = len(files), measure
+    else:
+        result._measurements = measure()
+        found = _find_problems(entries, result._measurements, root, min_side, max_pixels)
+        if write_cache:
+            verdicts.save(key, [p.to_dict() for p in found])
     result.files_checked = len(entries)
     result.ignored_system, result.ignored_other, result.ignored_examples = count_ignored(root)
-    result.problems = [Problem(**p) for p in splits.source_problems] + _find_problems(
-        entries, measurements, root, min_side, max_pixels)
+    result.problems = [Problem(**p) for p in splits.source_problems] + found
     gone = result.left_out
     for split in ("train", "val", "test"):
         counts = Counter(name for path, s, name in entries if s == split and path not in gone)
@@ -334,6 +349,36 @@ def audit_splits(splits: Splits, *, min_side: int = 1, max_pixels: int = DEFAULT
             result.clean_counts["test"] = {"": sum(counts.values())}
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _audited_entries(splits: Splits, only: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(path, split, class name) of every file of the chosen splits; test files have no class."""
+    labelled = {"train": splits.train, "val": splits.val}
+    entries = []
+    for split in ("train", "val"):
+        if split in only:
+            entries += [(path, split, splits.classes[label]) for path, label in labelled[split]]
+    if "test" in only:
+        entries += [(path, "test", "") for path in splits.test]
+    return entries
+
+
+def _measure(files: list[tuple[str, str, os.stat_result]], cache: MeasurementCache, max_pixels: int,
+             workers: int, progress: bool) -> tuple[dict[str, dict], int]:
+    """(relpath -> measurement, how many came from the cache): cached entries whose size and mtime
+    still match, every other file decoded (in parallel)."""
+    measurements, jobs = {}, []
+    for path, rel, stat in files:
+        cached = cache.get(rel, stat.st_size, stat.st_mtime_ns)
+        # A bomb was never decoded: once the limit is raised above its size, decode it after all.
+        if cached and not (cached["kind"] == "decompression_bomb"
+                           and (not max_pixels or cached["width"] * cached["height"] <= max_pixels)):
+            measurements[rel] = cached
+        else:
+            jobs.append((path, rel, stat.st_size, stat.st_mtime_ns, max_pixels))
+    hits = len(measurements)
+    measurements.update(measure_all(jobs, workers, progress))
+    return measurements, hits
 
 
 # Degenerate images, whatever the training size: a side under DEGENERATE_SIDE pixels (1x1 icons,

@@ -50,12 +50,17 @@ def is_image_file(path: Path) -> bool:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under `folder` (recursively), sorted by relative path, hidden files and folders
-    skipped, symlinked folders not followed (as Path.rglob). os.scandir with strings: pathlib's
-    per-path parsing took seconds for 100,000 files."""
+    skipped, symlinked folders not followed (as Path.rglob)."""
+    return [Path(path) for path in image_paths(folder)]
+
+
+def image_paths(folder: str | Path) -> list[str]:
+    """`list_images` as strings, for discovery at scale: os.scandir and no pathlib, whose per-path
+    parsing took seconds for 100,000 files."""
     found: list[tuple[str, str]] = []  # (relative posix path, path)
     _scan_images(str(folder), "", found)
     found.sort()
-    return [Path(path) for _, path in found]
+    return [path for _, path in found]
 
 
 def _scan_images(folder: str, prefix: str, found: list[tuple[str, str]]) -> None:
@@ -76,12 +81,12 @@ def _child_named(root: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
-    return {d.name: list_images(d) for d in sorted(split_dir.iterdir())
+def _class_folders(split_dir: Path) -> dict[str, list[str]]:
+    return {d.name: image_paths(d) for d in sorted(split_dir.iterdir())
             if d.is_dir() and not d.name.startswith(".")}
 
 
-def _check_classes(where: Path, folders: dict[str, list[Path]]) -> list[str]:
+def _check_classes(where: Path, folders: dict[str, list[str]]) -> list[str]:
     if not folders:
         raise UsageError(f"no class folders in {where}: expected one folder per class, each holding images")
     empty = [name for name, files in folders.items() if not files]
@@ -100,20 +105,20 @@ def _check_not_package(root: Path) -> None:
                          f"a folder of their own (e.g. datasets/NAME or ~/datasets/NAME) and point data.root there")
 
 
-def stratified_split(files_by_class: dict[str, list[Path]], classes: list[str], val_fraction: float,
+def stratified_split(files_by_class: dict[str, list[str | Path]], classes: list[str], val_fraction: float,
                      seed: int) -> tuple[list[Sample], list[Sample]]:
     """Per class, shuffle the sorted files with a seeded RNG and cut off `val_fraction` of them."""
     train, val = [], []
     for index, name in enumerate(classes):
-        files = sorted(files_by_class[name], key=lambda p: p.as_posix())
+        files = sorted(str(p) for p in files_by_class[name])  # POSIX paths: str is as_posix
         random.Random(f"{seed}/{name}").shuffle(files)  # str seeds hash deterministically
         n_val = round(len(files) * val_fraction)
         if len(files) >= 2:
             n_val = min(max(n_val, 1), len(files) - 1)  # every class in both splits
         else:
             n_val = 0
-        val += [(str(p), index) for p in files[:n_val]]
-        train += [(str(p), index) for p in files[n_val:]]
+        val += [(p, index) for p in files[:n_val]]
+        train += [(p, index) for p in files[n_val:]]
     return sorted(train), sorted(val)
 
 
@@ -128,7 +133,7 @@ def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Spli
     train_dir = _child_named(root, TRAIN_NAMES)
     val_dir = _child_named(root, VAL_NAMES)
     test_dir = _child_named(root, TEST_NAMES)
-    test = [str(p) for p in list_images(test_dir)] if test_dir else []
+    test = image_paths(test_dir) if test_dir else []
 
     if train_dir is None:
         if val_dir is not None:
@@ -154,6 +159,6 @@ def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Spli
             parts.append(f"not in {train_dir.name}/: {', '.join(extra[:5])}")
         raise UsageError(f"class folders differ between {train_dir.name}/ and {val_dir.name}/ ({'; '.join(parts)}); "
                          f"both splits need the same classes")
-    train = [(str(p), i) for i, c in enumerate(classes) for p in folders[c]]
-    val = [(str(p), i) for i, c in enumerate(classes) for p in val_folders[c]]
+    train = [(p, i) for i, c in enumerate(classes) for p in folders[c]]
+    val = [(p, i) for i, c in enumerate(classes) for p in val_folders[c]]
     return Splits(root, classes, train, val, test, layout="split-folders")

@@ -26,6 +26,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from configs.errors import UsageError
 from data.folders import IMAGE_EXTENSIONS, Sample, Splits, discover, stratified_split
@@ -61,8 +62,7 @@ def data_root(d) -> Path:
 # CSV
 
 
-@dataclass(frozen=True)
-class CsvRow:
+class CsvRow(NamedTuple):  # a tuple, not a dataclass: 100,000 of them are made per start
     line: int  # in the file, the header being line 1
     file: str  # as written
     label: str
@@ -83,24 +83,31 @@ def read_csv_rows(path: Path, file_column: str, label_column: str, split_column:
     """Every data row of the CSV; a missing column or a bad split value is bad input."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
+            reader = csv.reader(f)
+            columns = next(reader, [])
             for key, column in (("csv_file_column", file_column), ("csv_label_column", label_column),
                                 ("csv_split_column", split_column)):
                 if column and column not in columns:
                     raise UsageError(f"{path} has no column {column!r} (its columns: {', '.join(columns) or 'none'}); "
                                      f"set data.{key} to the right one")
+            width = len(columns)
+            at_file, at_label, at_split = (columns.index(c) if c else -1 for c in (file_column, label_column,
+                                                                                    split_column))
             rows = []
             for record in reader:
+                if not record:  # a blank line, as csv.DictReader skips it
+                    continue
+                if len(record) < width:  # a short row's missing cells read as empty, as with csv.DictReader
+                    record += [""] * (width - len(record))
+                record.append("")  # cell -1: what a column that is not asked for reads
                 split = ""
                 if split_column:
-                    raw = (record.get(split_column) or "").strip()
+                    raw = record[at_split].strip()
                     split = SPLIT_NAMES.get(raw.lower(), "")
                     if not split:
                         raise UsageError(f"line {reader.line_num} of {path}: {split_column} is {raw!r}; use "
                                          f"train, val or test")
-                rows.append(CsvRow(reader.line_num, (record.get(file_column) or "").strip(),
-                                   (record.get(label_column) or "").strip(), split))
+                rows.append(CsvRow(reader.line_num, record[at_file].strip(), record[at_label].strip(), split))
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not a UTF-8 text CSV ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
@@ -133,21 +140,21 @@ def csv_splits(d) -> Splits:
     train_rows = [row for row in labelled if row[0].split in ("", "train")]
     classes = _csv_classes(path, rows, problems, labelled, train_rows)
     index = {c: i for i, c in enumerate(classes)}
-    test = sorted(str(p) for r, p in kept if r.split == "test")
+    test = sorted(p for r, p in kept if r.split == "test")
     if d.csv_split_column:
-        train = sorted((str(p), index[names[0]]) for _, p, names in train_rows)
-        val = sorted((str(p), index[names[0]]) for r, p, names in labelled if r.split == "val")
+        train = sorted((p, index[names[0]]) for _, p, names in train_rows)
+        val = sorted((p, index[names[0]]) for r, p, names in labelled if r.split == "val")
         if not val:
             raise UsageError(f"{path} has no usable val rows in its {d.csv_split_column!r} column; mark some "
                              f"rows val, or leave data.csv_split_column empty to split by data.val_fraction")
     else:
-        by_class: dict[str, list[Path]] = defaultdict(list)
+        by_class: dict[str, list[str]] = defaultdict(list)
         for _, p, names in train_rows:
             by_class[names[0]].append(p)
         train, val = stratified_split({c: by_class.get(c, []) for c in classes}, classes, d.val_fraction, d.seed)
     if not multilabel:
         return Splits(root, classes, train, val, test, layout="csv", source_problems=problems)
-    label_sets = {str(p): tuple(sorted(index[n] for n in names)) for _, p, names in labelled}
+    label_sets = {p: tuple(sorted(index[n] for n in names)) for _, p, names in labelled}
     splits = MultiLabelSplits(root, classes, train, val, test, "csv", problems, label_sets)
     absent = [c for c, n in splits.class_counts("train").items() if n == 0]
     if absent:
@@ -174,18 +181,20 @@ def _csv_classes(path: Path, rows: list[CsvRow], problems: list[dict], labelled:
 
 
 def _usable_rows(rows: list[CsvRow], root: Path, path: Path, multilabel: bool = False,
-                 labels_needed: bool = True) -> tuple[list[tuple[CsvRow, Path]], list[dict]]:
+                 labels_needed: bool = True) -> tuple[list[tuple[CsvRow, str]], list[dict]]:
     """(row, image path) of the rows training can use, and an audit problem for each other row.
-    `labels_needed=False` (predict) keeps rows without a label."""
+    `labels_needed=False` (predict) keeps rows without a label. Paths are strings and checked with
+    os.path: a CSV may list 100,000 images, and pathlib's parsing would cost seconds per start."""
     problems: list[dict] = []
+    top = str(root)
 
-    def leave_out(row: CsvRow, problem: str, why: str, file: Path | None = None) -> None:
-        where = file or root / row.file
-        problems.append({"path": str(where), "relpath": row.file, "split": row.split or "train",
-                         "label": row.label, "problem": problem,
+    def leave_out(row: CsvRow, problem: str, why: str, file: str = "") -> None:
+        problems.append({"path": file or os.path.join(top, row.file), "relpath": row.file,
+                         "split": row.split or "train", "label": row.label, "problem": problem,
                          "detail": f"{path.name} line {row.line}: {why}", "action": ROW_LEFT_OUT})
 
-    found: dict[Path, list[tuple[CsvRow, Path]]] = defaultdict(list)
+    found: dict[str, list[tuple[CsvRow, str]]] = defaultdict(list)
+    inside = top.rstrip(os.sep) + os.sep
     for row in rows:
         if not row.file:
             leave_out(row, "missing", "no file name")
@@ -193,16 +202,16 @@ def _usable_rows(rows: list[CsvRow], root: Path, path: Path, multilabel: bool = 
         if labels_needed and not label_names(row.label, multilabel) and row.split != "test":
             leave_out(row, "no_label", f"{row.file} has no label")
             continue
-        file = _find_file(root, row.file)
+        file = _find_file(top, row.file)
         if file is None:
             leave_out(row, "missing", f"{row.file} not found under {root}")
-        elif not file.is_relative_to(root):
+        elif not file.startswith(inside):
             leave_out(row, "outside_root", f"{row.file} is outside data.root", file)
         else:
             found[file].append((row, file))
     kept = []
     for file, entries in found.items():
-        labels = {";".join(sorted(label_names(r.label, multilabel))) for r, _ in entries}
+        labels = {";".join(sorted(label_names(r.label, multilabel))) for r, _ in entries} if len(entries) > 1 else ()
         if len(labels) > 1:
             for row, _ in entries:
                 leave_out(row, "conflicting_labels", f"{row.file} is listed under {len(labels)} labels "
@@ -215,14 +224,19 @@ def _usable_rows(rows: list[CsvRow], root: Path, path: Path, multilabel: bool = 
     return kept, problems
 
 
-def _find_file(root: Path, name: str) -> Path | None:
-    path = (root / name).resolve()
-    if path.is_file():
+def _find_file(root: str, name: str) -> str | None:
+    """The file a CSV row names, by its normalised path under the root (a name without an
+    extension is tried with each image extension). Lexical, as the folder source is: a symlinked
+    file inside the root counts as inside."""
+    path = root + os.sep + name
+    if name.startswith(os.sep) or "." + os.sep in path or os.sep * 2 in path:  # absolute, ./, ../ or //
+        path = os.path.normpath(os.path.join(root, name))
+    if os.path.isfile(path):
         return path
-    if not path.suffix:
+    if not os.path.splitext(path)[1]:
         for ext in _TRY_EXTENSIONS:
-            if path.with_suffix(ext).is_file():
-                return path.with_suffix(ext)
+            if os.path.isfile(path + ext):
+                return path + ext
     return None
 
 
@@ -246,7 +260,7 @@ def listed_images(d, split: str | None = None, labelled: bool = True) -> ListedI
         kept, problems = _usable_rows(rows, data_root(d), path, d.task == "multilabel", labels_needed=False)
         kept = [(r, p) for r, p in kept if split is None or not d.csv_split_column or r.split == split]
         where = f"{path}" + (f" ({split} rows)" if split and d.csv_split_column else "")
-        return ListedImages([p for _, p in kept], [r.label for r, _ in kept], where, problems)
+        return ListedImages([Path(p) for _, p in kept], [r.label for r, _ in kept], where, problems)
     root = data_root(d)
     parts = open_hf_dataset(root)
     name = split or next((n for n in ("test", *HF_VAL_NAMES, "train") if n in parts), "")

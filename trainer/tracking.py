@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,6 @@ from configs.errors import ConfigError
 from configs.schema import Config
 from data.files import atomic_output
 from data.transforms import Preprocessing
-from trainer import plots
 from trainer.metrics import confusion_matrix, per_class_accuracy
 
 MODES = ("online", "offline", "disabled")
@@ -149,6 +149,27 @@ class ValidationPredictions:
     sample_predicted: list[int]
 
 
+class _Drawing:
+    """One function run in a thread; `wait` joins it and raises what it raised. Not a daemon: a
+    run that ends before the first epoch does still finishes its pictures."""
+
+    def __init__(self, draw):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(draw,), name="imgtrain-plots")
+        self._thread.start()
+
+    def _run(self, draw) -> None:
+        try:
+            draw()
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class RunTracking:
     """Every method is a no-op off the main process, so callers need no rank checks."""
 
@@ -162,6 +183,7 @@ class RunTracking:
         self.log_model = cfg.wandb.log_model
         self.tracker: FallbackWandBTracker | None = None
         self._mark: tuple[int, int, float] | None = None  # (epoch, global step, time) of the last step log
+        self._data_plots: _Drawing | None = None  # drawn beside the first steps, logged at the first epoch's end
 
     @property
     def active(self) -> bool:
@@ -201,10 +223,11 @@ class RunTracking:
     # ---- data, before training ----
 
     def show_data(self, train_ds, split_counts: dict[str, dict[str, int]], seed: int) -> None:
-        """Training images after augmentation, de-normalized, and images per class per split."""
+        """Training images after augmentation, de-normalized, and images per class per split. The
+        samples are taken here; the PNGs are drawn in a thread while training starts (matplotlib's
+        import and two figures cost about a second before the first step otherwise)."""
         if not self.active:
             return
-        plots.class_distribution(self.run_dir / "class_distribution.png", self.class_names, split_counts)
         count = min(SAMPLE_IMAGES, len(train_ds))
         # Drawing augmented samples consumes random numbers; fork so training sees the same stream
         # whether or not the pictures were made.
@@ -214,8 +237,23 @@ class RunTracking:
             samples = [train_ds[i] for i in picks]
         # uint8 as the workers deliver them: what the model sees before normalization on the device.
         images = torch.stack([s[0] for s in samples]).permute(0, 2, 3, 1).float().numpy() / 255.0
-        plots.image_grid(self.run_dir / "train_samples.png", images, [self._caption(s[1]) for s in samples],
-                         title="training samples (after augmentation)")
+        captions = [self._caption(s[1]) for s in samples]
+
+        def draw() -> None:
+            from trainer import plots  # matplotlib: imported in this thread, not before the first step
+
+            plots.class_distribution(self.run_dir / "class_distribution.png", self.class_names, split_counts)
+            plots.image_grid(self.run_dir / "train_samples.png", images, captions,
+                             title="training samples (after augmentation)")
+
+        self._data_plots = _Drawing(draw)
+
+    def _log_data_plots(self) -> None:
+        """Wait for the data pictures (long drawn by the end of an epoch) and log them at epoch 0."""
+        if self._data_plots is None:
+            return
+        drawing, self._data_plots = self._data_plots, None
+        drawing.wait()
         self._log({"epoch": 0, "media/train_samples": self._image("train_samples.png"),
                    "media/class_distribution": self._image("class_distribution.png")})
 
@@ -248,6 +286,9 @@ class RunTracking:
         run's whole `history` (every finished epoch, also those before a resume)."""
         if not self.active:
             return
+        from trainer import plots  # (the drawing thread has usually imported it already)
+
+        self._log_data_plots()
         plots.curves(self.run_dir / "curves.png", history, self._logged_steps())
         values: dict[str, Any] = {"epoch": record["epoch"]}
         values |= {f"epoch/{k}": v for k, v in record.items() if k != "epoch"}
@@ -260,6 +301,8 @@ class RunTracking:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
     def _validation_pictures(self, record: dict, p: ValidationPredictions) -> dict[str, Any]:
+        from trainer import plots
+
         epoch = record["epoch"]
         matrix = confusion_matrix(p.labels, p.predicted, len(self.class_names)).numpy()
         rows = per_class_accuracy(matrix, self.class_names)
@@ -295,6 +338,7 @@ class RunTracking:
         """Log the best checkpoint as a W&B artifact when wandb.log_model asks; list local files."""
         if not self.active:
             return []
+        self._log_data_plots()
         if self.run is not None and self.log_model and best_path.is_file():
             self._log_checkpoint(best_path)
         names = ["curves.png", "confusion_matrix.png", "predictions.png", "train_samples.png",

@@ -87,8 +87,8 @@ def test_offline_run_files_match_metrics_jsonl(image_folder, tmp_path):
     steps = jsonl(run_dir / "train_steps.jsonl")
     assert logged_steps == steps and [s["step"] for s in steps] == list(range(1, len(steps) + 1))
     assert any("images_per_sec" in s for s in steps)
-    assert any("media/train_samples/path" in row for row in rows)
-    assert (folder / "files" / rows[0]["media/train_samples/path"]).is_file()
+    (samples,) = [row for row in rows if "media/train_samples/path" in row]  # drawn while training starts
+    assert samples["epoch"] == 0 and (folder / "files" / samples["media/train_samples/path"]).is_file()
 
     (artifact,) = [a for a in wr.artifacts(records) if a.type == "model"]
     assert "best" in artifact.aliases

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from dirty_data import BOMB_LIMIT, EXPECTED, IGNORED_OTHER, IGNORED_SYSTEM, expected_problems, make_dirty_folder
-from data.audit import audit_splits
+from data.audit import audit_splits, dataset_moments
+from data.audit_cache import audit_dir_for
 from data.folders import discover
 from data.images import decode_rgb
 
@@ -78,6 +79,27 @@ def test_cache_is_reused_and_changed_files_are_measured_again(dirty, tmp_path):
     # A lower pixel limit is applied to cached sizes without decoding again.
     strict = audit_splits(discover(dirty), min_side=4, max_pixels=100, audit_dir=str(cache), progress=False)
     assert strict.cache_hits == strict.files_checked  # sizes are cached: nothing decoded again
+    assert {p.problem for p in strict.problems if p.relpath == "train/cat/gray.png"} == {"decompression_bomb"}
+
+
+def test_an_unchanged_folder_takes_the_last_verdict_without_reading_measurements(dirty, tmp_path):
+    cache = tmp_path / "cache"
+    first = _audit(dirty, cache)
+    moments = dataset_moments(first, [p for p, _ in discover(dirty).train])
+    folder = audit_dir_for(dirty, str(cache))
+    (folder / "measurements.json").write_text("damaged")  # a verdict hit must not need it
+    second = _audit(dirty, cache)
+    assert [p.to_dict() for p in second.problems] == [p.to_dict() for p in first.problems]
+    assert second.cache_hits == second.files_checked and second.clean_counts == first.clean_counts
+    # Statistics still come out right: the measurements are taken again when asked for.
+    assert dataset_moments(second, [p for p, _ in discover(dirty).train]) == moments
+    # One touched file, or another limit, is a different verdict: audited through the measurements.
+    fixed = dirty / "train/cat/truncated.jpg"
+    Image.new("RGB", (16, 16), "red").save(fixed, "JPEG")
+    third = _audit(dirty, cache)
+    assert third.cache_hits == third.files_checked - 1
+    assert "train/cat/truncated.jpg" not in {p.relpath for p in third.problems}
+    strict = audit_splits(discover(dirty), min_side=4, max_pixels=100, audit_dir=str(cache), progress=False)
     assert {p.problem for p in strict.problems if p.relpath == "train/cat/gray.png"} == {"decompression_bomb"}
 
 
