@@ -102,3 +102,37 @@ def _read_versioned(path: Path, field: str, default):
         return data[field] if data.get("version") == CACHE_VERSION else default
     except (ValueError, KeyError, OSError, AttributeError):
         return default
+
+
+class DigestCache:
+    """SHA-256 of files hashed before, by absolute path, reused while the file's size, mtime and
+    inode are unchanged (as the measurement cache reuses measurements): a shards folder is read
+    whole once to verify it, not at every start (at 100 GB that read would be most of a start)."""
+
+    def __init__(self, folder: Path, enabled: bool = True):
+        self.path = folder / "digests.json"
+        self.enabled = enabled
+        self.entries: dict[str, dict] = _read_versioned(self.path, "files", {}) if enabled else {}
+        self._changed = False
+
+    @staticmethod
+    def _identity(stat: os.stat_result) -> list[int]:
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+    def known(self, file: Path) -> str | None:
+        """The digest recorded for `file` when it is still the same file, else None."""
+        entry = self.entries.get(str(file))
+        try:
+            return entry["sha256"] if entry and entry["identity"] == self._identity(file.stat()) else None
+        except OSError:
+            return None
+
+    def record(self, file: Path, digest: str, stat: os.stat_result) -> None:
+        """`stat` taken before hashing: a file changed while it was read is not recorded as its old self."""
+        self.entries[str(file)] = {"identity": self._identity(stat), "sha256": digest}
+        self._changed = True
+
+    def save(self) -> None:
+        if self.enabled and self._changed:
+            atomic_write_json(self.path, {"version": CACHE_VERSION, "files": self.entries})
+            self._changed = False
