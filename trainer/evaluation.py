@@ -186,11 +186,11 @@ def training_images_among(paths: list[Path], cfg: Config, shards: ShardIndex | N
     for p in train:
         by_size[theirs.size(p)].append(p)
     by_size.pop(-1, None)  # unreadable: neither counted nor hashed
-    cache = MeasurementCache(audit_dir_for(root, cfg.data.audit_dir))
+    cache = MeasurementCache(audit_dir_for(root, cfg.data.audit_dir)) if run_shards is None else None
 
     def training_hash(p: Path) -> str:
         try:
-            if run_shards is None:
+            if cache is not None:
                 stat = p.stat()
                 cached = cache.get(p.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns)
                 if cached and cached.get("sha256"):

@@ -88,14 +88,14 @@ class Listing:
         """How many of --csv, --hf and --shards were given."""
         return sum(x is not None for x in (self.csv, self.hf, self.shards))
 
+    @property
+    def name(self) -> str:
+        return Path(self.csv or self.hf or self.shards or "").name
+
     def check(self) -> None:
         for name, split, folder in (("hf", self.hf_split, self.hf), ("shards", self.shards_split, self.shards)):
             if split is not None and folder is None:
                 raise UsageError(f"--{name}-split {split} is a split of --{name} DIR: name the folder too")
-
-    @property
-    def name(self) -> str:
-        return Path(self.csv or self.hf or self.shards or "").name
 
 
 def reader_of(transform, shards: ShardIndex | None):
