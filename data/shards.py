@@ -207,7 +207,7 @@ def read_index(root: str | Path) -> ShardIndex:
                            {split: raw["splits"][split] for split in SPLITS})
         for split in SPLITS:
             for shard in index.shards(split):
-                _ = shard["file"], shard["samples"], shard["bytes"], shard["sha256"], shard["offsets"]
+                _check_entry(shard, len(index.classes))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path} is not a readable shards index ({type(e).__name__}: {e}); write the folder "
                          f"again with launch/make_shards.py") from None
@@ -226,9 +226,25 @@ def read_index(root: str | Path) -> ShardIndex:
     return index
 
 
-def verify_shards(index: ShardIndex) -> None:
-    """Every shard's sha256 against the index (all cores: hashlib releases the GIL)."""
-    shards = [s for split in SPLITS for s in index.shards(split)]
+def _check_entry(shard: dict, classes: int) -> None:
+    """One shard's entry: a sample count, size and sha256, and per sample an offset, a size and a
+    label that indexes the class list (readers index `classes` with it unchecked)."""
+    _ = shard["file"], shard["first"], shard["bytes"], shard["sha256"]
+    n = shard["samples"]
+    if not len(shard["labels"]) == len(shard["offsets"]) == len(shard["sizes"]) == n:
+        raise ValueError(f"{shard['file']} lists {n} samples but {len(shard['labels'])} labels, "
+                         f"{len(shard['offsets'])} offsets and {len(shard['sizes'])} sizes")
+    labels = shard["labels"]
+    if labels and not (0 <= min(labels) and max(labels) < classes):  # min/max: one C loop per shard
+        stray = next(j for j, label in enumerate(labels) if not 0 <= label < classes)
+        raise ValueError(f"{shard['file']}: the label of sample {shard['first'] + stray} is "
+                         f"{labels[stray]!r}, not one of the {classes} classes' indices")
+
+
+def verify_shards(index: ShardIndex, splits: tuple[str, ...] = SPLITS) -> None:
+    """The sha256 of every shard of `splits` against the index (all cores: hashlib releases the
+    GIL). Evaluating one split hashes only its shards: the training split may be most of the data."""
+    shards = [s for split in splits for s in index.shards(split)]
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(shards), os.cpu_count() or 1))) as pool:
         digests = list(pool.map(lambda s: sha256_file(index.root / s["file"]), shards))
     for shard, digest in zip(shards, digests):
@@ -239,17 +255,29 @@ def verify_shards(index: ShardIndex) -> None:
 
 class ShardMembers:
     """An ImageTransform over `SHARD.tar#KEY` references: reads the sample's bytes from the tar at
-    the offset the index gives (validation, the sample grid), then decodes like the folder source."""
+    the offset the index gives (validation, the sample grid, predict and evaluate), then decodes
+    like the folder source. Without a transform it only reads (`size`, `read`: bytes compared with
+    training images)."""
 
-    def __init__(self, index: ShardIndex, transform):
+    def __init__(self, index: ShardIndex, transform=None):
         self.transform = transform
         self.where = {s["file"]: s for split in SPLITS for s in index.shards(split)}
 
-    def load(self, reference: str, max_pixels: int) -> torch.Tensor:
+    def _locate(self, reference: str) -> tuple[str, dict, int]:
         path, key = reference.rsplit("#", 1)
         shard = self.where[Path(path).name]
-        j = int(key) - shard["first"]
-        return self.transform.load(io.BytesIO(_read_sample(path, shard["offsets"][j], shard["sizes"][j])), max_pixels)
+        return path, shard, int(key) - shard["first"]
+
+    def size(self, reference: str) -> int:
+        _, shard, j = self._locate(reference)
+        return shard["sizes"][j]
+
+    def read(self, reference: str) -> bytes:
+        path, shard, j = self._locate(reference)
+        return _read_sample(path, shard["offsets"][j], shard["sizes"][j])
+
+    def load(self, reference: str, max_pixels: int) -> torch.Tensor:
+        return self.transform.load(io.BytesIO(self.read(reference)), max_pixels)
 
     def __repr__(self) -> str:
         return f"ShardMembers({self.transform!r})"

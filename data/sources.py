@@ -13,7 +13,9 @@ grid work unchanged whatever the source.
   `imagefolder`). Images that are files stay where they are; images stored as bytes inside the
   dataset are written once, as the same encoded bytes, to a cache keyed by the dataset's
   fingerprint, so decoding, the audit and its cache read files as for every other source.
-- shards: tar shards (`data.shards`), read by their own loader; not listed here.
+- shards: tar shards (`data.shards`): the index's samples, as `SHARD.tar#KEY` references that
+  only `data.shards.ShardMembers` reads (training streams them with its own loader). They were
+  audited when the shards were written.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import NamedTuple
 from configs.errors import UsageError
 from data.folders import IMAGE_EXTENSIONS, Sample, Splits, discover, stratified_split
 from data.multilabel import SEPARATOR, MultiLabelSplits
+from data.shards import SPLITS as SHARD_SPLITS, ShardIndex, read_index, verify_shards
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
@@ -46,8 +49,7 @@ def load_splits(d) -> Splits:
     if d.source == "hf":
         return hf_splits(d)
     if d.source == "shards":
-        raise UsageError("a shards run's images are inside its tar shards, which only training reads: evaluate "
-                         "or export with the source they were written from (a folder, --csv or --hf), or --images")
+        return read_index(d.root).to_splits()
     return discover(d.root, d.val_fraction, d.seed)
 
 
@@ -242,18 +244,23 @@ def _find_file(root: str, name: str) -> str | None:
 
 @dataclass
 class ListedImages:
-    """The images a CSV or a Hugging Face dataset lists, for predict and evaluate: every usable row."""
+    """The images a CSV, a Hugging Face dataset or a shards folder lists, for predict and evaluate:
+    every usable row, every sample of a split."""
 
     paths: list[Path]
     labels: list[str]  # class names as the source writes them; "" for a row without one
     source: str  # what they are, for the report
     problems: list[dict]  # rows left out, as csv_splits reports them
+    shards: ShardIndex | None = None  # paths are this index's `SHARD.tar#KEY` references, not files
 
 
 def listed_images(d, split: str | None = None, labelled: bool = True) -> ListedImages:
-    """Every usable row of the source `d` describes (d.source "csv" or "hf"): for a CSV its rows
-    (of `split` only, with a split column), for a dataset its `split` (default: test, else
-    validation, else train). `labelled=False` (predict): a CSV needs no label column."""
+    """Every usable row of the source `d` describes (d.source "csv", "hf" or "shards"): for a CSV
+    its rows (of `split` only, with a split column), for a dataset its `split` (default: test, else
+    validation, else train), for shards the samples of `split` (default: val). `labelled=False`
+    (predict): a CSV needs no label column."""
+    if d.source == "shards":
+        return shard_images(d.root, split or "val")
     if d.source == "csv":
         path = csv_path(d)
         rows = read_csv_rows(path, d.csv_file_column, d.csv_label_column if labelled else "", d.csv_split_column)
@@ -276,6 +283,21 @@ def listed_images(d, split: str | None = None, labelled: bool = True) -> ListedI
         names = getattr(part.features[d.hf_label_column], "names", None)
         labels = [names[v] if names and isinstance(v, int) and v >= 0 else str(v) for v in part[d.hf_label_column]]
     return ListedImages([Path(p) for p in files[name]], labels, f"the {name!r} split of {root}", [])
+
+
+def shard_images(root, split: str) -> ListedImages:
+    """The samples of one split of a shards folder, in the index's order, with their class names.
+    That split's shards are checked against their sha256 first: a damaged shard is refused, not
+    read (its samples could decode into wrong pixels, or fail one by one)."""
+    index = read_index(root)
+    if split not in SHARD_SPLITS:
+        raise UsageError(f"{index.root} holds {' and '.join(SHARD_SPLITS)} shards only (launch/make_shards.py "
+                         f"writes no {split} split): evaluate {split} images by naming their folder, or with "
+                         f"--csv FILE or --hf DIR")
+    verify_shards(index, (split,))
+    samples = index.samples(split)
+    return ListedImages([Path(ref) for ref, _ in samples], [index.classes[label] for _, label in samples],
+                        f"the {split} shards of {index.root}", [], index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,4 +483,4 @@ def _write_images(part, column: str, folder: Path) -> None:
 
 
 __all__ = ["ListedImages", "Sample", "csv_splits", "hf_splits", "listed_images", "load_splits", "open_hf_dataset",
-           "read_csv_rows"]
+           "read_csv_rows", "shard_images"]

@@ -15,6 +15,9 @@
     python launch/evaluate.py --checkpoint RUN/best.safetensors --csv held_out/labels.csv
     # a Hugging Face dataset on disk: its test split (else validation), or --hf-split NAME
     python launch/evaluate.py --checkpoint RUN/best.safetensors --hf ~/datasets/beans-saved
+    # tar shards written by launch/make_shards.py: their val split (or --shards-split train); a
+    # shards run's own val shards are also `--split val`
+    python launch/evaluate.py --checkpoint RUN/best.safetensors --shards datasets/digits-shards
 
 Images go through the checkpoint's own eval transform, in eval mode and fp32. A folder that holds
 training images of the run (the same files, or copies of them) gets a warning saying how many:
@@ -24,7 +27,9 @@ metrics.json, confusion_matrix.png and top_losses.png: the images the model got 
 confidently, as it saw them, titled "actual / predicted (probability)". A multi-label checkpoint
 reports mAP, micro / macro F1 and per-class precision / recall / F1 / AP at the per-class
 thresholds it recorded, to metrics.json. A label the CSV or dataset names that the checkpoint
-does not know is refused; rows without a label or file are left out with a note.
+does not know is refused; rows without a label or file are left out with a note. Shards must
+have the checkpoint's class list; the shards read are checked against index.json's sha256
+first, and a damaged or missing one is refused (one line, exit code 2, nothing written).
 """
 
 from __future__ import annotations
@@ -44,8 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                       "to --data-root, else to the CSV's folder); multi-label: ';'-separated labels")
     parser.add_argument("--hf", metavar="DIR", help="a Hugging Face dataset on disk (the run's image and label columns)")
     parser.add_argument("--hf-split", help="with --hf: the split to evaluate (default: test, else validation)")
-    parser.add_argument("--split", choices=("val", "test"), help="the run's own validation split, or its data "
-                                                                 "root's labelled test/ folder")
+    parser.add_argument("--shards", metavar="DIR", help="a folder of tar shards (launch/make_shards.py) with the "
+                                                        "checkpoint's classes")
+    parser.add_argument("--shards-split", choices=("val", "train"), help="with --shards: the split (default: val)")
+    parser.add_argument("--split", choices=("val", "test"), help="the run's own validation split (a shards run: "
+                                                                 "its val shards), or its data root's labelled "
+                                                                 "test/ folder")
     parser.add_argument("--data-root", help="where the run's images are now, if not at its recorded data.root")
     parser.add_argument("--out-dir", help="where the report goes (default: CHECKPOINT_DIR/eval or eval-SPLIT)")
     parser.add_argument("--top-losses", type=int, default=16, help="images in the top-losses grid")
@@ -59,12 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     from trainer.evaluation import evaluate_checkpoint
-    from trainer.inference import InferenceOptions
+    from trainer.inference import InferenceOptions, Listing
 
     options = InferenceOptions(args.batch_size, args.num_workers, args.device, args.tta)
+    listing = Listing(args.csv, args.hf, args.hf_split, args.shards, args.shards_split, args.data_root)
     evaluate_checkpoint(args.checkpoint, options, folder=args.folder, split=args.split, data_root=args.data_root,
-                        out_dir=args.out_dir, top_loss_count=args.top_losses, csv=args.csv, hf=args.hf,
-                        hf_split=args.hf_split)
+                        out_dir=args.out_dir, top_loss_count=args.top_losses, listing=listing)
     return 0
 
 

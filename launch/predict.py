@@ -12,6 +12,9 @@
     python launch/predict.py --checkpoint RUN/best.safetensors --csv dog-breed/sample_submission.csv \
         --data-root dog-breed/test --kaggle --out submission.csv
     python launch/predict.py --checkpoint RUN/best.safetensors --hf ~/datasets/beans-saved --hf-split test
+    # every sample of a tar shards folder's val split (or --shards-split train); `path` is each
+    # sample's SHARD.tar#KEY, the member KEY.<ext> of that tar
+    python launch/predict.py --checkpoint RUN/best.safetensors --shards datasets/digits-shards --out preds.csv
     # a multi-label checkpoint (data.task = multilabel) writes path, labels, scores_topK, error
     python launch/predict.py --checkpoint RUN/best.safetensors photos/ --out tags.csv
 
@@ -19,7 +22,9 @@ Every image goes through the checkpoint's own eval transform (its recorded prepr
 normalization and the crop mode of the run's data.augment preset), as in the run's validation.
 Columns: path, class, probability, top_k ("name:prob;name:prob;..."), error. A file that does not
 decode gets an empty prediction and its error (the run never stops on one); they are also listed on
-stderr. The CSV is written to a temporary file and renamed, so it is never half-written.
+stderr. The CSV is written to a temporary file and renamed, so it is never half-written. Shards
+are checked against index.json's sha256 first: a damaged or missing one ends in one line, exit
+code 2, nothing written.
 A multi-label checkpoint's CSV has `labels`: every class whose sigmoid score reaches that class's
 threshold (chosen on the run's validation split, recorded in the checkpoint; 0.5 when none),
 ';'-separated, highest first, and may be empty.
@@ -42,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-root", help="with --csv: the folder its paths are relative to")
     parser.add_argument("--hf", metavar="DIR", help="predict a Hugging Face dataset on disk (the run's image column)")
     parser.add_argument("--hf-split", help="with --hf: the split (default: test, else validation)")
+    parser.add_argument("--shards", metavar="DIR", help="predict every sample of a tar shards folder "
+                                                        "(launch/make_shards.py)")
+    parser.add_argument("--shards-split", choices=("val", "train"), help="with --shards: the split (default: val)")
     parser.add_argument("--out", default="preds.csv", help="CSV file to write (default: preds.csv)")
     parser.add_argument("--top-k", type=int, default=5, help="classes listed per image (default: 5)")
     parser.add_argument("--kaggle", action="store_true", help="write `Id,Class` (file name, class index)")
@@ -54,11 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from trainer.inference import InferenceOptions, predict_to_csv
+    from trainer.inference import InferenceOptions, Listing, predict_to_csv
 
     options = InferenceOptions(args.batch_size, args.num_workers, args.device, args.tta)
+    listing = Listing(args.csv, args.hf, args.hf_split, args.shards, args.shards_split, args.data_root)
     predict_to_csv(args.checkpoint, args.inputs, args.out, options, top_k=args.top_k, kaggle=args.kaggle,
-                   listed=(args.csv, args.hf, args.hf_split, args.data_root))
+                   listing=listing)
     return 0
 
 

@@ -1,16 +1,19 @@
 """Evaluate a checkpoint on labelled images: the run's own validation or test split, or any folder
-of class folders. All of `launch/evaluate.py` after its arguments are parsed.
+of class folders, CSV, dataset or shards split. All of `launch/evaluate.py` after its arguments
+are parsed.
 
 The run's own split is rebuilt from the config the checkpoint records, with the same function
-training used (`trainer.build.audited_splits`): the same files, through the checkpoint's own
-eval transform, in eval mode and fp32, so the validation split gives back exactly the val_acc the
-checkpoint recorded. A folder that holds training images of the run (the same files, or copies
-with the same content) gets a warning: its accuracy is not a held-out score.
+training used (`trainer.build.audited_splits`; a shards run's: its index's val shards): the same
+files, through the checkpoint's own eval transform, in eval mode and fp32, so the validation
+split gives back exactly the val_acc the checkpoint recorded. Images that are training images of
+the run (the same files, or copies with the same content, tar members included) get a warning:
+their accuracy is not a held-out score.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,11 +29,12 @@ from data.files import atomic_write_json, sha256_file
 from data.folders import TEST_NAMES, Splits, list_images
 from data.images import DEFAULT_MAX_PIXELS
 from data.multilabel import MultiLabelSplits, multi_hot
+from data.shards import INDEX, ShardIndex, ShardMembers, read_index
 from data.sources import ListedImages, label_names, listed_images, load_splits
 from trainer import plots
 from trainer.build import audited_splits
-from trainer.inference import (FilePredictions, InferenceOptions, is_multilabel, listed_source, predict_files,
-                               thresholds_of)
+from trainer.inference import (FilePredictions, InferenceOptions, Listing, is_multilabel, listed_source,
+                               predict_files, reader_of, thresholds_of)
 from trainer.metrics import classification_report, multilabel_report
 from trainer.model_file import LoadedClassifier, load_classifier
 
@@ -56,6 +60,7 @@ class LabelledFiles:
     labels: list[int]  # indices into the checkpoint's class names (multi-label: each file's first label)
     source: str  # what these files are, for the report: a folder, or "the validation split of ROOT"
     targets: torch.Tensor | None = None  # multi-label: (N, C) 0/1, every label of every file
+    shards: ShardIndex | None = None  # paths are this index's `SHARD.tar#KEY` references, not files
 
 
 def labelled_folder(folder: Path, class_names: list[str]) -> LabelledFiles:
@@ -100,7 +105,36 @@ def labelled_listed(listed: ListedImages, class_names: list[str], multilabel: bo
     if not paths:
         raise UsageError(f"no labelled images in {listed.source}")
     targets = torch.stack([multi_hot(s, len(class_names)) for s in sets]) if multilabel else None
-    return LabelledFiles(paths, [s[0] for s in sets], listed.source, targets)
+    return LabelledFiles(paths, [s[0] for s in sets], listed.source, targets, listed.shards)
+
+
+def labelled_shards(listed: ListedImages, class_names: list[str], multilabel: bool = False) -> LabelledFiles:
+    """A split of a shards folder, labelled: its index's class list must be the checkpoint's, in
+    the same order (a sample's label is an index into it, whatever the names would suggest)."""
+    if multilabel:
+        raise UsageError("shards record one class per image (a multi-label row's first): evaluate a multi-label "
+                         "checkpoint on a CSV of labelled images, --csv FILE")
+    refuse_other_classes(listed.shards.classes, class_names, listed.shards.root / INDEX)
+    return labelled_listed(listed, class_names, multilabel)
+
+
+def refuse_other_classes(theirs: list[str], class_names: list[str], where: Path) -> None:
+    """One line saying how the class list in `where` differs from the checkpoint's, if it does."""
+    if theirs == class_names:
+        return
+    extra = [n for n in theirs if n not in class_names]
+    missing = [n for n in class_names if n not in theirs]
+    if extra or missing:
+        differ = "; ".join(f"{label}: {_names(names)}" for label, names in
+                           (("not in the checkpoint", extra), ("not in the shards", missing)) if names)
+    else:
+        differ = f"the same names in another order ({_names(theirs)} against {_names(class_names)})"
+    raise UsageError(f"the classes in {where} are not the checkpoint's ({differ}): a shard sample's label is an "
+                     f"index into that list, so it must be the checkpoint's")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
 
 
 def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
@@ -109,6 +143,8 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
     root = Path(cfg.data.root).expanduser().resolve()
+    if cfg.data.source == "shards":  # the val shards training validated on (make_shards writes no test split)
+        return labelled_shards(listed_images(cfg.data, split), class_names, cfg.data.task == "multilabel")
     if split == "test" and cfg.data.source in ("csv", "hf"):  # the CSV's test rows, the dataset's test split
         if cfg.data.source == "csv" and not cfg.data.csv_split_column:
             raise UsageError("the run's CSV has no split column, so no test rows; evaluate another CSV with --csv")
@@ -136,24 +172,30 @@ def validation_files(splits: Splits, root: Path) -> LabelledFiles:
                          f"the validation split of {root}", targets)
 
 
-def training_images_among(paths: list[Path], cfg: Config) -> int:
-    """How many of `paths` the run trained on: the same file, or a copy with the same content.
-    Only files with the size of some training image are hashed (copies have equal sizes); the
-    audit's cached hashes stand in for reading training images where they are still valid."""
+def training_images_among(paths: list[Path], cfg: Config, shards: ShardIndex | None = None) -> int:
+    """How many of `paths` (`shards`: references to its samples) the run trained on: the same file
+    or sample, or a copy with the same content. Only images with the size of some training image
+    are hashed (copies have equal sizes; a shard sample's size is in the index); the audit's cached
+    hashes stand in for reading training files where they are still valid."""
     root = Path(cfg.data.root).expanduser().resolve()
-    train = [Path(p) for p, _ in load_splits(cfg.data).train]
+    run_shards = read_index(root) if cfg.data.source == "shards" else None
+    train = [Path(p) for p, _ in (run_shards.to_splits() if run_shards else load_splits(cfg.data)).train]
+    theirs, ours = _Contents(run_shards), _Contents(shards)
     resolved = {p.resolve() for p in train}
     by_size: dict[int, list[Path]] = defaultdict(list)
     for p in train:
-        by_size[_size(p)].append(p)
+        by_size[theirs.size(p)].append(p)
     by_size.pop(-1, None)  # unreadable: neither counted nor hashed
-    cache = MeasurementCache(audit_dir_for(root, cfg.data.audit_dir))
+    cache = MeasurementCache(audit_dir_for(root, cfg.data.audit_dir)) if run_shards is None else None
 
     def training_hash(p: Path) -> str:
         try:
-            stat = p.stat()
-            cached = cache.get(p.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns)
-            return cached["sha256"] if cached and cached.get("sha256") else sha256_file(p)
+            if cache is not None:
+                stat = p.stat()
+                cached = cache.get(p.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns)
+                if cached and cached.get("sha256"):
+                    return cached["sha256"]
+            return theirs.sha256(p)
         except OSError:
             return ""
 
@@ -162,24 +204,35 @@ def training_images_among(paths: list[Path], cfg: Config) -> int:
         if path.resolve() in resolved:
             count += 1
             continue
-        size = _size(path)
+        size = ours.size(path)
         if size not in by_size:
             continue
         if size not in hashed_sizes:
             hashed_sizes.add(size)
             train_hashes |= {training_hash(p) for p in by_size[size]}
         try:
-            count += sha256_file(path) in train_hashes
+            count += ours.sha256(path) in train_hashes
         except OSError:
             pass  # predict_files reports the file as unreadable
     return count
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return -1
+class _Contents:
+    """Sizes and sha256 of image files, or of the samples of one shards index (read from the tar)."""
+
+    def __init__(self, shards: ShardIndex | None):
+        self.members = ShardMembers(shards) if shards is not None else None
+
+    def size(self, path: Path) -> int:
+        try:
+            return self.members.size(str(path)) if self.members else path.stat().st_size
+        except OSError:
+            return -1
+
+    def sha256(self, path: Path) -> str:
+        if self.members:
+            return hashlib.sha256(self.members.read(str(path))).hexdigest()
+        return sha256_file(path)
 
 
 def evaluation_report(files: LabelledFiles, preds: FilePredictions, class_names: list[str]) -> dict:
@@ -206,7 +259,7 @@ def top_losses(files: LabelledFiles, preds: FilePredictions, count: int) -> list
 def plot_top_losses(path: Path, loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions,
                     indices: list[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """The images as the model saw them (its eval transform), titled "actual / predicted (probability)"."""
-    p, names, transform = loaded.preprocessing, loaded.class_names, loaded.eval_transform()
+    p, names, transform = loaded.preprocessing, loaded.class_names, reader_of(loaded.eval_transform(), files.shards)
     images = np.zeros((len(indices), p.image_size, p.image_size, 3), dtype=np.float32)
     for row, i in enumerate(indices):
         images[row] = transform.load(str(files.paths[i]), max_pixels).permute(1, 2, 0).numpy() / 255.0
@@ -241,14 +294,15 @@ def multilabel_evaluation_report(files: LabelledFiles, preds: FilePredictions, c
 
 def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, folder: str | None = None,
                         split: str | None = None, data_root: str | None = None, out_dir: str | Path | None = None,
-                        top_loss_count: int = 16, csv: str | None = None, hf: str | None = None,
-                        hf_split: str | None = None) -> dict:
-    """evaluate.py: the report of `checkpoint` on `folder` or on the run's own `split`, printed and
-    written to `out_dir` (metrics.json, confusion_matrix.png, top_losses.png). Everything that can
-    fail on bad input fails before a file is written."""
+                        top_loss_count: int = 16, listing: Listing = Listing()) -> dict:
+    """evaluate.py: the report of `checkpoint` on `folder`, on the run's own `split` or on what
+    `listing` names (a CSV, a dataset, a shards split), printed and written to `out_dir`
+    (metrics.json, confusion_matrix.png, top_losses.png). Everything that can fail on bad input
+    fails before a file is written."""
     options.check()
-    if sum(x is not None for x in (folder, split, csv, hf)) != 1:
-        raise UsageError("name one of: a labelled folder, --split val|test, --csv FILE or --hf DIR")
+    listing.check()
+    if (folder is not None) + (split is not None) + listing.named != 1:
+        raise UsageError("name one of: a labelled folder, --split val|test, --csv FILE, --hf DIR or --shards DIR")
     if top_loss_count < 0:
         raise UsageError(f"--top-losses must be 0 or more (got {top_loss_count})")
     checkpoint = Path(checkpoint)
@@ -263,20 +317,22 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
         # Validation's batch size: per-image results do not depend on it, but kernels may.
         options = dataclasses.replace(options, batch_size=options.batch_size or cfg.data.batch_size)
     else:
-        if csv or hf:
-            files = labelled_listed(listed_source(meta, csv, hf, hf_split, data_root), names, multilabel)
+        if listing.shards:
+            files = labelled_shards(listed_source(meta, listing), names, multilabel)
+        elif listing.named:
+            files = labelled_listed(listed_source(meta, listing), names, multilabel)
         elif multilabel:
             raise UsageError("a multi-label checkpoint is evaluated on a CSV of labelled images: --csv FILE "
                              "(e.g. --csv FOLDER/labels.csv)")
         else:
             files = labelled_folder(Path(folder).expanduser(), names)
-        cfg = _reachable_run_config(meta, data_root if not csv else None)
+        cfg = _reachable_run_config(meta, data_root if not listing.csv else None)
         if cfg is not None:
             try:
-                overlap = training_images_among(files.paths, cfg)
+                overlap = training_images_among(files.paths, cfg, files.shards)
             except UsageError as e:  # the run's data root changed: the check is lost, not the evaluation
                 print(f"note: could not check for the run's training images ({e})", file=sys.stderr)
-    preds = predict_files(loaded, files.paths, options, max_pixels)
+    preds = predict_files(loaded, files.paths, options, max_pixels, files.shards)
     report = report_of(loaded, files, preds) | {
         "checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
         "task": "multilabel" if multilabel else "single", "tta": preds.flip_tta,
@@ -294,7 +350,7 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
     written = [
         out / "metrics.json",
         plots.confusion_plot(out / "confusion_matrix.png", np.array(report["confusion_matrix"]), names,
-                             title=f"{split} split" if split else Path(folder or csv or hf).name),
+                             title=f"{split} split" if split else Path(folder).name if folder else listing.name),
         plot_top_losses(out / "top_losses.png", loaded, files, preds, top_losses(files, preds, top_loss_count),
                         max_pixels),
     ]

@@ -5,6 +5,13 @@
 checkpoint's own `Preprocessing` (the eval transform its validation used), flip TTA included. A
 file that does not decode never stops the run: its row is marked failed with the reason, and
 every other image still gets its prediction.
+
+The samples of tar shards are read as a shards run's validation reads them (`ShardMembers`: one
+positioned read of the image's bytes per sample, at the offset index.json records), in the same
+map-style loader as files: the same workers, batches, order and failed rows, and the same
+pixels. Streaming each tar instead would need its own split of shards among workers and buys
+nothing here: the loader asks for samples in index order, so each worker's reads already move
+forward through a shard, skipping only the tar headers and label members.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from configs.schema import config_from_dict
 from data.files import atomic_write_text
 from data.folders import IMAGE_EXTENSIONS, list_images
 from data.images import DEFAULT_MAX_PIXELS
+from data.shards import ShardIndex, ShardMembers
 from data.sources import ListedImages, listed_images
 from data.transforms import flips_horizontally
 from trainer.model_file import LoadedClassifier, load_classifier
@@ -61,6 +69,38 @@ def collect_images(inputs: list[str]) -> list[Path]:
         raise UsageError(f"no images found in {', '.join(inputs)} (extensions tried: "
                          f"{'/'.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))})")
     return found
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A source named on the command line that lists the images (instead of files and folders):
+    --csv FILE, --hf DIR [--hf-split S] or --shards DIR [--shards-split S]."""
+
+    csv: str | None = None
+    hf: str | None = None
+    hf_split: str | None = None
+    shards: str | None = None
+    shards_split: str | None = None
+    data_root: str | None = None  # --csv's paths are relative to it (else to the CSV's folder)
+
+    @property
+    def named(self) -> int:
+        """How many of --csv, --hf and --shards were given."""
+        return sum(x is not None for x in (self.csv, self.hf, self.shards))
+
+    @property
+    def name(self) -> str:
+        return Path(self.csv or self.hf or self.shards or "").name
+
+    def check(self) -> None:
+        for name, split, folder in (("hf", self.hf_split, self.hf), ("shards", self.shards_split, self.shards)):
+            if split is not None and folder is None:
+                raise UsageError(f"--{name}-split {split} is a split of --{name} DIR: name the folder too")
+
+
+def reader_of(transform, shards: ShardIndex | None):
+    """`transform` as it reads `paths`: files, or (shards) the index's `SHARD.tar#KEY` references."""
+    return ShardMembers(shards, transform) if shards is not None else transform
 
 
 class TolerantImageDataset(Dataset):
@@ -116,13 +156,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @torch.no_grad()
 def predict_files(loaded: LoadedClassifier, paths: list[Path], options: InferenceOptions = InferenceOptions(),
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> FilePredictions:
-    """Softmax probabilities (multi-label checkpoints: sigmoid scores) for every file, in fp32 and eval
-    mode, through the checkpoint's eval transform; with `options.tta_flip` averaged with the mirrored
-    image's."""
+                  max_pixels: int = DEFAULT_MAX_PIXELS, shards: ShardIndex | None = None) -> FilePredictions:
+    """Softmax probabilities (multi-label checkpoints: sigmoid scores) for every file (`shards`: every
+    sample the references in `paths` name), in fp32 and eval mode, through the checkpoint's eval
+    transform; with `options.tta_flip` averaged with the mirrored image's."""
     device = pick_device(options.device)
     tta_flip = options.tta_flip and flip_tta_fits(loaded)
-    dataset = TolerantImageDataset(paths, loaded.eval_transform(), loaded.image_size, max_pixels)
+    reader = reader_of(loaded.eval_transform(), shards)
+    dataset = TolerantImageDataset(paths, reader, loaded.image_size, max_pixels)
     loader = DataLoader(dataset, batch_size=options.batch_size or 64, num_workers=options.num_workers,
                         shuffle=False, pin_memory=device.type == "cuda")
     model = loaded.model.to(device).eval()
@@ -195,26 +236,29 @@ def multilabel_rows(preds: FilePredictions, class_names: list[str], thresholds: 
     return ["path", "labels", f"scores_top{k}", "error"], rows
 
 
-def listed_source(meta: dict, csv: str | None, hf: str | None, hf_split: str | None,
-                  data_root: str | None, labelled: bool = True) -> ListedImages:
-    """`--csv FILE` (paths relative to --data-root, else the CSV's folder; the run's column names)
-    or `--hf DIR`: the images they list, read with the run's data config (`labelled`: evaluate)."""
+def listed_source(meta: dict, listing: Listing, labelled: bool = True) -> ListedImages:
+    """`--csv FILE` (paths relative to --data-root, else the CSV's folder; the run's column names),
+    `--hf DIR` or `--shards DIR`: the images they list, read with the run's data config
+    (`labelled`: evaluate)."""
     d = config_from_dict(meta.get("config") or {}).data
-    if csv:
-        csv_file = Path(csv).expanduser().resolve()
-        d = dataclasses.replace(d, source="csv", csv=str(csv_file), csv_split_column="",
-                                root=str(Path(data_root).expanduser() if data_root else csv_file.parent))
-    else:
-        d = dataclasses.replace(d, source="hf", root=str(Path(hf).expanduser()))
-    return listed_images(d, hf_split, labelled)
+    if listing.csv:
+        csv_file = Path(listing.csv).expanduser().resolve()
+        root = Path(listing.data_root).expanduser() if listing.data_root else csv_file.parent
+        d = dataclasses.replace(d, source="csv", csv=str(csv_file), csv_split_column="", root=str(root))
+        return listed_images(d, None, labelled)
+    if listing.shards:
+        return listed_images(dataclasses.replace(d, source="shards", root=listing.shards), listing.shards_split)
+    d = dataclasses.replace(d, source="hf", root=str(Path(listing.hf).expanduser()))
+    return listed_images(d, listing.hf_split, labelled)
 
 
 def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, options: InferenceOptions, *,
-                   top_k: int = 5, kaggle: bool = False, listed: tuple = (None,) * 4) -> FilePredictions:
-    """predict.py: every image under `inputs` (or, `listed` = (csv, hf, hf_split, data_root), every
-    image a CSV or a dataset lists) -> one CSV row each, written atomically to `out`; a summary
-    line on stdout, unreadable files listed on stderr."""
+                   top_k: int = 5, kaggle: bool = False, listing: Listing = Listing()) -> FilePredictions:
+    """predict.py: every image under `inputs` (or every image a CSV, a dataset or a shards split
+    lists) -> one CSV row each (a shard sample's path: its `SHARD.tar#KEY` reference), written
+    atomically to `out`; a summary line on stdout, unreadable files listed on stderr."""
     options.check()
+    listing.check()
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
     loaded = load_classifier(checkpoint)
@@ -222,10 +266,14 @@ def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, o
     if multilabel and kaggle:
         raise UsageError("--kaggle writes one class index per image; this checkpoint is multi-label "
                          "(the default CSV has a labels column)")
-    if bool(inputs) == any(listed[:2]):
-        raise UsageError("name images or folders, or one of --csv FILE / --hf DIR")
-    paths = collect_images(inputs) if inputs else listed_source(loaded.metadata, *listed, labelled=False).paths
-    preds = predict_files(loaded, paths, options)
+    if bool(inputs) + listing.named != 1:
+        raise UsageError("name images or folders, or one of --csv FILE / --hf DIR / --shards DIR")
+    if inputs:
+        paths, shards = collect_images(inputs), None
+    else:
+        listed = listed_source(loaded.metadata, listing, labelled=False)
+        paths, shards = listed.paths, listed.shards
+    preds = predict_files(loaded, paths, options, shards=shards)
     if multilabel:
         header, rows = multilabel_rows(preds, loaded.class_names, thresholds_of(loaded), top_k)
     else:

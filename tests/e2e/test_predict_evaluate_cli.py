@@ -13,6 +13,7 @@ from trainer.model_file import ClassifierFacts, load_classifier, save_classifier
 from trainer.inference import InferenceOptions, predict_files
 
 CLASSES = ["blue", "green", "red"]
+ONE_SOURCE = "name one of: a labelled folder, --split val|test, --csv FILE, --hf DIR or --shards DIR"
 
 
 def _checkpoint(tmp_path):
@@ -104,8 +105,8 @@ def test_evaluate_refuses_unknown_class_folders(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    ([], "name one of: a labelled folder, --split val|test, --csv FILE or --hf DIR"),
-    (["{folder}", "--split", "val"], "name one of: a labelled folder, --split val|test, --csv FILE or --hf DIR"),
+    ([], ONE_SOURCE),
+    (["{folder}", "--split", "val"], ONE_SOURCE),
     (["--split", "val"], "the checkpoint records no data.root; pass --data-root FOLDER (the run's image folder)"),
     (["--split", "val", "--data-root", "{nope}"], "the run's data root {nope} is not a folder here; pass "
                                                   "--data-root FOLDER where the run's images are now"),
