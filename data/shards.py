@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from configs.errors import UsageError
+from data.audit_cache import DigestCache, audit_dir_for
 from data.dataset import ImageListDataset, Loading
 from data.files import atomic_folder, sha256_file
 from data.folders import Splits
@@ -241,16 +242,29 @@ def _check_entry(shard: dict, classes: int) -> None:
                          f"{labels[stray]!r}, not one of the {classes} classes' indices")
 
 
-def verify_shards(index: ShardIndex, splits: tuple[str, ...] = SPLITS) -> None:
+def verify_shards(index: ShardIndex, splits: tuple[str, ...] = SPLITS, audit_dir: str = "") -> int:
     """The sha256 of every shard of `splits` against the index (all cores: hashlib releases the
-    GIL). Evaluating one split hashes only its shards: the training split may be most of the data."""
-    shards = [s for split in splits for s in index.shards(split)]
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(shards), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(lambda s: sha256_file(index.root / s["file"]), shards))
-    for shard, digest in zip(shards, digests):
+    GIL); how many were hashed. Evaluating one split hashes only its shards: the training split
+    may be most of the data. A shard verified before and unchanged since (same size, mtime and
+    inode, recorded in the root's audit folder) is not read again."""
+    digests = DigestCache(audit_dir_for(index.root, audit_dir))
+    todo = [(s, index.root / s["file"]) for split in splits for s in index.shards(split)]
+    todo = [(s, file) for s, file in todo if digests.known(file) != s["sha256"]]
+
+    def check(item):
+        stat = item[1].stat()  # before reading: a shard rewritten meanwhile is hashed again next time
+        return sha256_file(item[1]), stat
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(check, todo))
+    for (shard, file), (digest, stat) in zip(todo, results):
         if digest != shard["sha256"]:
-            raise UsageError(f"{index.root / shard['file']} is damaged: its sha256 differs from index.json's; "
+            digests.save()  # the shards that did check out stay verified
+            raise UsageError(f"{file} is damaged: its sha256 differs from index.json's; "
                              f"copy it again or rewrite the shards")
+        digests.record(file, digest, stat)
+    digests.save()
+    return len(todo)
 
 
 class ShardMembers:

@@ -262,12 +262,14 @@ def open_shards(cfg: Config, accelerator: Accelerator) -> ShardIndex:
     if d.normalize == "dataset" and not index.mean:
         raise UsageError(f"data.normalize = dataset: {index.root / 'index.json'} has no mean/std; write the shards "
                          f"again with launch/make_shards.py or set data.normalize=custom with data.mean/data.std")
+    hashed = 0
     with accelerator.main_process_first():
         if accelerator.is_main_process:
-            verify_shards(index)
-    train = index.splits["train"]
+            hashed = verify_shards(index, audit_dir=d.audit_dir)
+    train, shards = index.splits["train"], len(index.shards("train")) + len(index.shards("val"))
+    checked = "sha256 checked" + (f": {shards - hashed} of {shards} unchanged since their last check" if hashed < shards else "")
     accelerator.print(f"data     shards {index.root}: {train['samples']} training samples in {len(train['shards'])} "
-                      f"shards, {index.splits['val']['samples']} validation (sha256 checked)")
+                      f"shards, {index.splits['val']['samples']} validation ({checked})")
     return index
 
 

@@ -157,6 +157,23 @@ def test_damaged_missing_or_empty_input_is_one_line_naming_the_file(shards, tmp_
         read_index(copy)
 
 
+def test_a_verified_shard_is_not_hashed_again_until_it_changes(shards, tmp_path):
+    root, _ = shards
+    copy = copy_shards(root, tmp_path)
+    index = read_index(copy)
+    count = len(index.shards("train")) + len(index.shards("val"))
+    assert verify_shards(index) == count  # first start: every shard read
+    assert verify_shards(index) == 0  # unchanged: none
+    shard = copy / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # same size, other bytes, a new mtime: read again and refused
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=r"train-000001.tar is damaged: its sha256 differs"):
+        verify_shards(index)
+    shard.write_bytes((root / shard.name).read_bytes())  # repaired: the one file is read again
+    assert verify_shards(index) == 1 and verify_shards(index) == 0
+
+
 def test_writer_refuses_a_used_folder_and_an_empty_split(shards, tmp_path):
     _, splits = shards
     (tmp_path / "used").mkdir()
