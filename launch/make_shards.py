@@ -48,6 +48,9 @@ def main() -> int:
     if cfg.data.source == "shards":
         raise UsageError("the config already reads shards (data.source = shards): point it at the images "
                          "to shard (e.g. data.source=folder data.root=...)")
+    if cfg.data.task == "multilabel":
+        raise UsageError("shards hold one class index per sample, so multi-label rows cannot be written to them; "
+                         "train multi-label runs from the CSV source (data.source = csv)")
     splits = audited_splits(cfg)
     mean, std = source_stats(cfg, splits)
     source = {"source": cfg.data.source, "root": str(Path(cfg.data.root).expanduser().resolve()),

@@ -102,12 +102,7 @@ def _multilabel_use() -> list[str]:
 def _data(f: CardFacts) -> str:
     data = f.config.get("data", {})
     out = ["## Training data", ""]
-    by_fraction = f"{data.get('val_fraction')} of each class (stratified, seed {data.get('seed')})"
-    how = {"split-folders": "validation: its own val/ folder",
-           "class-folders": f"validation: {by_fraction}"}.get(
-        f.data_layout, f"validation: its val/ folder, or else {by_fraction}")
-    out.append(f"An image folder (`data.root` = `{data.get('root', '?')}`); {how}. "
-               f"Images the audit found broken or degenerate were left out.")
+    out.append(f"{_source_line(data, f.data_layout)}. Images the audit found broken or degenerate were left out.")
     if not f.class_counts:
         out += ["", "Class counts: not available (the run's images were not reachable when this was exported)."]
         return "\n".join(out) + "\n"
@@ -117,6 +112,24 @@ def _data(f: CardFacts) -> str:
         out.append(f"| {name} | " + " | ".join(str(f.class_counts[s].get(name, 0)) for s in splits) + " |")
     out.append("| **all** | " + " | ".join(str(sum(f.class_counts[s].values())) for s in splits) + " |")
     return "\n".join(out) + "\n"
+
+
+def _source_line(data: dict, layout: str) -> str:
+    """What the run read (data.source) and where its validation images came from."""
+    root = f"`data.root` = `{data.get('root', '?')}`"
+    by_fraction = f"{data.get('val_fraction')} of each class (stratified, seed {data.get('seed')})"
+    source = data.get("source", "folder")
+    if source == "csv":
+        split_column = data.get("csv_split_column")
+        how = f"validation: the rows its `{split_column}` column marks val" if split_column else f"validation: {by_fraction}"
+        return f"Images listed in a CSV (`data.csv` = `{data.get('csv')}`, paths under {root}); {how}"
+    if source == "hf":
+        return f"A Hugging Face dataset on disk ({root}); validation: its validation split, or else {by_fraction}"
+    if source == "shards":
+        return f"Tar shards written by launch/make_shards.py ({root}); validation: its val shards"
+    how = {"split-folders": "validation: its own val/ folder", "class-folders": f"validation: {by_fraction}"}.get(
+        layout, f"validation: its val/ folder, or else {by_fraction}")
+    return f"An image folder ({root}); {how}"
 
 
 _SUMMARY_KEYS = (("model", "name"), ("model", "pretrained"), ("model", "freeze"), ("train", "epochs"),

@@ -13,7 +13,8 @@ import pytest
 
 from data.folders import discover
 from data.shards import read_index
-from helpers import make_image_folder, reset_accelerate_state, run_in_process, run_script
+from helpers import (MULTILABEL, make_image_folder, make_multilabel_folder, reset_accelerate_state, run_in_process,
+                     run_script)
 from trainer.inference import InferenceOptions, predict_files
 from trainer.model_file import load_classifier, read_metadata
 
@@ -158,3 +159,13 @@ def test_export_of_a_shards_run_checks_on_its_val_shards(shards_run, tmp_path):
     assert "| blue | 9 | 3 |" in card  # class counts from the index: 9 train, 3 val
     record = json.loads((tmp_path / "export" / "export.json").read_text())
     assert record["checked_on"] == f"9 images of the val shards of {read_index(shards).root}"
+
+
+def test_multilabel_rows_are_not_written_to_shards_that_hold_one_label(tmp_path):
+    images = make_multilabel_folder(tmp_path / "multi", count=12)
+    result = run_in_process("make_shards.py", f"data.root={images}", "model.name=tiny_cnn", *MULTILABEL,
+                            "--out", str(tmp_path / "shards"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: shards hold one class index per sample, so multi-label rows cannot be written to them; train "
+        "multi-label runs from the CSV source (data.source = csv)"]
+    assert not (tmp_path / "shards").exists()

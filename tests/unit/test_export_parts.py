@@ -126,3 +126,23 @@ def test_timms_transform_from_the_exported_config_sees_the_pixels_validation_saw
     ours = p.load_normalized(str(tmp_path / "photo.jpg"))
     grey_levels = ((theirs - ours) * torch.tensor(p.std).view(3, 1, 1) * 255).abs()
     assert theirs.shape == ours.shape and grey_levels.mean() < 0.1  # measured: 0.002 center, 0.0 squash
+
+
+@pytest.mark.parametrize("data, says", [
+    ({"source": "folder", "root": "/d"}, "An image folder (`data.root` = `/d`); validation: its own val/ folder."),
+    ({"source": "csv", "root": "/d", "csv": "labels.csv", "csv_split_column": "fold"},
+     "Images listed in a CSV (`data.csv` = `labels.csv`, paths under `data.root` = `/d`); validation: the rows its "
+     "`fold` column marks val."),
+    ({"source": "hf", "root": "/d", "val_fraction": 0.2, "seed": 0},
+     "A Hugging Face dataset on disk (`data.root` = `/d`); validation: its validation split, or else 0.2 of each "
+     "class (stratified, seed 0)."),
+    ({"source": "shards", "root": "/d"}, "Tar shards written by launch/make_shards.py (`data.root` = `/d`); "
+                                         "validation: its val shards."),
+])
+def test_the_card_names_the_source_the_run_read(data, says):
+    from trainer.model_card import CardFacts, model_card
+
+    card = model_card(CardFacts("tiny_cnn", ["a", "b"], "best.safetensors", 1, {}, {"data": data},
+                                {"image_size": 16, "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bilinear",
+                                 "mean": [0.5] * 3, "std": [0.5] * 3}, data_layout="split-folders"))
+    assert says in card
