@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,12 +67,24 @@ def train_command(overrides: list[str], run_dir: Path) -> list[str]:
 
 
 def timed(cmd: list[str], env: dict, killed_at_first_step: bool = True) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
-    seconds = time.perf_counter() - started
-    if done.returncode != (-9 if killed_at_first_step else 0):  # SIGKILL: the crash point after step 1
-        sys.exit(f"{' '.join(cmd[1:3])}... ended with code {done.returncode}, not at its first step: "
-                 f"{done.stderr.strip().splitlines()[-1:] }")
+    """Seconds from start until the process ends (killed at its first step). Until the process
+    ends, not until its output closes: a SIGKILLed trainer's loader workers hold stderr open for
+    seconds more (they check every 5 s whether their parent lives), which is no part of a start.
+    Its session is killed afterwards, so no orphaned worker runs into the next measurement."""
+    with tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                   start_new_session=True)
+        code = process.wait()
+        seconds = time.perf_counter() - started
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if code != (-9 if killed_at_first_step else 0):  # SIGKILL: the crash point after step 1
+            err.seek(0)
+            sys.exit(f"{' '.join(cmd[1:3])}... ended with code {code}, not at its first step: "
+                     f"{err.read().strip().splitlines()[-1:]}")
     return seconds
 
 

@@ -195,13 +195,15 @@ def _usable_rows(rows: list[CsvRow], root: Path, path: Path, multilabel: bool = 
                          "split": row.split or "train", "label": row.label, "problem": problem,
                          "detail": f"{path.name} line {row.line}: {why}", "action": ROW_LEFT_OUT})
 
-    found: dict[str, list[tuple[CsvRow, str]]] = defaultdict(list)
     inside = top.rstrip(os.sep) + os.sep
+    kept: list[tuple[CsvRow, str] | None] = []
+    first: dict[str, int] = {}  # file -> where its first row is in `kept`
+    repeats: dict[str, list[CsvRow]] = defaultdict(list)  # file -> its later rows
     for row in rows:
         if not row.file:
             leave_out(row, "missing", "no file name")
             continue
-        if labels_needed and not label_names(row.label, multilabel) and row.split != "test":
+        if labels_needed and row.split != "test" and not (label_names(row.label, True) if multilabel else row.label):
             leave_out(row, "no_label", f"{row.file} has no label")
             continue
         file = _find_file(top, row.file)
@@ -209,21 +211,23 @@ def _usable_rows(rows: list[CsvRow], root: Path, path: Path, multilabel: bool = 
             leave_out(row, "missing", f"{row.file} not found under {root}")
         elif not file.startswith(inside):
             leave_out(row, "outside_root", f"{row.file} is outside data.root", file)
+        elif file in first:
+            repeats[file].append(row)
         else:
-            found[file].append((row, file))
-    kept = []
-    for file, entries in found.items():
-        labels = {";".join(sorted(label_names(r.label, multilabel))) for r, _ in entries} if len(entries) > 1 else ()
+            first[file] = len(kept)
+            kept.append((row, file))
+    for file in sorted(repeats, key=first.get):  # in the order the files first appear
+        head = kept[first[file]][0]
+        labels = {";".join(sorted(label_names(r.label, multilabel))) for r in (head, *repeats[file])}
         if len(labels) > 1:
-            for row, _ in entries:
+            kept[first[file]] = None
+            for row in (head, *repeats[file]):
                 leave_out(row, "conflicting_labels", f"{row.file} is listed under {len(labels)} labels "
                                                      f"({', '.join(sorted(labels))})", file)
             continue
-        kept.append(entries[0])
-        for row, _ in entries[1:]:
-            leave_out(row, "duplicate_row", f"{row.file} repeats line {entries[0][0].line}", file)
-    kept.sort(key=lambda e: e[0].line)
-    return kept, problems
+        for row in repeats[file]:
+            leave_out(row, "duplicate_row", f"{row.file} repeats line {head.line}", file)
+    return [entry for entry in kept if entry is not None], problems
 
 
 def _find_file(root: str, name: str) -> str | None:
