@@ -124,7 +124,7 @@ def main() -> None:
         runs = [timed(train_command(overrides, base / f"run-{source}-{i}"), dict(env, IMGTRAIN_CRASH_AT="after_step:1"))
                 for i in range(args.repeats)]
         print(f"  {source + ': command to first step, warm audit cache':<52} {statistics.median(runs):6.1f} s "
-              f"(runs {', '.join(f'{r:.1f}' for r in runs)}; first, cold cache: {warm:.1f} s)")
+              f"(runs {', '.join(f'{r:.1f}' for r in runs)}; first run, which warms the caches: {warm:.1f} s)")
 
 
 if __name__ == "__main__":
