@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -61,6 +62,7 @@ def source_overrides(source: str, images: Path, shards: Path) -> list[str]:
 
 
 def train_command(overrides: list[str], run_dir: Path) -> list[str]:
+    shutil.rmtree(run_dir, ignore_errors=True)  # each start in a new run folder
     return [sys.executable, str(REPO / "launch" / "train.py"), *overrides, f"run.dir={run_dir}",
             "model.name=tiny_cnn", "data.image_size=16", "data.batch_size=32", "data.num_workers=1",
             "train.epochs=1", "runtime.device=cpu", "wandb.mode=disabled"]
