@@ -29,6 +29,16 @@ def fresh_accelerate_state():
     reset_accelerate_state()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _audit_caches_in_the_sessions_folder(tmp_path_factory):
+    """Module and session fixtures start before the per-test settings below: their runs' audit
+    caches go to this session's tmp folder, not ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("IMGTRAIN_AUDIT_DIR", str(tmp_path_factory.mktemp("audit-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _no_wandb_network(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")

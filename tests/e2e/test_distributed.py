@@ -1,4 +1,5 @@
-"""Same result on 1 process, 2 DDP processes on one machine, and 2 "machines" on 127.0.0.1.
+"""Same result on 1 process, 2 DDP processes on one machine, and 2 "machines" on 127.0.0.1; and a
+CSV listing the folder's files trains bitwise like the folder itself under 2-process DDP.
 
 Real `accelerate launch` subprocesses on CPU (DDP over gloo). The model has no BatchNorm, the
 global batch is the same (16 = 16 x 1 = 8 x 2), the data has no augmentation, so the runs may
@@ -7,12 +8,14 @@ differ only by floating-point summation order in the gradient all-reduce.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
 import subprocess
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from helpers import ACCELERATE, REPO, make_image_folder, run_env
@@ -67,6 +70,16 @@ def one_process(images, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def two_processes(images, tmp_path_factory):
+    """One 2-process DDP run on this machine (8 per process): its run folder and its stdout."""
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    proc = _launch(["--multi_gpu", "--num_machines", "1", "--num_processes", "2"], _overrides(images, run_dir, 8),
+                   run_dir.parent)
+    out, _ = _finish(proc)
+    return run_dir, out
+
+
 def _assert_same_training(run_dir, reference):
     ours, theirs = _history(run_dir), _history(reference)
     assert len(ours) == len(theirs) == EPOCHS
@@ -85,12 +98,8 @@ def _assert_same_training(run_dir, reference):
     assert worst < WEIGHT_ATOL, f"weights differ by {worst}"
 
 
-def test_two_process_cpu_ddp_matches_one_process(images, one_process, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _launch(["--multi_gpu", "--num_machines", "1", "--num_processes", "2"], _overrides(images, run_dir, 8),
-                   tmp_path)
-    out, err = _finish(proc)
-
+def test_two_process_cpu_ddp_matches_one_process(one_process, two_processes):
+    run_dir, out = two_processes
     _assert_same_training(run_dir, one_process)
     # One run folder, one set of files: only the main process writes, so the 2-process folder
     # holds exactly what the 1-process run wrote.
@@ -142,3 +151,26 @@ def test_slurm_batch_script_launches_two_machines(images, one_process, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("machines 2, parallel ddp") == 1
     _assert_same_training(run_dir, one_process)
+
+
+def test_csv_of_the_folders_files_trains_bitwise_like_the_folder_under_ddp(images, two_processes, tmp_path):
+    # The folder's own files, listed with their class and split in columns named unlike the defaults.
+    listing = tmp_path / "labels.csv"
+    with open(listing, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("path", "breed", "subset"))
+        for p in sorted(images.rglob("*.png")):
+            split, label = p.relative_to(images).parts[:2]
+            writer.writerow((p.relative_to(images).as_posix(), label, split))
+    run_dir = tmp_path / "csv"
+    proc = _launch(["--multi_gpu", "--num_machines", "1", "--num_processes", "2"],
+                   [*_overrides(images, run_dir, 8), "data.source=csv", f"data.csv={listing}",
+                    "data.csv_file_column=path", "data.csv_label_column=breed", "data.csv_split_column=subset"],
+                   tmp_path)
+    out, _ = _finish(proc)
+    assert "(csv): 3 classes, 48 train / 15 val images" in out
+    folder = two_processes[0]
+    keys = ("train_loss", "val_loss", "val_acc")
+    assert [{k: r[k] for k in keys} for r in _history(run_dir)] == [{k: r[k] for k in keys} for r in _history(folder)]
+    ours, theirs = load_file(run_dir / "last.safetensors"), load_file(folder / "last.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

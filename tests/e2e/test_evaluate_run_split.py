@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from data.transforms import Preprocessing
-from helpers import COLORS, make_image_folder, run_script
+from helpers import COLORS, make_image_folder, run_in_process, run_script
 from models import HeadSpec, build_classifier
 from trainer.build import audited_splits, load_config
 from trainer.evaluation import run_config, training_images_among
@@ -42,14 +42,18 @@ def _train(root, run_dir, augment, epochs=1):
     return run_dir / "best.safetensors"
 
 
-@pytest.mark.parametrize("augment,crop_mode", [("standard", "center"), ("stretch", "squash"), ("square", "border")])
-def test_evaluate_split_val_gives_back_the_recorded_val_acc(tmp_path, augment, crop_mode):
+# evaluate.py runs as a process once; the other crop modes run the same entry point in-process.
+@pytest.mark.parametrize("augment,crop_mode,runner", [("standard", "center", run_script),
+                                                      ("stretch", "squash", run_in_process),
+                                                      ("square", "border", run_in_process)],
+                         ids=["standard-center", "stretch-squash", "square-border"])
+def test_evaluate_split_val_gives_back_the_recorded_val_acc(tmp_path, augment, crop_mode, runner):
     root = _wide_image_folder(tmp_path / "images")
     best = _train(root, tmp_path / "run", augment)
     meta = read_metadata(best)
     assert meta["preprocessing"]["crop_mode"] == crop_mode
 
-    result = run_script("evaluate.py", "--checkpoint", str(best), "--split", "val", "--num-workers", "0", cwd=tmp_path)
+    result = runner("evaluate.py", "--checkpoint", str(best), "--split", "val", "--num-workers", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "run" / "eval-val" / "metrics.json").read_text())
     recorded = meta["metrics"]
@@ -69,8 +73,9 @@ def test_evaluate_split_val_gives_back_the_recorded_val_acc(tmp_path, augment, c
 def test_evaluate_warns_when_the_folder_holds_training_images(tmp_path):
     root = make_image_folder(tmp_path / "images", per_class=6)
     best = _train(root, tmp_path / "run", "standard")
-    result = run_script("evaluate.py", "--checkpoint", str(best), str(root), "--out-dir", str(tmp_path / "eval"),
-                        "--num-workers", "0", cwd=tmp_path)
+    # In-process: evaluate.py on a folder runs as a process in test_predict_evaluate_cli.py.
+    result = run_in_process("evaluate.py", "--checkpoint", str(best), str(root), "--out-dir", str(tmp_path / "eval"),
+                            "--num-workers", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (warning,) = [line for line in result.stderr.splitlines() if "training images" in line]
     assert warning.startswith(f"warning: 12 of 18 images in {root} were training images")
@@ -103,8 +108,9 @@ def test_a_checkpoint_with_compiled_key_names_predicts(tmp_path):
     old = tmp_path / "compiled.safetensors"
     save_file({f"_orig_mod.{k}": v for k, v in load_file(str(best)).items()}, str(old), metadata=metadata)
     out = tmp_path / "preds.csv"
-    result = run_script("predict.py", "--checkpoint", str(old), str(root), "--out", str(out), "--num-workers", "0",
-                        cwd=tmp_path)
+    # In-process: predict.py runs as a process in test_predict_evaluate_cli.py.
+    result = run_in_process("predict.py", "--checkpoint", str(old), str(root), "--out", str(out), "--num-workers", "0",
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 12 and all(r["class"] in COLORS and not r["error"] for r in rows)

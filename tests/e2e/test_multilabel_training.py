@@ -5,7 +5,7 @@ subprocess as a user runs it."""
 import csv
 import json
 
-from helpers import MULTILABEL, make_multilabel_folder, run_script
+from helpers import MULTILABEL, make_multilabel_folder, run_in_process, run_script
 from trainer.model_file import read_metadata
 
 CLASSES = ["blue", "green", "red"]
@@ -72,9 +72,10 @@ def test_a_tiny_cnn_learns_multilabel_colors_and_predict_evaluate_use_its_thresh
     assert "class  precision  recall      f1      AP  threshold  support" in result.stdout
     print(f"held-out: mAP {report['map']:.4f}, micro F1 {report['micro_f1']:.4f}, macro F1 {report['macro_f1']:.4f}")
 
-    # A class the checkpoint does not know is bad input: one line naming it, exit 2.
+    # A class the checkpoint does not know is bad input: one line naming it, exit 2 (in-process: it
+    # ends before any work; evaluate.py ran as a process above).
     (held_out / "extra.csv").write_text("file,labels\nimages/img_000.png,red;purple\n")
-    result = run_script("evaluate.py", "--checkpoint", str(run_dir / "best.safetensors"), "--csv",
+    result = run_in_process("evaluate.py", "--checkpoint", str(run_dir / "best.safetensors"), "--csv",
                         str(held_out / "extra.csv"), "--out-dir", str(tmp_path / "eval2"), cwd=tmp_path)
     assert result.returncode == 2 and not (tmp_path / "eval2").exists()
     assert result.stderr.strip().splitlines()[-1] == (f"error: label 'purple' of img_000.png in "

@@ -1,11 +1,15 @@
-"""Faults and bad inputs a user meets, each as a real `launch/train.py` process: the exit code,
-the one line it prints, and the files on disk before and after. Nothing intact is ever lost."""
+"""Faults and bad inputs a user meets, as real `launch/train.py` processes: the exit code, the one
+line it prints, and the files on disk before and after. Nothing intact is ever lost. Refusals that
+come before any training run the same entry point in-process (helpers.run_in_process), which
+saves an interpreter start each; every fault that needs a process (a kill, a lock held by another
+process, a full disk mid-run, a launcher) runs one."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import ACCELERATE, PYTHON, REPO, make_image, run_env, run_script
+from helpers import ACCELERATE, PYTHON, REPO, make_image, make_image_folder, run_env, run_in_process, run_script
 from trainer.model_file import read_metadata
 from trainer.state_folder import COMPLETE, verify
 
@@ -22,9 +26,10 @@ TINY = ["model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.
         "optim.lr=0.01", "runtime.device=cpu"]
 
 
-def _train(root, run_dir, *extra, env=None, cwd=None):
-    return run_script("train.py", f"data.root={root}", f"run.dir={run_dir}", *TINY, *extra, cwd=cwd or run_dir.parent,
-                      env=env)
+def _train(root, run_dir, *extra, env=None, cwd=None, runner=run_script):
+    kwargs = {} if runner is run_in_process else {"env": env}
+    return runner("train.py", f"data.root={root}", f"run.dir={run_dir}", *TINY, *extra, cwd=cwd or run_dir.parent,
+                  **kwargs)
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -41,13 +46,27 @@ def _one_error_line(result, code: int) -> str:
     return errors[0]
 
 
-@pytest.fixture
-def finished_run(image_folder, tmp_path):
-    """A run of 2 epochs, finished: checkpoints, best/last and metrics.jsonl on disk."""
-    run_dir = tmp_path / "run"
-    result = _train(image_folder, run_dir, "train.epochs=2")
+@pytest.fixture(scope="module")
+def _finished(tmp_path_factory):
+    """One real run of 2 epochs, finished, and its images; tests change copies of it (finished_run)."""
+    root = tmp_path_factory.mktemp("finished")
+    images = make_image_folder(root / "images")
+    run_dir = root / "run"
+    result = run_script("train.py", f"data.root={images}", f"run.dir={run_dir}", *TINY, "train.epochs=2", cwd=root,
+                        env=run_env(IMGTRAIN_AUDIT_DIR=str(root / "audit")))
     assert result.returncode == 0, result.stderr[-2000:]
-    return run_dir
+    return images, run_dir
+
+
+@pytest.fixture
+def finished_run(_finished, tmp_path):
+    """A copy of a finished run of 2 epochs: checkpoints, best/last and metrics.jsonl on disk."""
+    return shutil.copytree(_finished[1], tmp_path / "run", symlinks=True)
+
+
+@pytest.fixture
+def finished_images(_finished):
+    return _finished[0]
 
 
 # ---- one run per folder ----
@@ -61,7 +80,9 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_a_dead_runs_lock_is_taken_
         _wait_for(lambda: (run_dir / "metrics.jsonl").is_file(), 120)
         holder = json.loads((run_dir / ".lock").read_text())
         assert holder["pid"] == first.pid
-        line = _one_error_line(_train(image_folder, run_dir, "train.epochs=2", "run.resume=auto"), 2)
+        # The refused run in-process: the lock is checked before anything else (the run below is a process).
+        line = _one_error_line(_train(image_folder, run_dir, "train.epochs=2", "run.resume=auto",
+                                      runner=run_in_process), 2)
         assert f"is in use by another run (host {holder['host']}, pid {first.pid}, started {holder['started']})" in line
     finally:
         first.send_signal(signal.SIGKILL)
@@ -103,17 +124,18 @@ def test_a_run_dir_that_is_a_file_is_refused_before_any_work(image_folder, tmp_p
 
 # ---- resume never makes things worse ----
 
-def test_auto_resume_with_every_checkpoint_damaged_changes_nothing(image_folder, finished_run):
+def test_auto_resume_with_every_checkpoint_damaged_changes_nothing(finished_images, finished_run):
     for folder in (finished_run / "checkpoints").glob("step-*"):
         model = folder / "model.safetensors"
         model.write_bytes(model.read_bytes()[:100])
     before = _snapshot(finished_run)
-    line = _one_error_line(_train(image_folder, finished_run, "train.epochs=3", "run.resume=auto"), 2)
+    line = _one_error_line(_train(finished_images, finished_run, "train.epochs=3", "run.resume=auto",
+                                  runner=run_in_process), 2)
     assert "every checkpoint" in line and "is damaged" in line and "another run.dir" in line
     assert _snapshot(finished_run) == before
 
 
-def test_a_hand_edited_state_json_is_named(image_folder, finished_run):
+def test_a_hand_edited_state_json_is_named(finished_images, finished_run):
     folder = finished_run / "checkpoints" / (finished_run / "checkpoints" / "latest").read_text().strip()
     state = json.loads((folder / "state.json").read_text())
     del state["global_step"]
@@ -122,8 +144,7 @@ def test_a_hand_edited_state_json_is_named(image_folder, finished_run):
     data = (folder / "state.json").read_bytes()
     marker["files"]["state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (folder / COMPLETE).write_text(json.dumps(marker))
-    result = run_script("train.py", f"data.root={image_folder}", f"run.dir={finished_run}", *TINY, "train.epochs=3",
-                        f"run.resume={folder}", cwd=finished_run.parent)
+    result = _train(finished_images, finished_run, "train.epochs=3", f"run.resume={folder}", runner=run_in_process)
     line = _one_error_line(result, 2)
     assert "state.json has no 'global_step'" in line
 
@@ -157,7 +178,9 @@ def test_a_full_disk_while_writing_last_safetensors_keeps_the_previous_one(image
 def test_a_text_file_as_weights_is_one_line(image_folder, tmp_path):
     weights = tmp_path / "x.pth"
     weights.write_text("these are not weights\n" * 10)
-    line = _one_error_line(_train(image_folder, tmp_path / "run", f"model.weights={weights}"), 2)
+    # In-process: refused before any training (a model built, weights read: a process in test_bad_inputs.py).
+    line = _one_error_line(_train(image_folder, tmp_path / "run", f"model.weights={weights}",
+                                  runner=run_in_process), 2)
     assert f"{weights} is not a readable torch weights file" in line
     assert not (tmp_path / "run").exists()
 
@@ -183,7 +206,8 @@ def test_the_audit_says_when_a_class_has_no_usable_images(tmp_path):
         (root / name).mkdir(parents=True)
         for i in range(3):
             (root / name / f"{i}.jpg").write_bytes(b"not a jpeg")
-    result = run_script("audit.py", str(root), "--no-cache", cwd=tmp_path)
+    # In-process: audit.py runs as a process in test_audit_cli.py.
+    result = run_in_process("audit.py", str(root), "--no-cache", cwd=tmp_path)
     assert "infx" not in result.stdout and "some train class has no usable images" in result.stdout
 
 

@@ -19,37 +19,44 @@ def train_ddp(image_folder, run_dir, *extra, crash: str = ""):
                       env=run_env(IMGTRAIN_CRASH_AT=crash))
 
 
-def test_two_process_run_killed_and_resumed_ends_bitwise_identical(image_folder, tmp_path):
+def test_two_process_run_with_ema_killed_and_resumed_ends_bitwise_identical(image_folder, tmp_path):
+    # The run keeps an EMA of its weights: every process keeps the same average (the weights are the
+    # same after each step) and evaluates it; the main process saves it, and both load it back on resume.
+    # The same kills prove the resume of the raw weights and of the average.
+    ema = "train.ema_decay=0.9"
     reference = tmp_path / "reference"
-    r = train_ddp(image_folder, reference)
+    r = train_ddp(image_folder, reference, ema)
     assert r.returncode == 0, r.stderr[-3000:]
 
     run = tmp_path / "killed"
     # Both processes SIGKILLed mid-epoch at step 7: the newest checkpoint is step 6.
-    r = train_ddp(image_folder, run, crash="after_step:7")
+    r = train_ddp(image_folder, run, ema, crash="after_step:7")
     assert r.returncode != 0
     assert step_folders(run)[-1] == "step-00000006"
-    assert verify(run / "checkpoints" / "step-00000006")["num_processes"] == 2
+    saved = verify(run / "checkpoints" / "step-00000006")
+    assert saved["num_processes"] == 2 and saved["ema"]["updates"] == 6
     assert {p.name for p in (run / "checkpoints" / "step-00000006").glob("rank-*")} == {
         "rank-0.json", "rank-0.safetensors", "rank-1.json", "rank-1.safetensors"}
     one_process_copy = tmp_path / "resumed-with-one-process"
     shutil.copytree(run, one_process_copy)
     # Killed again while checkpoint 8 (the end of epoch 2) is written.
-    r = train_ddp(image_folder, run, "run.resume=auto", crash="checkpoint_write:8")
+    r = train_ddp(image_folder, run, ema, "run.resume=auto", crash="checkpoint_write:8")
     assert r.returncode != 0
     assert not (run / "checkpoints" / ".tmp-step-00000008" / COMPLETE).exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
-    r = train_ddp(image_folder, run, "run.resume=auto")
+    r = train_ddp(image_folder, run, ema, "run.resume=auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step-00000006" in r.stdout
 
-    for name in ("last.safetensors", "best.safetensors"):
+    for name in ("last.safetensors", "best.safetensors", "ema.safetensors"):
         assert_same_bits(reference / name, run / name)
-    assert metrics_without_timing(run) == metrics_without_timing(reference)
+    rows = metrics_without_timing(run)
+    assert rows == metrics_without_timing(reference)
+    assert [row["val_images"] for row in rows] == [9, 9, 9] and all("ema_val_acc" in row for row in rows)
 
     # The same 2-process checkpoint resumed by 1 process: a warning, the same samples seen, no bitwise claim.
     r = run_script("train.py", *tiny_run_args(image_folder, one_process_copy, "data.num_workers=0",
-                                              "train.checkpoint_every_steps=2", "run.resume=auto"),
+                                              "train.checkpoint_every_steps=2", ema, "run.resume=auto"),
                    cwd=tmp_path, env=run_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("resuming a 2-process checkpoint with 1 processes: training continues from the same 44 samples "
@@ -60,24 +67,3 @@ def test_two_process_run_killed_and_resumed_ends_bitwise_identical(image_folder,
     # for one process; epoch 3 is one process's whole epoch.
     assert [row["train_images"] for row in rows] == [28, 27, 27]
     assert verify(one_process_copy / "checkpoints" / step_folders(one_process_copy)[-1])["num_processes"] == 1
-
-
-def test_two_process_run_with_ema_killed_and_resumed_ends_bitwise_identical(image_folder, tmp_path):
-    # Every process keeps the same average (the weights are the same after each step) and evaluates
-    # it; the main process saves it, and both load it back on resume.
-    reference = tmp_path / "reference"
-    r = train_ddp(image_folder, reference, "train.ema_decay=0.9")
-    assert r.returncode == 0, r.stderr[-3000:]
-    run = tmp_path / "killed"
-    r = train_ddp(image_folder, run, "train.ema_decay=0.9", crash="after_step:7")
-    assert r.returncode != 0
-    assert verify(run / "checkpoints" / "step-00000006")["ema"]["updates"] == 6
-    r = train_ddp(image_folder, run, "train.ema_decay=0.9", "run.resume=auto")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "step-00000006" in r.stdout
-
-    for name in ("last.safetensors", "best.safetensors", "ema.safetensors"):
-        assert_same_bits(reference / name, run / name)
-    rows = metrics_without_timing(run)
-    assert rows == metrics_without_timing(reference)
-    assert [row["val_images"] for row in rows] == [9, 9, 9] and all("ema_val_acc" in row for row in rows)

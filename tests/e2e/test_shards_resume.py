@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from helpers import accelerate_launch, make_image_folder, run_env, run_script
+from helpers import accelerate_launch, make_image_folder, run_env, run_in_process, run_script
 from resume_runs import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
 
 TWO_PROCESSES = accelerate_launch("--multi_gpu", "--num_processes", "2", "--mixed_precision", "no")
@@ -30,9 +30,15 @@ def shard_folder(tmp_path_factory):
     return root / "shards"
 
 
+def shard_run_args(shards, run_dir, *extra):
+    # Two epochs: each test's first kill is in epoch 1, so its resumed run also goes on into a fresh
+    # epoch's order.
+    return tiny_run_args(shards, run_dir, "data.source=shards", "data.shuffle_buffer=6", "train.epochs=2", *extra)
+
+
 def train(shards, run_dir, *extra, crash: str = "", launcher=()):
-    args = tiny_run_args(shards, run_dir, "data.source=shards", "data.shuffle_buffer=6", *extra)
-    return run_script("train.py", *args, cwd=run_dir.parent, launcher=launcher, env=run_env(IMGTRAIN_CRASH_AT=crash))
+    return run_script("train.py", *shard_run_args(shards, run_dir, *extra), cwd=run_dir.parent, launcher=launcher,
+                      env=run_env(IMGTRAIN_CRASH_AT=crash))
 
 
 def assert_same_run(reference, run):
@@ -42,7 +48,7 @@ def assert_same_run(reference, run):
 
 
 def test_one_process_two_workers_killed_mid_epoch_and_resumed_ends_bitwise_identical(shard_folder, tmp_path):
-    # 27 samples, batch 4: 7 steps per epoch (the last of 3 samples), 21 in all; a checkpoint every 3 steps.
+    # 27 samples, batch 4: 7 steps per epoch (the last of 3 samples), 14 in all; a checkpoint every 3 steps.
     common = ("data.num_workers=2",)
     reference = tmp_path / "reference"
     r = train(shard_folder, reference, *common)
@@ -71,18 +77,18 @@ def test_one_process_two_workers_killed_mid_epoch_and_resumed_ends_bitwise_ident
 
 
 def test_two_processes_killed_mid_epoch_and_resumed_end_bitwise_identical(shard_folder, tmp_path):
-    # 27 samples padded to 28: 14 per process, 4 steps per epoch (4, 4, 4, 2 samples), 12 in all.
+    # 27 samples padded to 28: 14 per process, 4 steps per epoch (4, 4, 4, 2 samples), 8 in all.
     common = ("data.num_workers=1", "train.checkpoint_every_steps=2")
     reference = tmp_path / "reference"
     r = train(shard_folder, reference, *common, launcher=TWO_PROCESSES)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "killed"
-    r = train(shard_folder, run, *common, crash="after_step:7", launcher=TWO_PROCESSES)  # epoch 2, batch 3
+    r = train(shard_folder, run, *common, crash="after_step:3", launcher=TWO_PROCESSES)  # epoch 1, batch 3
     assert r.returncode != 0
-    assert step_folders(run)[-1] == "step-00000006"
-    r = train(shard_folder, run, *common, "run.resume=auto", launcher=TWO_PROCESSES)
+    assert step_folders(run)[-1] == "step-00000002"
+    r = train(shard_folder, run, *common, "run.resume=auto", launcher=TWO_PROCESSES)  # on into epoch 2
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step-00000006" in r.stdout
+    assert "step-00000002" in r.stdout
     assert_same_run(reference, run)
 
 
@@ -92,13 +98,15 @@ def test_damaged_shards_and_bad_arguments_end_in_one_line_with_nothing_written(s
     data = bytearray(shard.read_bytes())
     data[600] ^= 0xFF  # same size, one byte of an image changed
     shard.write_bytes(bytes(data))
+    # Refused before any training: the entry points run in-process (the tests above and the fixture run
+    # train.py and make_shards.py as real processes).
     run_dir = tmp_path / "run"
-    r = train(damaged, run_dir)
+    r = run_in_process("train.py", *shard_run_args(damaged, run_dir), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: {shard} is damaged: its sha256 differs from index.json's; copy it again or rewrite the shards"]
     assert not run_dir.exists()
     (damaged / "index.json").unlink()
-    r = train(damaged, run_dir)
+    r = run_in_process("train.py", *shard_run_args(damaged, run_dir), cwd=tmp_path)
     last_line = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last_line.startswith(f"error: {damaged / 'index.json'} not found")
     assert not run_dir.exists()
@@ -108,7 +116,6 @@ def test_damaged_shards_and_bad_arguments_end_in_one_line_with_nothing_written(s
              (("--out", str(tmp_path / "x"), "--shard-size", "lots"), "error: --shard-size 'lots': give bytes"),
              (("--out", str(tmp_path / "x"), "data.source=shards"), "error: the config already reads shards")]
     for args, line in cases:
-        r = run_script("make_shards.py", f"data.root={images}", "model.name=tiny_cnn", *args, cwd=tmp_path,
-                       env=run_env())
+        r = run_in_process("make_shards.py", f"data.root={images}", "model.name=tiny_cnn", *args, cwd=tmp_path)
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(line), r.stderr
     assert not (tmp_path / "x").exists()

@@ -1,6 +1,6 @@
-"""Every source trains through real `accelerate launch` runs: a CSV listing the folder's files
-trains bitwise like the folder itself under 2-process DDP, a saved Hugging Face dataset trains
-with one process, and a bad CSV ends in one line under the launcher."""
+"""Sources through real `accelerate launch` runs: a saved Hugging Face dataset trains with one
+process; a bad CSV ends in one line. (A CSV listing the folder's files trains bitwise like the
+folder itself under 2-process DDP in test_distributed.py, which shares the folder's run.)"""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ import json
 import subprocess
 
 import pytest
-from safetensors.torch import load_file
 
-from helpers import ACCELERATE, REPO, run_env
-
-TWO_PROCESSES = ("--multi_gpu", "--num_machines", "1", "--num_processes", "2")
+from helpers import ACCELERATE, REPO, run_env, run_in_process
 
 
 def _overrides(run_dir, *extra, epochs=1):
@@ -31,38 +28,25 @@ def _history(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _same_run(a, b):
-    keys = ("train_loss", "val_loss", "val_acc")
-    assert [{k: r[k] for k in keys} for r in _history(a)] == [{k: r[k] for k in keys} for r in _history(b)]
-    wa, wb = load_file(str(a / "last.safetensors")), load_file(str(b / "last.safetensors"))
-    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
-
-
-def test_csv_of_the_folders_files_trains_bitwise_like_the_folder_under_ddp(images, tmp_path):
-    with open(images / "labels.csv", "w", newline="") as f:
+def test_a_csv_without_the_file_column_ends_in_one_line(images, tmp_path):
+    # The folder's files in columns named unlike the defaults; data.csv_file_column left at "file".
+    # In-process: refused while the run is built, before any training. That such an error ends a
+    # 2-process `accelerate launch` with its line (after torchrun's failure table) is
+    # test_reliability.py's test_a_failed_accelerate_launch_ends_with_the_error_line.
+    listing = tmp_path / "labels.csv"
+    with open(listing, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(("path", "breed", "subset"))
         for p in sorted(images.rglob("*.png")):
             split, label = p.relative_to(images).parts[:2]
             writer.writerow((p.relative_to(images).as_posix(), label, split))
-    folder = _launch(TWO_PROCESSES, [f"data.root={images}", *_overrides(tmp_path / "folder")], tmp_path)
-    assert folder.returncode == 0, folder.stderr[-3000:]
-    from_csv = _launch(TWO_PROCESSES, [f"data.root={images}", "data.source=csv", "data.csv=labels.csv",
-                                       "data.csv_file_column=path", "data.csv_label_column=breed",
-                                       "data.csv_split_column=subset", *_overrides(tmp_path / "csv")], tmp_path)
-    assert from_csv.returncode == 0, from_csv.stderr[-3000:]
-    assert "(csv): 3 classes, 48 train / 15 val images" in from_csv.stdout
-    _same_run(tmp_path / "folder", tmp_path / "csv")
-
-    # The same CSV with a column that is not there: one line, the launcher's code, nothing written.
-    bad = _launch(TWO_PROCESSES, [f"data.root={images}", "data.source=csv", "data.csv=labels.csv",
-                                  *_overrides(tmp_path / "bad")], tmp_path)
-    assert bad.returncode != 0
-    # torchrun's failure table ends the output; its root cause is the line.
-    lines = [line.strip() for line in (bad.stdout + bad.stderr).splitlines() if line.strip("= \n")]
-    assert lines[-1].endswith(
-        "has no column 'file' (its columns: path, breed, subset); set data.csv_file_column to the right one")
-    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+    bad = run_in_process("train.py", f"data.root={images}", "data.source=csv", f"data.csv={listing}",
+                         *_overrides(tmp_path / "bad"), cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {listing} has no column 'file' (its columns: path, breed, subset); set data.csv_file_column to "
+        "the right one"]
+    assert not (tmp_path / "bad").exists()
 
 
 def test_saved_hugging_face_dataset_trains_with_one_process(images, tmp_path):
