@@ -24,8 +24,8 @@ from accelerate import Accelerator  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import build_classifier  # noqa: E402
-from trainer.ema import WeightEma  # noqa: E402
-from trainer.step import StepCounters, StepOptions, StepParts, train_step  # noqa: E402
+from trainer.fit.ema import WeightEma  # noqa: E402
+from trainer.fit.step import StepCounters, StepOptions, StepParts, train_step  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -4,7 +4,7 @@
     python benchmarks/export_check.py timm/resnet50 timm/vit_small_patch16_224 --image-size 224
 
 Builds each model with a 10-class head (random weights: nothing is downloaded), exports it as
-launch/export.py does (trainer.onnx_export: dynamic batch, opset 18) and runs the same check on
+launch/export.py does (trainer.export.onnx_file: dynamic batch, opset 18) and runs the same check on
 8 random inputs: max |logit difference| against PyTorch and top-1 agreement, in one batch and in
 a batch of one. A model that does not export prints the one line export.py would print.
 """
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from configs.errors import ProjectError  # noqa: E402
 from models import build_classifier  # noqa: E402
-from trainer.onnx_export import check_onnx, export_onnx  # noqa: E402
+from trainer.export.onnx_file import check_onnx, export_onnx  # noqa: E402
 
 DEFAULT = ["timm/resnet50", "timm/efficientnet_b0", "timm/vit_small_patch16_224", "timm/convnext_tiny",
            "timm/regnety_016", "timm/swin_tiny_patch4_window7_224", "timm/mobilenetv3_large_100",

@@ -31,8 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from helpers import make_image_folder
-    from trainer.build import load_config
-    from trainer.loop import train
+    from trainer.assemble.run_config import load_config
+    from trainer.fit.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -5,7 +5,7 @@
 Prints seconds per step and the ratio to fp32, measured side by side in one run (alternating, so
 a busy machine slows every variant alike). Whether this CPU runs bf16 natively is printed too:
 without AVX512-BF16/AMX, oneDNN emulates it and bf16 is expected to be slower, which is why
-trainer/runtime.py turns fp16-on-CPU into fp32 there.
+trainer/assemble/accelerator.py turns fp16-on-CPU into fp32 there.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.simple_cnn import SimpleCNN  # noqa: E402
-from trainer.runtime import cpu_has_native_bf16  # noqa: E402
+from trainer.assemble.accelerator import cpu_has_native_bf16  # noqa: E402
 
 
 def main() -> None:

@@ -117,9 +117,9 @@ def main() -> None:
     shards = base / f"shards-{args.files}"
     sources = [s for s in args.sources if s != "shards" or make_shards(images, shards, env)]
     print(f"{args.files:,} files ready in {time.perf_counter() - started:.0f}s ({os.cpu_count()} cores)")
-    floor = timed([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import trainer.loop"], env,
+    floor = timed([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import trainer.fit.loop"], env,
                   killed_at_first_step=False)
-    print(f"  {'python + import trainer.loop (the floor)':<52} {floor:6.1f} s")
+    print(f"  {'python + import trainer.fit.loop (the floor)':<52} {floor:6.1f} s")
     for source in sources:
         overrides = source_overrides(source, images, shards)
         warm = timed(train_command(overrides, base / f"run-{source}-warm"), dict(env, IMGTRAIN_CRASH_AT="after_step:1"))

@@ -194,7 +194,7 @@ def our_pipeline(args, folder: Path, device: torch.device, channels_last: bool):
     splits = discover(str(folder), 0.2, 0)
     transform, after = train_transform("standard", args.image_size)
     dataset, loading, decode = ImageListDataset(splits.train, transform), Loading(args.workers, device.type == "cuda", 4), None
-    if args.decode == "cuda":  # as trainer.build wires data.decode = "cuda"
+    if args.decode == "cuda":  # as trainer.assemble.run_parts wires data.decode = "cuda"
         from data.device_decode import DeviceDecode, EncodedTransform, collate_encoded
 
         dataset = ImageListDataset(splits.train, EncodedTransform(transform.plan))

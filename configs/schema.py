@@ -2,7 +2,7 @@
 
 The bottom layer of the project: it imports nothing of `data`, `models`, `trainer` or `launch`,
 so every layer can read a Config. Rules that need those layers (augmentation op names,
-fine-tuning combinations) are checked by `trainer.build.load_config`, which every entry point uses.
+fine-tuning combinations) are checked by `trainer.assemble.run_config.load_config`, which every entry point uses.
 
 The schema is the dataclasses below. Each section is a table in the TOML file; each field is a
 key. A field's type annotation decides how an override string is parsed, and `choices` in its
@@ -50,7 +50,7 @@ class DataConfig:
     image_size: int = _doc(224, "side of the square crop the model sees")
     crop_pct: float = _doc(0.875, "eval resizes to image_size / crop_pct, then center-crops")
     batch_size: int | str = _doc(32, "images per process per step; auto: on CUDA the largest that fits with a "
-                                     "margin (trainer/batch_size.py), 32 on CPU; config.toml records the number")
+                                     "margin (trainer/assemble/batch_size.py), 32 on CPU; config.toml records the number")
     num_workers: int | str = _doc("auto", "DataLoader worker processes per training process (auto: this "
                                           "machine's cores / processes on it, less one for the trainer)")
     prefetch_factor: int = _doc(4, "batches each worker keeps ready ahead of training")
@@ -380,7 +380,7 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
 
 def read_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate the
-    schema's own rules. `trainer.build.load_config` adds the rules of the data and model layers."""
+    schema's own rules. `trainer.assemble.run_config.load_config` adds the rules of the data and model layers."""
     cfg = Config()
     if path is not None:
         path = Path(path)

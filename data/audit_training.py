@@ -7,6 +7,7 @@ same answer from the cache without writing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Callable
 
 from data.audit import DEGENERATE_SIDE, MAX_ASPECT, AuditResult, audit_splits
 from data.folders import Splits
+from data.sources import load_splits
 from data.stats import training_stats
 from configs.errors import UsageError
 
@@ -30,6 +32,21 @@ class TrainingData:
 def min_side_for(data_cfg) -> int:
     """data.min_image_side, or (0) only degenerate images: small ones are upsampled, not dropped."""
     return data_cfg.min_image_side or DEGENERATE_SIDE
+
+
+def audited_splits(data_cfg) -> Splits:
+    """The split a run of this data config trains and validates on (after the audit left bad files
+    out), for one process outside training: evaluation of a run's own validation or test split,
+    export's check images, make_shards."""
+    return prepare_training_data(load_splits(data_cfg), data_cfg, True, print).splits
+
+
+def source_stats(data_cfg, splits: Splits) -> tuple[tuple, tuple]:
+    """The training split's mean/std for index.json (launch/make_shards.py), measured as
+    data.normalize = "dataset" would: from the audit's cache, the files being the audited ones."""
+    data = dataclasses.replace(data_cfg, audit="off", normalize="dataset")
+    prepared = prepare_training_data(splits, data, True, print)
+    return prepared.mean, prepared.std
 
 
 def prepare_training_data(splits: Splits, data_cfg, is_main: bool, say: Callable[[str], None]) -> TrainingData:

@@ -239,7 +239,7 @@ class ImageTransform:
         image = load_rgb(path, max_pixels, self.plan)
         return apply_ops(image, self.ops, draw_op_seed()) if self.ops else image
 
-    def __repr__(self) -> str:  # part of the feature cache's key (trainer.features): stable across runs
+    def __repr__(self) -> str:  # part of the feature cache's key (trainer.assemble.feature_cache): stable across runs
         return f"ImageTransform(plan={self.plan!r}, ops={self.ops!r})"
 
 

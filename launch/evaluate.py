@@ -67,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from trainer.evaluation import evaluate_checkpoint
-    from trainer.inference import InferenceOptions, Listing
+    from trainer.inference.evaluate import evaluate_checkpoint
+    from trainer.inference.predict import InferenceOptions, Listing
 
     options = InferenceOptions(args.batch_size, args.num_workers, args.device, args.tta)
     listing = Listing(args.csv, args.hf, args.hf_split, args.shards, args.shards_split, args.data_root)

@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--private", action="store_true", help="with --push: create the repository private")
     parser.add_argument("--device", default="auto", help="for the evaluation behind the model card: auto, cpu, cuda")
     args = parser.parse_args()
-    from trainer.export import ExportRequest, export_checkpoint
+    from trainer.export.export_run import ExportRequest, export_checkpoint
 
     export_checkpoint(ExportRequest(args.checkpoint, args.out, args.format, tuple(args.images), args.data_root,
                                     args.push, args.private, args.device))

@@ -6,7 +6,7 @@
     python launch/lr_find.py --config configs/regnet.toml data.root=/path runtime.device=cuda train.precision=bf16
 
 It trains on exactly what training would see (same split, audit, normalization, augmentation and
-batches: trainer/build.py). Every parameter group is scaled by the same factor, so each group's
+batches: trainer/assemble/run_parts.py). Every parameter group is scaled by the same factor, so each group's
 ratio to the head (optim.backbone_lr_mult, optim.layer_decay) is kept. Writes the loss-vs-lr plot (--out,
 default lr_find.png) and prints a suggestion for optim.lr: the steepest descent of the smoothed loss.
 """
@@ -30,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     from configs.errors import UsageError
-    from trainer.build import load_config
-    from trainer.diagnostics import lr_sweep, plot_lr_sweep
+    from trainer.assemble.run_config import load_config
+    from trainer.fit.diagnostics import lr_sweep, plot_lr_sweep
 
     if not (0 < args.start < args.end) or args.steps < 3:
         raise UsageError("need 0 < --start < --end and --steps >= 3")

@@ -37,7 +37,8 @@ def main() -> int:
 
     from configs.errors import UsageError
     from data.shards import parse_size, write_shards
-    from trainer.build import audited_splits, load_config, source_stats
+    from data.audit_training import audited_splits, source_stats
+    from trainer.assemble.run_config import load_config
 
     args = parse_args()
     target = parse_size(args.shard_size)
@@ -51,8 +52,8 @@ def main() -> int:
     if cfg.data.task == "multilabel":
         raise UsageError("shards hold one class index per sample, so multi-label rows cannot be written to them; "
                          "train multi-label runs from the CSV source (data.source = csv)")
-    splits = audited_splits(cfg)
-    mean, std = source_stats(cfg, splits)
+    splits = audited_splits(cfg.data)
+    mean, std = source_stats(cfg.data, splits)
     source = {"source": cfg.data.source, "root": str(Path(cfg.data.root).expanduser().resolve()),
               "audit": cfg.data.audit, "val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed}
     write_shards(splits, out, target, (mean, std), source, seed=cfg.data.seed)

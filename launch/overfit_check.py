@@ -4,7 +4,7 @@
     python launch/overfit_check.py --config configs/demo.toml --steps 200 --target 0.02
 
 A model, loss and optimizer that are wired correctly memorize one batch in a few dozen steps
-(the campus-buildings seed does this first). The batch is the trainer's first one (trainer/build.py).
+(the campus-buildings seed does this first). The batch is the trainer's first one (trainer/assemble/run_parts.py).
 Exit 0 when the loss went below --target, 1 when not.
 """
 
@@ -25,8 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     from configs.errors import UsageError
-    from trainer.build import load_config
-    from trainer.diagnostics import overfit_one_batch
+    from trainer.assemble.run_config import load_config
+    from trainer.fit.diagnostics import overfit_one_batch
 
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")

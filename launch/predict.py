@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from trainer.inference import InferenceOptions, Listing, predict_to_csv
+    from trainer.inference.predict import InferenceOptions, Listing, predict_to_csv
 
     options = InferenceOptions(args.batch_size, args.num_workers, args.device, args.tta)
     listing = Listing(args.csv, args.hf, args.hf_split, args.shards, args.shards_split, args.data_root)

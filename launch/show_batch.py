@@ -8,7 +8,7 @@
     # MixUp / CutMix as the loss sees them (labels show the two strongest classes)
     python launch/show_batch.py --config configs/demo.toml --out mixed.png data.cutmix_alpha=1.0
 
-The samples are the trainer's first batches (trainer/build.py): files the audit leaves out are left
+The samples are the trainer's first batches (trainer/assemble/run_parts.py): files the audit leaves out are left
 out here too (data.audit=off shows the folder as it is).
 """
 
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     from configs.errors import UsageError
-    from trainer.build import load_config
+    from trainer.assemble.run_config import load_config
 
     args = parse_args()
     if args.count < 1:
@@ -36,7 +36,7 @@ def main() -> int:
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: name a .png file")
     cfg = load_config(args.config, args.overrides)
-    from trainer.diagnostics import batch_grid
+    from trainer.fit.diagnostics import batch_grid
 
     path = batch_grid(cfg, args.out, args.count)
     print(f"wrote {path}")

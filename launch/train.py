@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     from configs.schema import describe_keys
-    from trainer.build import load_config
+    from trainer.assemble.run_config import load_config
 
     args = parse_args()
     if args.keys:
@@ -55,7 +55,7 @@ def main() -> int:
     if args.print_config:
         print(cfg.to_toml())
         return 0
-    from trainer.loop import train
+    from trainer.fit.loop import train
 
     train(cfg)
     return 0

@@ -66,7 +66,7 @@ def parse_freeze(mode: str) -> int | None:
 
 
 def check_finetune_config(cfg) -> None:
-    """Cross-key rules of fine-tuning; called from `trainer.build.load_config`."""
+    """Cross-key rules of fine-tuning; called from `trainer.assemble.run_config.load_config`."""
     frozen_units = parse_freeze(cfg.model.freeze)
     k, epochs = cfg.train.unfreeze_at_epoch, cfg.train.epochs
     if k and frozen_units == 0:

@@ -127,7 +127,7 @@ def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedPr
 
 def precision_config(images: Path, run_dir: Path, *extra: str):
     """A whole tiny in-process training without BatchNorm (so runtimes compare exactly) on `images`."""
-    from trainer.build import load_config
+    from trainer.assemble.run_config import load_config
 
     # On CPU whatever the machine has: the comparisons are exact to 1e-5, which TF32 matmuls and
     # cuDNN's algorithm choice on a GPU do not promise (accumulation measured 2.6e-5 there).

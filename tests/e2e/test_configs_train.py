@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, make_image_folder
-from trainer.build import load_config
-from trainer.loop import train
+from trainer.assemble.run_config import load_config
+from trainer.fit.loop import train
 
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
 

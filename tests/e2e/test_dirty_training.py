@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dirty_data import BOMB_LIMIT, expected_problems, make_dirty_folder
 from helpers import run_in_process, run_script
-from trainer.model_file import read_metadata
+from trainer.files.model_file import read_metadata
 
 UNDECODABLE = {"train/cat/empty.jpg", "train/cat/error_page.jpg", "train/dog/notes.png", "train/cat/truncated.jpg",
                "train/dog/corrupt.png", "train/dog/bomb.png"}

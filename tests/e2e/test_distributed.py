@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ACCELERATE, REPO, make_image_folder, run_env
-from trainer.model_file import read_metadata
+from trainer.files.model_file import read_metadata
 
 EPOCHS = 3
 # fp32 round-off of a mean over 16 samples computed as (8 + 8) / 2 instead, over 9 optimizer steps.

@@ -2,8 +2,8 @@
 
 import json
 
-from trainer.build import load_config
-from trainer.loop import train
+from trainer.assemble.run_config import load_config
+from trainer.fit.loop import train
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(image_folder, tmp_path):

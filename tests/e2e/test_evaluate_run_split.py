@@ -15,10 +15,11 @@ from safetensors import safe_open
 from data.transforms import Preprocessing
 from helpers import COLORS, make_image_folder, run_in_process, run_script
 from models import HeadSpec, build_classifier
-from trainer.build import audited_splits, load_config
-from trainer.evaluation import run_config, training_images_among
-from trainer.loop import train
-from trainer.model_file import ClassifierFacts, load_classifier, read_metadata, save_classifier
+from data.audit_training import audited_splits
+from trainer.assemble.run_config import load_config
+from trainer.inference.evaluate import run_config, training_images_among
+from trainer.fit.loop import train
+from trainer.files.model_file import ClassifierFacts, load_classifier, read_metadata, save_classifier
 
 
 def _wide_image_folder(root, per_class=6, seed=0):
@@ -84,7 +85,7 @@ def test_evaluate_warns_when_the_folder_holds_training_images(tmp_path):
 
     # Copies count too (same content, other paths), and links to training files; other images do not.
     cfg = run_config(read_metadata(best))
-    train_files = [Path(p) for p, _ in audited_splits(cfg).train]
+    train_files = [Path(p) for p, _ in audited_splits(cfg.data).train]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "copy.png").write_bytes(train_files[0].read_bytes())

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from helpers import reset_accelerate_state, run_in_process, run_script
-from trainer.model_file import load_classifier
+from trainer.files.model_file import load_classifier
 
 onnxruntime = pytest.importorskip("onnxruntime")
 timm = pytest.importorskip("timm")
 
 
 def _train(images, run_dir, *overrides):
-    from trainer.build import load_config
-    from trainer.loop import train
+    from trainer.assemble.run_config import load_config
+    from trainer.fit.loop import train
 
     reset_accelerate_state()
     cfg = load_config(None, [f"data.root={images}", f"run.dir={run_dir}", "data.num_workers=0", "train.epochs=1",

@@ -3,9 +3,9 @@
 import pytest
 from safetensors import safe_open
 
-from trainer.model_file import load_classifier
-from trainer.build import load_config
-from trainer.loop import train
+from trainer.files.model_file import load_classifier
+from trainer.assemble.run_config import load_config
+from trainer.fit.loop import train
 
 
 def _run(image_folder, tmp_path, name, cached: bool):

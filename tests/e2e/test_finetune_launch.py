@@ -17,8 +17,8 @@ def _run(tmp_path, image_folder, name, processes):
     run_dir = tmp_path / name
     overrides = (f"data.root={image_folder}", f"run.dir={run_dir}", *OVERRIDES)
     if processes == 1:
-        from trainer.build import load_config
-        from trainer.loop import train
+        from trainer.assemble.run_config import load_config
+        from trainer.fit.loop import train
 
         reset_accelerate_state()
         try:

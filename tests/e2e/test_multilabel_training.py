@@ -6,7 +6,7 @@ import csv
 import json
 
 from helpers import MULTILABEL, make_multilabel_folder, run_in_process, run_script
-from trainer.model_file import read_metadata
+from trainer.files.model_file import read_metadata
 
 CLASSES = ["blue", "green", "red"]
 

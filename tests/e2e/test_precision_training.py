@@ -12,9 +12,9 @@ from torch import nn
 
 from helpers import precision_config, reset_accelerate_state
 from models.registry import MODELS
-from trainer.model_file import read_metadata
-from trainer.loop import train
-from trainer.step import NonFiniteLoss
+from trainer.files.model_file import read_metadata
+from trainer.fit.loop import train
+from trainer.fit.step import NonFiniteLoss
 
 
 # Accelerate keeps process-wide singletons; each in-process run starts from scratch (conftest.py).

@@ -9,8 +9,8 @@ import torch
 from helpers import make_image_folder, run_in_process, run_script
 from data.transforms import Preprocessing
 from models import HeadSpec, build_classifier
-from trainer.model_file import ClassifierFacts, load_classifier, save_classifier
-from trainer.inference import InferenceOptions, predict_files
+from trainer.files.model_file import ClassifierFacts, load_classifier, save_classifier
+from trainer.inference.predict import InferenceOptions, predict_files
 
 CLASSES = ["blue", "green", "red"]
 ONE_SOURCE = "name one of: a labelled folder, --split val|test, --csv FILE, --hf DIR or --shards DIR"

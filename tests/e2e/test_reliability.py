@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from helpers import ACCELERATE, PYTHON, REPO, make_image, make_image_folder, run_env, run_in_process, run_script
-from trainer.model_file import read_metadata
-from trainer.state_folder import COMPLETE, verify
+from trainer.files.model_file import read_metadata
+from trainer.files.checkpoints import COMPLETE, verify
 
 TINY = ["model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.precision=no",
         "optim.lr=0.01", "runtime.device=cpu"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from helpers import accelerate_launch, make_image_folder, run_env, run_script
-from trainer.model_file import read_metadata
+from trainer.files.model_file import read_metadata
 
 TINY = ["model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",
         "data.audit=off", "runtime.device=cpu"]

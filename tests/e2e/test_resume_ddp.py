@@ -7,7 +7,7 @@ import shutil
 
 from helpers import accelerate_launch, run_env, run_script
 from resume_runs import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
-from trainer.state_folder import COMPLETE, verify
+from trainer.files.checkpoints import COMPLETE, verify
 
 TWO_PROCESSES = accelerate_launch("--multi_gpu", "--num_processes", "2", "--mixed_precision", "no")
 

@@ -1,7 +1,7 @@
 """Resume exactly and lose nothing: kill a real run anywhere, resume it, get the same bits.
 
 Runs `python launch/train.py` as subprocesses that SIGKILL or SIGTERM themselves at named
-points (trainer/faults.py), then compares with an uninterrupted run. The run keeps an EMA of its
+points (trainer/files/faults.py), then compares with an uninterrupted run. The run keeps an EMA of its
 weights (train.ema_decay), so the same kills prove the resume of the raw weights and the average.
 """
 
@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from helpers import run_env, run_in_process, run_script
 from resume_runs import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
-from trainer.model_file import read_metadata
-from trainer.progress import EXIT_PREEMPTED
-from trainer.state_folder import COMPLETE, verify
+from trainer.files.model_file import read_metadata
+from trainer.fit.run_state import EXIT_PREEMPTED
+from trainer.files.checkpoints import COMPLETE, verify
 
 
 def train(image_folder, run_dir, *extra, crash: str = "", crash_signal: str = "KILL"):

@@ -15,15 +15,15 @@ from data.folders import discover
 from data.shards import read_index
 from helpers import (MULTILABEL, make_image_folder, make_multilabel_folder, reset_accelerate_state, run_in_process,
                      run_script)
-from trainer.inference import InferenceOptions, predict_files
-from trainer.model_file import load_classifier, read_metadata
+from trainer.inference.predict import InferenceOptions, predict_files
+from trainer.files.model_file import load_classifier, read_metadata
 
 
 @pytest.fixture(scope="module")
 def shards_run(tmp_path_factory):
     """36 images as shards (27 training samples in shards of ~3, 9 validation), one epoch of a tiny CNN on them."""
-    from trainer.build import load_config
-    from trainer.loop import train
+    from trainer.assemble.run_config import load_config
+    from trainer.fit.loop import train
 
     root = tmp_path_factory.mktemp("shards_run")
     images = make_image_folder(root / "images")

@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from data import ImageListDataset, discover
 from helpers import REPO, accelerate_launch, run_script
-from trainer.model_file import load_classifier, read_metadata
+from trainer.files.model_file import load_classifier, read_metadata
 
 
 def test_accelerate_launch_trains_and_checkpoint_reloads(image_folder, tmp_path):

@@ -135,11 +135,11 @@ def test_run_id_is_kept_for_resume(tmp_path, image_folder):
     # What a resumed run does: start tracking with the id stored in its training state.
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from trainer.build import load_config\nfrom trainer.runtime import make_accelerator\n"
-        "from trainer.tracking import RunTracking\n"
+        "from trainer.assemble.run_config import load_config\nfrom trainer.assemble.accelerator import make_accelerator\n"
+        "from trainer.reporting.tracking import RunTracking, wandb_trackers\n"
         "cfg = load_config(None, [f'data.root={sys.argv[2]}', f'run.dir={sys.argv[3]}', 'model.name=tiny_cnn',"
         " 'wandb.mode=offline'])\n"
-        "acc = make_accelerator(cfg)\n"
+        "acc = make_accelerator(cfg, trackers=wandb_trackers(cfg))\n"
         "tracking = RunTracking(acc, cfg, __import__('pathlib').Path(sys.argv[3]), ['a'], __import__('data').Preprocessing(16, 1.0, (0.5,)*3, (0.5,)*3))\n"
         "print('ID', tracking.start(config=cfg.to_dict(), run_id=sys.argv[4]))\nacc.end_training()\n")
     result = subprocess.run([PYTHON, "-c", script, str(REPO), str(image_folder), str(tmp_path / "run"), "resum3me"],

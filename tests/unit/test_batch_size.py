@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from configs.errors import ConfigError, TrainingFailed
-from trainer.batch_size import CPU_DEFAULT, SAFETY, resolve_batch_size, search_batch_size, with_global_batch
-from trainer.build import load_config
+from trainer.assemble.batch_size import CPU_DEFAULT, SAFETY, resolve_batch_size, search_batch_size, with_global_batch
+from trainer.assemble.run_config import load_config
 
 
 def oom_above(limit: int, calls: list | None = None):
@@ -148,7 +148,7 @@ def test_the_real_probe_runs_out_of_memory_and_backs_off(fresh_accelerate_state)
     keeps trains, and the model it probed keeps its weights."""
     from accelerate import Accelerator
     from models import build_classifier
-    from trainer.batch_size import step_probe
+    from trainer.assemble.batch_size import step_probe
 
     accelerator = Accelerator()
     built = build_classifier("timm/resnet18", 10)
@@ -171,7 +171,7 @@ def test_the_real_probe_runs_out_of_memory_and_backs_off(fresh_accelerate_state)
 @cuda
 def test_a_cuda_run_records_the_number_found(tmp_path, fresh_accelerate_state):
     from helpers import make_image_folder
-    from trainer.loop import train
+    from trainer.fit.loop import train
 
     images = make_image_folder(tmp_path / "images", per_class=10)
     cfg = load_config(None, [f"data.root={images}", f"run.dir={tmp_path / 'run'}", "model.name=tiny_cnn",

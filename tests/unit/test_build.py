@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import trainer.diagnostics as diagnostics
-import trainer.loop as loop
-from trainer.build import load_config
+import trainer.fit.diagnostics as diagnostics
+import trainer.fit.loop as loop
+from trainer.assemble.run_config import load_config
 
 # Dataset statistics, extra augmentation ops and the audit: the settings the old LR finder dropped.
 SETTINGS = ["model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0",

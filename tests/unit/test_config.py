@@ -3,7 +3,7 @@
 import pytest
 
 from configs.schema import Config
-from trainer.build import load_config
+from trainer.assemble.run_config import load_config
 from configs.errors import ConfigError
 
 BASE = ["data.root=/tmp/x", "model.name=tiny_cnn"]

@@ -87,8 +87,9 @@ def test_a_broken_jpeg_is_reported_and_replaced_by_its_neighbour(files):
 def test_a_run_built_for_device_decode_gives_the_cpu_paths_batches(files, tmp_path, monkeypatch):
     """The whole wiring (dataset of encoded JPEGs, seeded collate, decode in the batch finish),
     with the device decode on the CPU device: the same first batch as the CPU path, within rounding."""
-    import trainer.build as build
-    from trainer.runtime import make_accelerator
+    import trainer.assemble.run_parts as build
+    from trainer.assemble.accelerator import make_accelerator
+    from trainer.assemble.run_config import load_config
 
     root = tmp_path / "data"
     for i, path in enumerate(files * 4):
@@ -100,8 +101,8 @@ def test_a_run_built_for_device_decode_gives_the_cpu_paths_batches(files, tmp_pa
     first = {}
     for where in ("cpu", "cuda"):
         monkeypatch.setattr(build, "decode_on", lambda cfg, accelerator: where)
-        cfg = build.load_config(None, overrides)
-        parts = build.build_run(cfg, make_accelerator(cfg, log=False))
+        cfg = load_config(None, overrides)
+        parts = build.build_run(cfg, make_accelerator(cfg))
         parts.train_loader.start_epoch(1)
         first[where] = next(iter(parts.train_loader))
     (cpu_images, cpu_labels), (device_images, device_labels) = first["cpu"], first["cuda"]
@@ -111,10 +112,10 @@ def test_a_run_built_for_device_decode_gives_the_cpu_paths_batches(files, tmp_pa
 
 def test_cuda_decode_without_cuda_is_refused_naming_the_key(tmp_path):
     from configs.errors import ConfigError
-    from trainer.build import load_config
-    from trainer.runtime import decode_on, make_accelerator
+    from trainer.assemble.run_config import load_config
+    from trainer.assemble.accelerator import decode_on, make_accelerator
 
     cfg = load_config(None, [f"data.root={tmp_path}", "model.name=tiny_cnn", "data.decode=cuda",
                                 "runtime.device=cpu"])
     with pytest.raises(ConfigError, match='data.decode = "cuda" needs a CUDA device.*data.decode=cpu'):
-        decode_on(cfg, make_accelerator(cfg, log=False))
+        decode_on(cfg, make_accelerator(cfg))

@@ -1,4 +1,4 @@
-"""The EMA of the weights (trainer/ema.py): its decay, its update, when the step loop calls it, how
+"""The EMA of the weights (trainer/fit/ema.py): its decay, its update, when the step loop calls it, how
 an epoch picks raw or EMA weights, the model files and the resume check. In-process, on CPU."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from configs.errors import ConfigError, UsageError
 from configs.schema import Config, read_config
 from data.transforms import Preprocessing
 from models import HeadSpec, build_classifier
-from trainer.ema import WeightEma, check_resumable, file_metrics
-from trainer.loop import save_model_files
-from trainer.model_file import ClassifierFacts, load_classifier, read_metadata
-from trainer.progress import RunHistory
-from trainer.state_folder import COMPLETE, DamagedCheckpoint, load_checkpoint, save_checkpoint, verify
-from trainer.step import StepCounters, StepOptions, StepParts, train_step
+from trainer.fit.ema import WeightEma, check_resumable, file_metrics
+from trainer.fit.loop import save_model_files
+from trainer.files.model_file import ClassifierFacts, load_classifier, read_metadata
+from trainer.fit.run_state import RunHistory
+from trainer.files.checkpoints import COMPLETE, DamagedCheckpoint, load_checkpoint, save_checkpoint, verify
+from trainer.fit.step import StepCounters, StepOptions, StepParts, train_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

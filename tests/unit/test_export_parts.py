@@ -12,10 +12,10 @@ from data.files import atomic_folder
 from data.transforms import Preprocessing
 from models import HeadSpec, build_classifier
 from models.registry import MODELS
-from trainer.export import ExportRequest, export_checkpoint
-from trainer.hub_export import hub_refusal, timm_data_config
-from trainer.model_file import ClassifierFacts, save_classifier
-from trainer.onnx_export import ExportMismatch, check_onnx, export_onnx, read_onnx_metadata
+from trainer.export.export_run import ExportRequest, export_checkpoint
+from trainer.export.hub_folder import hub_refusal, timm_data_config
+from trainer.files.model_file import ClassifierFacts, save_classifier
+from trainer.export.onnx_file import ExportMismatch, check_onnx, export_onnx, read_onnx_metadata
 
 pytest.importorskip("onnxruntime")
 
@@ -140,7 +140,7 @@ def test_timms_transform_from_the_exported_config_sees_the_pixels_validation_saw
                                          "validation: its val shards."),
 ])
 def test_the_card_names_the_source_the_run_read(data, says):
-    from trainer.model_card import CardFacts, model_card
+    from trainer.export.model_card import CardFacts, model_card
 
     card = model_card(CardFacts("tiny_cnn", ["a", "b"], "best.safetensors", 1, {}, {"data": data},
                                 {"image_size": 16, "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bilinear",

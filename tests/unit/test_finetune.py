@@ -8,9 +8,9 @@ from models import build_classifier
 from models.finetune import (apply_epoch, backbone_units, make_plan, param_groups,
                              parse_freeze, prepare_for_wrapping, unit_names)
 from configs.schema import OptimConfig
-from trainer.build import load_config
+from trainer.assemble.run_config import load_config
 from configs.errors import ConfigError, UsageError
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.assemble.optim import build_optimizer, build_scheduler
 
 
 def _trained_by_one_step(model_name: str, freeze: str, epoch: int = 1, unfreeze_at: int = 0) -> tuple[set, set]:

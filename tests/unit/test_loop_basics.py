@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from configs.schema import OptimConfig
-from trainer.optim import lr_factor
+from trainer.assemble.optim import lr_factor
 
 
 def test_step_schedule_matches_torch_steplr_at_epoch_boundaries():

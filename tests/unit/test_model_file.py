@@ -13,7 +13,7 @@ from data.transforms import Preprocessing
 from models import HeadSpec, build_classifier
 from configs.schema import config_from_dict
 from models.build import bare_keys
-from trainer.model_file import ClassifierFacts, load_classifier, read_metadata, save_classifier
+from trainer.files.model_file import ClassifierFacts, load_classifier, read_metadata, save_classifier
 
 CLASSES = ["blue", "green", "red"]
 

@@ -10,8 +10,8 @@ from configs.errors import ConfigError, UsageError
 from configs.schema import DataConfig
 from data.sources import label_names, load_splits
 from helpers import MULTILABEL, make_multilabel_folder, run_in_process
-from trainer.build import load_config
-from trainer.metrics import average_precision, best_f1_thresholds, multilabel_report
+from trainer.assemble.run_config import load_config
+from trainer.task.metrics import average_precision, best_f1_thresholds, multilabel_report
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_multilabel_needs_the_csv_source():
 
 
 def test_the_overfit_check_counts_multilabel_decisions(folder, tmp_path, fresh_accelerate_state):
-    from trainer.diagnostics import overfit_one_batch
+    from trainer.fit.diagnostics import overfit_one_batch
 
     cfg = load_config(None, [f"data.root={folder}", *MULTILABEL, "model.name=tiny_cnn",
                              "data.image_size=16", "data.num_workers=0", "data.batch_size=8", "optim.lr=0.01",
@@ -153,8 +153,8 @@ def test_the_overfit_check_counts_multilabel_decisions(folder, tmp_path, fresh_a
 
 def test_ema_weights_of_a_multilabel_run_are_scored_and_recorded_with_their_own_thresholds(folder, tmp_path,
                                                                                           fresh_accelerate_state):
-    from trainer.loop import train
-    from trainer.model_file import read_metadata
+    from trainer.fit.loop import train
+    from trainer.files.model_file import read_metadata
 
     cfg = load_config(None, [f"data.root={folder}", *MULTILABEL, "model.name=tiny_cnn", "data.image_size=16",
                              "data.num_workers=0", "data.batch_size=8", "optim.lr=0.01", "train.epochs=2",

@@ -1,4 +1,4 @@
-"""trainer/plots.py draws every PNG: the LR curve, image grids of mixed sizes (or none), confusion
+"""trainer/reporting/plots.py draws every PNG: the LR curve, image grids of mixed sizes (or none), confusion
 matrices from any array-like, and nothing is left half-written."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer import plots
+from trainer.reporting import plots
 
 
 def _png_size(path):

@@ -12,9 +12,9 @@ from torch import nn
 
 from helpers import precision_config, reset_accelerate_state
 from configs.errors import ConfigError
-from trainer.runtime import (cpu_has_native_bf16, precision_asked, cpu_thread_count, make_accelerator, prepare_model, resolve_cpu,
+from trainer.assemble.accelerator import (cpu_has_native_bf16, precision_asked, cpu_thread_count, make_accelerator, prepare_model, resolve_cpu,
                              resolve_parallel, resolve_precision)
-from trainer.step import StepCounters, StepOptions, StepParts, train_step
+from trainer.fit.step import StepCounters, StepOptions, StepParts, train_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

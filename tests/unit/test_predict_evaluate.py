@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer.metrics import classification_report
+from trainer.task.metrics import classification_report
 
 
 def test_report_matches_a_hand_computation():
@@ -25,8 +25,8 @@ def test_report_matches_a_hand_computation():
 def test_flip_tta_only_for_models_trained_on_mirrored_images(tmp_path, capsys, augment, extra, flips):
     from helpers import make_image_folder
     from models import HeadSpec, build_classifier
-    from trainer.inference import InferenceOptions, predict_files
-    from trainer.model_file import ClassifierFacts, load_classifier, save_classifier
+    from trainer.inference.predict import InferenceOptions, predict_files
+    from trainer.files.model_file import ClassifierFacts, load_classifier, save_classifier
     from data.transforms import Preprocessing
 
     built = build_classifier("tiny_cnn", 3)

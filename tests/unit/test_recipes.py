@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-import trainer.diagnostics as diagnostics
+import trainer.fit.diagnostics as diagnostics
 from configs.errors import ConfigError, UsageError
 from configs.schema import OptimConfig
 from models import build_classifier, enable_grad_checkpointing, set_train_mode
 from models.finetune import GroupRules, apply_epoch, make_plan, param_groups, prepare_for_wrapping
-from trainer.build import load_config
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.assemble.run_config import load_config
+from trainer.assemble.optim import build_optimizer, build_scheduler
 
 TINY_RUN = ["data.image_size=16", "data.batch_size=8", "data.num_workers=0", "data.augment=none",
             "train.epochs=1", "runtime.device=cpu"]
@@ -224,7 +224,7 @@ def test_a_real_run_with_weight_decay_resumes_in_the_layout_it_was_saved_with(im
                                                                               fresh_accelerate_state):
     import json
 
-    import trainer.loop as loop
+    import trainer.fit.loop as loop
     from helpers import reset_accelerate_state
 
     run_dir = tmp_path / "run"
@@ -351,7 +351,7 @@ def test_a_recipe_the_model_lacks_is_one_line_exit_2_nothing_written(override, m
     ({"layer_decay": 0.75}, [], "optim.layer_decay is 0.0 but the checkpoint was trained with 0.75"),
 ])
 def test_resume_refuses_recipe_changes_before_anything_is_written(saved_optim, overrides, refused):
-    from trainer.progress import config_changes
+    from trainer.fit.run_state import config_changes
 
     cfg = load_config(None, ["data.root=/tmp/x", "model.name=tiny_cnn", *overrides])
     saved = cfg.to_dict()

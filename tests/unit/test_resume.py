@@ -17,8 +17,8 @@ from data.sampling import ResumableSampler, SeededSamples
 from models.build import build_classifier, read_state_dict
 from configs.schema import Config
 from configs.errors import UsageError
-from trainer.progress import config_changes, find_checkpoint
-from trainer.state_folder import (COMPLETE, flatten_optimizer, mark_best, newest_valid, rotate, save_checkpoint,
+from trainer.fit.run_state import config_changes, find_checkpoint
+from trainer.files.checkpoints import (COMPLETE, flatten_optimizer, mark_best, newest_valid, rotate, save_checkpoint,
                                   unflatten_optimizer)
 
 

@@ -21,9 +21,9 @@ from data.sources import listed_images, load_splits
 from data.transforms import Preprocessing
 from helpers import make_image_folder, run_in_process
 from models import HeadSpec, build_classifier
-from trainer.evaluation import labelled_shards, refuse_other_classes, training_images_among
-from trainer.inference import InferenceOptions, predict_files
-from trainer.model_file import ClassifierFacts, load_classifier, save_classifier
+from trainer.inference.evaluate import labelled_shards, refuse_other_classes, training_images_among
+from trainer.inference.predict import InferenceOptions, predict_files
+from trainer.files.model_file import ClassifierFacts, load_classifier, save_classifier
 
 CLASSES = ["blue", "green", "red"]
 

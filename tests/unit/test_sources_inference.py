@@ -11,8 +11,8 @@ from configs.schema import Config
 from data.transforms import Preprocessing
 from helpers import make_image_folder, run_in_process
 from models import HeadSpec, build_classifier
-from trainer.inference import InferenceOptions, predict_files
-from trainer.model_file import ClassifierFacts, load_classifier, save_classifier
+from trainer.inference.predict import InferenceOptions, predict_files
+from trainer.files.model_file import ClassifierFacts, load_classifier, save_classifier
 
 CLASSES = ["blue", "green", "red"]
 

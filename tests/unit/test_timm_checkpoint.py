@@ -5,7 +5,7 @@ import torch
 
 from models import HeadSpec, build_classifier
 from data.transforms import Preprocessing
-from trainer.model_file import ClassifierFacts, save_classifier
+from trainer.files.model_file import ClassifierFacts, save_classifier
 
 
 def test_timm_checkpoint_loads_with_plain_timm(tmp_path):

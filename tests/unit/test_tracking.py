@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import plots
-from trainer.metrics import confusion_matrix, per_class_accuracy
+from trainer.reporting import plots
+from trainer.task.metrics import confusion_matrix, per_class_accuracy
 from configs.errors import ConfigError
-from trainer.tracking import resolve_mode
+from trainer.reporting.tracking import resolve_mode
 
 
 @pytest.mark.parametrize("env, config_mode, expected", [
@@ -53,7 +53,7 @@ def test_denormalize_inverts_normalize():
 def test_progress_lines_when_stdout_is_not_a_terminal(capsys):
     from types import SimpleNamespace
 
-    from trainer.report import ProgressLines
+    from trainer.reporting.console import ProgressLines
 
     lines = ProgressLines(SimpleNamespace(is_main_process=True), 1e-9, batch_size=32)  # captured stdout: no tty
     assert lines.due()

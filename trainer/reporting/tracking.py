@@ -15,8 +15,8 @@ The local files are written whatever the mode, so a run without W&B tells the sa
                          framed in red
   train_samples.png      training images after augmentation, as the model sees them
   class_distribution.png images per class in each split
-(metrics.jsonl, one line per epoch, is written by trainer/report.py and logged here; the history
-both read is owned by trainer/progress.py.)
+(metrics.jsonl, one line per epoch, is written by trainer/reporting/console.py and logged here; the history
+both read is owned by trainer/fit/run_state.py.)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from configs.errors import ConfigError
 from configs.schema import Config
 from data.files import atomic_output
 from data.transforms import Preprocessing
-from trainer.metrics import confusion_matrix, per_class_accuracy
+from trainer.task.metrics import confusion_matrix, per_class_accuracy
 
 MODES = ("online", "offline", "disabled")
 # Spellings older wandb versions and their docs still use.
@@ -128,15 +128,15 @@ class FallbackWandBTracker(WandBTracker):
         self.run.config.update(values, allow_val_change=True)
 
 
-def make_wandb_tracker(cfg: Config) -> FallbackWandBTracker | None:
-    """The tracker handed to `Accelerator(log_with=...)`; None when W&B is disabled."""
+def wandb_trackers(cfg: Config) -> list[FallbackWandBTracker]:
+    """The trackers handed to `Accelerator(log_with=...)`: none when W&B is disabled."""
     mode = resolve_mode(cfg.wandb.mode)
     if mode == "disabled":
-        return None
+        return []
     w = cfg.wandb
     init: dict[str, Any] = {"dir": str(Path(cfg.run.dir).expanduser().resolve()), "tags": w.tags or None}
     init |= {k: v for k, v in (("entity", w.entity), ("name", w.name), ("group", w.group), ("notes", w.notes)) if v}
-    return FallbackWandBTracker(w.project, mode, w.init_timeout, **init)
+    return [FallbackWandBTracker(w.project, mode, w.init_timeout, **init)]
 
 
 @dataclass
@@ -240,7 +240,7 @@ class RunTracking:
         captions = [self._caption(s[1]) for s in samples]
 
         def draw() -> None:
-            from trainer import plots  # matplotlib: imported in this thread, not before the first step
+            from trainer.reporting import plots  # matplotlib: imported in this thread, not before the first step
 
             plots.class_distribution(self.run_dir / "class_distribution.png", self.class_names, split_counts)
             plots.image_grid(self.run_dir / "train_samples.png", images, captions,
@@ -286,7 +286,7 @@ class RunTracking:
         run's whole `history` (every finished epoch, also those before a resume)."""
         if not self.active:
             return
-        from trainer import plots  # (the drawing thread has usually imported it already)
+        from trainer.reporting import plots  # (the drawing thread has usually imported it already)
 
         self._log_data_plots()
         plots.curves(self.run_dir / "curves.png", history, self._logged_steps())
@@ -301,7 +301,7 @@ class RunTracking:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
     def _validation_pictures(self, record: dict, p: ValidationPredictions) -> dict[str, Any]:
-        from trainer import plots
+        from trainer.reporting import plots
 
         epoch = record["epoch"]
         matrix = confusion_matrix(p.labels, p.predicted, len(self.class_names)).numpy()
@@ -348,7 +348,7 @@ class RunTracking:
     def _log_checkpoint(self, path: Path) -> None:
         import wandb
 
-        from trainer.model_file import read_metadata
+        from trainer.files.model_file import read_metadata
 
         meta = read_metadata(path)
         artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=meta,

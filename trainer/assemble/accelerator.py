@@ -22,7 +22,6 @@ from torch import nn
 
 from configs.schema import Config
 from configs.errors import ConfigError
-from trainer.tracking import make_wandb_tracker
 
 
 def cpu_has_native_bf16() -> bool:
@@ -140,8 +139,10 @@ def local_process_count() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def make_accelerator(cfg: Config, log: bool = True) -> Accelerator:
-    """The run's Accelerator; `log=False` (the diagnostic tools) starts no W&B tracker."""
+def make_accelerator(cfg: Config, trackers: list | None = None) -> Accelerator:
+    """The run's Accelerator. Accelerate takes its trackers at construction, so the caller that logs
+    (the fit loop) hands them in; the W&B run itself starts (main process only) in
+    RunTracking.start, once the run folder exists. Assembling a run never imports W&B."""
     rt = cfg.runtime
     on_cpu = resolve_cpu(rt.device, torch.cuda.is_available())
     requested, winner_note = precision_asked(cfg.train.precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
@@ -150,10 +151,6 @@ def make_accelerator(cfg: Config, log: bool = True) -> Accelerator:
     # trains the same way, whatever the launcher says then.
     cfg.train.precision = precision
 
-    # Accelerate takes its trackers at construction; the W&B run itself starts (main process only)
-    # in RunTracking.start, once the run folder exists.
-    tracker = make_wandb_tracker(cfg) if log else None
-    log_with = [tracker] if tracker is not None else None
     # None lets `accelerate launch --dynamo_backend` decide; the config option asks for inductor.
     dynamo = TorchDynamoPlugin(backend="inductor") if rt.compile else None
     from models.finetune import needs_unused_parameter_search
@@ -161,7 +158,7 @@ def make_accelerator(cfg: Config, log: bool = True) -> Accelerator:
     handlers = []
     if needs_unused_parameter_search(cfg):  # frozen-then-unfrozen parameters are outside the graph at first
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision, log_with=log_with, dynamo_plugin=dynamo,
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision, log_with=trackers or None, dynamo_plugin=dynamo,
                               gradient_accumulation_steps=cfg.train.grad_accum_steps, kwargs_handlers=handlers)
 
     torch.set_num_threads(cpu_thread_count(rt.cpu_threads, available_cores(), local_process_count()))

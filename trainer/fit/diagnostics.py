@@ -1,8 +1,8 @@
 """Checks before a long run, on exactly what training would see: the LR finder, the one-batch
 overfit check and the grid of augmented training samples.
 
-Each builds the run with `trainer.build.build_run` (same split, audit, normalization, augmentation,
-sampler, model, parameter groups and first batches as `trainer.loop.train` for the same config),
+Each builds the run with `trainer.assemble.run_parts.build_run` (same split, audit, normalization, augmentation,
+sampler, model, parameter groups and first batches as `trainer.fit.loop.train` for the same config),
 in one process, without W&B and without writing to the run folder.
 """
 
@@ -18,9 +18,9 @@ from accelerate.utils import set_seed
 
 from configs.schema import Config
 from models import set_train_mode
-from trainer import plots
-from trainer.build import RunParts, build_run
-from trainer.runtime import make_accelerator
+from trainer.reporting import plots
+from trainer.assemble.run_parts import RunParts, build_run
+from trainer.assemble.accelerator import make_accelerator
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Prepared:
 
 
 def prepare(cfg: Config) -> Prepared:
-    accelerator = make_accelerator(cfg, log=False)
+    accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)  # as the trainer does: the same initial weights
     parts = build_run(cfg, accelerator)
     parts.enter_epoch(1)  # the first epoch's trainable set: the head alone when unfreezing later

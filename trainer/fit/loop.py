@@ -25,18 +25,18 @@ from data.dataset import read_load_failures
 from data.files import atomic_write_text
 from data.transforms import NormalizedBatches
 from models import count_parameters, set_train_mode
-from trainer.build import RunParts, build_run, head_spec
-from trainer.ema import WeightEma, file_metrics, make_ema, prefixed
-from trainer.faults import crash_point
-from trainer.features import with_sample_images
-from trainer.model_file import ClassifierFacts, save_classifier
-from trainer.multilabel import evaluate_multilabel
-from trainer.progress import Progress
-from trainer.report import ProgressLines, RunReport
-from trainer.run_lock import RunLock
-from trainer.runtime import channels_last_on, describe, make_accelerator, prepare_model
-from trainer.step import StepCounters, StepOptions, StepParts, train_step
-from trainer.tracking import SAMPLE_IMAGES, ValidationPredictions, RunTracking
+from trainer.assemble.run_parts import RunParts, build_run, head_spec
+from trainer.fit.ema import WeightEma, file_metrics, make_ema, prefixed
+from trainer.files.faults import crash_point
+from trainer.assemble.feature_cache import with_sample_images
+from trainer.files.model_file import ClassifierFacts, save_classifier
+from trainer.task.multilabel import evaluate_multilabel
+from trainer.fit.run_state import Progress
+from trainer.reporting.console import ProgressLines, RunReport
+from trainer.files.run_lock import RunLock
+from trainer.assemble.accelerator import channels_last_on, describe, make_accelerator, prepare_model
+from trainer.fit.step import StepCounters, StepOptions, StepParts, train_step
+from trainer.reporting.tracking import SAMPLE_IMAGES, wandb_trackers, ValidationPredictions, RunTracking
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Training:
 
 
 def train(cfg: Config) -> TrainResult:
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, trackers=wandb_trackers(cfg))
     set_seed(cfg.train.seed)
     run_dir = Path(cfg.run.dir).expanduser().resolve()
     # One run per folder, checked (writable, room for checkpoints) before anything else happens.

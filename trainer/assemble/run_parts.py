@@ -2,8 +2,8 @@
 -> optimizer -> schedule -> criterion.
 
 The training loop, the LR finder, the overfit check, the batch grid and the evaluation of a run's
-own split all call `build_run` (or, for the data alone, `audited_splits`); none of them assembles
-its own, so what the LR finder measures is what training sees.
+own split all call `build_run` (or, for the data alone, `data.audit_training.audited_splits`); none of
+them assembles its own, so what the LR finder measures is what training sees.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from configs.errors import UsageError
-from configs.schema import Config, read_config
+from configs.schema import Config
 from data import ImageListDataset, Preprocessing, Splits, make_loader, resolve_normalization, train_transform
 from data.audit_training import prepare_training_data
 from data.balance import BalancedDraw, balanced_class_weights
@@ -29,25 +29,17 @@ from data.multilabel import MultiLabelSplits
 from data.sampling import TrainBatches
 from data.sources import load_splits
 from data.shards import ShardBatches, ShardIndex, ShardMembers, read_index, verify_shards
-from data.transforms import BatchFinish, batch_mixer, check_augment_ops, crop_mode_of
+from data.transforms import BatchFinish, batch_mixer, crop_mode_of
 from models import BuiltModel, HeadSpec, build_classifier, enable_grad_checkpointing
-from models.finetune import (FinetunePlan, GroupRules, apply_epoch, batchnorm_trains, check_finetune_config,
+from models.finetune import (FinetunePlan, GroupRules, apply_epoch, batchnorm_trains,
                              describe_groups, make_plan, param_groups, prepare_for_wrapping)
-from trainer.batch_size import resolve_batch_size, step_probe
-from trainer.features import cached_head_datasets
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.runtime import channels_last_on, decode_on, sync_bn_on, worker_count
+from trainer.assemble.batch_size import resolve_batch_size, step_probe
+from trainer.assemble.feature_cache import cached_head_datasets
+from trainer.assemble.optim import build_optimizer, build_scheduler
+from trainer.assemble.accelerator import channels_last_on, decode_on, sync_bn_on, worker_count
 
 # Below this many images per batch, BatchNorm's error rises steeply (Wu & He, Group Normalization, 2018).
 SMALL_BN_BATCH = 16
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """The schema's checks plus the rules that belong to the data and model layers."""
-    cfg = read_config(path, overrides)
-    check_augment_ops(cfg.data.augment_ops, cfg.data.image_size)
-    check_finetune_config(cfg)
-    return cfg
 
 
 def head_spec(cfg: Config) -> HeadSpec:
@@ -93,13 +85,6 @@ class RunParts:
     def enter_epoch(self, epoch: int) -> None:
         """What trains in `epoch` (model.freeze, train.unfreeze_at_epoch): a pure function of the epoch."""
         apply_epoch(self.built.model, self.plan, epoch)
-
-
-def audited_splits(cfg: Config) -> Splits:
-    """The split a run of `cfg` trains and validates on (after the audit left bad files out), for
-    one process outside training: evaluation of a run's own validation or test split."""
-    splits = load_splits(cfg.data)
-    return _audit(cfg, splits, None, ((), ()))[0].splits
 
 
 def _audit(cfg: Config, splits: Splits, accelerator: Accelerator | None, backbone_stats):
@@ -271,14 +256,6 @@ def open_shards(cfg: Config, accelerator: Accelerator) -> ShardIndex:
     accelerator.print(f"data     shards {index.root}: {train['samples']} training samples in {len(train['shards'])} "
                       f"shards, {index.splits['val']['samples']} validation ({checked})")
     return index
-
-
-def source_stats(cfg: Config, splits: Splits) -> tuple[tuple, tuple]:
-    """The training split's mean/std for index.json (launch/make_shards.py), measured as
-    data.normalize = "dataset" would: from the audit's cache, the files being the audited ones."""
-    data = dataclasses.replace(cfg.data, audit="off", normalize="dataset")
-    prepared = prepare_training_data(splits, data, True, print)
-    return prepared.mean, prepared.std
 
 
 def shard_data(cfg: Config, index: ShardIndex, built: BuiltModel) -> RunData:

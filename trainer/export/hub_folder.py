@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from configs.errors import ProjectError, UsageError
 from data.transforms import Preprocessing
-from trainer.model_file import LoadedClassifier, plain_tensors
+from trainer.files.model_file import LoadedClassifier, plain_tensors
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 INTERPOLATION = "bilinear"  # data.images resizes with PIL's bilinear filter (antialiased by its box)

@@ -1,6 +1,6 @@
 """Run a checkpoint over image files: batched, multi-worker, CPU or GPU, bad files reported.
 
-`predict_files` is what `launch/predict.py` and `launch/evaluate.py` (via trainer.evaluation) run;
+`predict_files` is what `launch/predict.py` and `launch/evaluate.py` (via trainer.inference.evaluate) run;
 `predict_to_csv` is all of predict.py after its arguments are parsed. Every image goes through the
 checkpoint's own `Preprocessing` (the eval transform its validation used), flip TTA included. A
 file that does not decode never stops the run: its row is marked failed with the reason, and
@@ -35,7 +35,7 @@ from data.images import DEFAULT_MAX_PIXELS
 from data.shards import ShardIndex, ShardMembers
 from data.sources import ListedImages, listed_images
 from data.transforms import flips_horizontally
-from trainer.model_file import LoadedClassifier, load_classifier
+from trainer.files.model_file import LoadedClassifier, load_classifier
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from configs.schema import Config
 from data.files import atomic_write_text
 from models.build import bare_keys
 from configs.errors import UsageError
-from trainer.ema import PREFIX, WeightEma, better_weights, check_resumable, score
-from trainer.faults import crash_point
-from trainer.state_folder import (DamagedCheckpoint, LoadedState, complete_checkpoints, load_checkpoint,
+from trainer.fit.ema import PREFIX, WeightEma, better_weights, check_resumable, score
+from trainer.files.faults import crash_point
+from trainer.files.checkpoints import (DamagedCheckpoint, LoadedState, complete_checkpoints, load_checkpoint,
                            load_scheduler_state, mark_best, newest_valid, rng_state, rotate, save_checkpoint, set_aside,
                            scheduler_state, set_rng_state, verify)
 

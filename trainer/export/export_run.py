@@ -22,14 +22,14 @@ from data.files import atomic_folder, atomic_write_json, atomic_write_text, sha2
 from data.images import DEFAULT_MAX_PIXELS
 from data.shards import ShardIndex
 from data.sources import listed_images
-from trainer.build import audited_splits
+from data.audit_training import audited_splits
 from configs.schema import config_from_dict
-from trainer.evaluation import labelled_shards, report_of, run_config, validation_files
-from trainer.hub_export import INTERPOLATION, hub_refusal, push_folder, write_hub_files
-from trainer.inference import InferenceOptions, collect_images, predict_files, reader_of
-from trainer.model_card import CardFacts, headline, model_card
-from trainer.model_file import LoadedClassifier, load_classifier
-from trainer.onnx_export import OnnxCheck, check_onnx, export_onnx, metadata_of
+from trainer.inference.evaluate import labelled_shards, report_of, run_config, validation_files
+from trainer.export.hub_folder import INTERPOLATION, hub_refusal, push_folder, write_hub_files
+from trainer.inference.predict import InferenceOptions, collect_images, predict_files, reader_of
+from trainer.export.model_card import CardFacts, headline, model_card
+from trainer.files.model_file import LoadedClassifier, load_classifier
+from trainer.export.onnx_file import OnnxCheck, check_onnx, export_onnx, metadata_of
 
 FORMATS = ("onnx", "hub", "both")
 ONNX_NAME, CARD_NAME, RECORD_NAME = "model.onnx", "README.md", "export.json"
@@ -134,7 +134,7 @@ def gather_evidence(loaded: LoadedClassifier, request: ExportRequest) -> Evidenc
         files = labelled_shards(listed_images(cfg.data, "val"), loaded.class_names, cfg.data.task == "multilabel")
         splits = files.shards.to_splits()
     else:
-        splits = audited_splits(cfg)  # the split training saw: the same files, after the same audit
+        splits = audited_splits(cfg.data)  # the split training saw: the same files, after the same audit
         if splits.classes != loaded.class_names:
             raise UsageError(f"the classes in {cfg.data.root} ({', '.join(splits.classes[:8])}) are not the "
                              f"checkpoint's ({', '.join(loaded.class_names[:8])}); pass --data-root with the run's "

@@ -68,7 +68,7 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: in
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, plan: FinetunePlan,
                              steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The run's schedule (`trainer.optim.lr_factor`) for every group, times 0 for the backbone group
+    """The run's schedule (`trainer.assemble.optim.lr_factor`) for every group, times 0 for the backbone group
     before its unfreeze epoch. A function of the step count only: resuming restores it exactly."""
     total = steps_per_epoch * epochs
 

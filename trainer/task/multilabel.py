@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.metrics import best_f1_thresholds, multilabel_report
+from trainer.task.metrics import best_f1_thresholds, multilabel_report
 
 
 @torch.no_grad()

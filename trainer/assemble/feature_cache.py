@@ -96,7 +96,7 @@ def cached_features(model: nn.Module, head_name: str, dataset, cache_file: Path,
 
 
 def cached_head_datasets(accelerator, built, data, cfg, num_workers: int) -> tuple[TensorDataset, TensorDataset, nn.Module]:
-    """(train features, val features, the head to train) of a trainer.build.RunData. The main
+    """(train features, val features, the head to train) of a trainer.assemble.run_parts.RunData. The main
     process fills the cache; the others wait, then read it, so every process trains on the same features."""
     train_ds, val_ds, pre = data.train_images, data.val_images, data.preprocessing
     preprocessing = {**pre.to_dict(), "transform": repr(val_ds.transform)}

@@ -3,7 +3,7 @@ of class folders, CSV, dataset or shards split. All of `launch/evaluate.py` afte
 are parsed.
 
 The run's own split is rebuilt from the config the checkpoint records, with the same function
-training used (`trainer.build.audited_splits`; a shards run's: its index's val shards): the same
+training used (`data.audit_training.audited_splits`; a shards run's: its index's val shards): the same
 files, through the checkpoint's own eval transform, in eval mode and fp32, so the validation
 split gives back exactly the val_acc the checkpoint recorded. Images that are training images of
 the run (the same files, or copies with the same content, tar members included) get a warning:
@@ -31,12 +31,12 @@ from data.images import DEFAULT_MAX_PIXELS
 from data.multilabel import MultiLabelSplits, multi_hot
 from data.shards import INDEX, ShardIndex, ShardMembers, read_index
 from data.sources import ListedImages, label_names, listed_images, load_splits
-from trainer import plots
-from trainer.build import audited_splits
-from trainer.inference import (FilePredictions, InferenceOptions, Listing, is_multilabel, listed_source,
+from trainer.reporting import plots
+from data.audit_training import audited_splits
+from trainer.inference.predict import (FilePredictions, InferenceOptions, Listing, is_multilabel, listed_source,
                                predict_files, reader_of, thresholds_of)
-from trainer.metrics import classification_report, multilabel_report
-from trainer.model_file import LoadedClassifier, load_classifier
+from trainer.task.metrics import classification_report, multilabel_report
+from trainer.files.model_file import LoadedClassifier, load_classifier
 
 SPLITS = ("val", "test")
 
@@ -160,7 +160,7 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     if classes != class_names:
         raise UsageError(f"the classes in {root} ({', '.join(classes[:8])}) are not the checkpoint's "
                          f"({', '.join(class_names[:8])}); pass --data-root with the run's own image folder")
-    return validation_files(audited_splits(cfg), root)
+    return validation_files(audited_splits(cfg.data), root)
 
 
 def validation_files(splits: Splits, root: Path) -> LabelledFiles:

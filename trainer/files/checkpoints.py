@@ -40,8 +40,8 @@ from safetensors.torch import load_file, save_file
 
 from configs.errors import TrainingFailed
 from data.files import atomic_output, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
-from trainer.model_file import plain_tensors
-from trainer.faults import crash_point
+from trainer.files.model_file import plain_tensors
+from trainer.files.faults import crash_point
 
 FORMAT = "imgtrain/state-v1"
 COMPLETE = "COMPLETE"

@@ -2,7 +2,7 @@
 
 Pure functions of plain data (numpy arrays, lists, dicts) so they are easy to test and the same
 files can be shown locally and logged to W&B. They only draw: the numbers come from
-`trainer.metrics`. They use matplotlib's object API (`Figure`), which renders with Agg and never
+`trainer.task.metrics`. They use matplotlib's object API (`Figure`), which renders with Agg and never
 touches pyplot's global state or needs a display. Every file is written through
 `data.files.atomic_output`, so a reader never sees half a PNG.
 """

@@ -6,7 +6,7 @@ The order matters and is the same on every device and process count:
      (the fp16 scaler may skip it)
   -> step the learning-rate schedule, and average the weights into the EMA (`train.ema_decay`),
      only when the optimizer really stepped.
-The schedule is not passed to `accelerator.prepare` (see trainer/optim.py), so it advances once
+The schedule is not passed to `accelerator.prepare` (see trainer/assemble/optim.py), so it advances once
 per optimizer step whatever the number of processes.
 
 Nothing here waits for the device: a step only queues work, so the GPU never idles while the
@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from configs.errors import TrainingFailed
-from trainer.ema import WeightEma
+from trainer.fit.ema import WeightEma
 
 
 class NonFiniteLoss(TrainingFailed):

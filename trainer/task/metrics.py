@@ -1,6 +1,6 @@
 """Classification metrics from labels and predictions: accuracy, per-class P/R/F1, confusion matrix.
 
-The one place metrics are computed; trainer/plots.py only draws them."""
+The one place metrics are computed; trainer/reporting/plots.py only draws them."""
 
 from __future__ import annotations
 
