@@ -103,5 +103,29 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def trim_jsonl(path: str | Path, key: str, last: int) -> int:
+    """Keep the lines of a JSON-lines log whose `key` is at most `last` (what a resumed run has
+    not trained again), replacing the file atomically. A line that does not parse (a write cut by
+    a kill or a full disk) is dropped; returns how many were."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, damaged = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            damaged += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get(key), (int, float)) and record[key] <= last:
+            kept.append(line)
+        elif not isinstance(record, dict) or key not in record:
+            damaged += 1
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return damaged
+
+
 __all__ = ["atomic_folder", "atomic_output", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file",
-           "sha256_file"]
+           "sha256_file", "trim_jsonl"]

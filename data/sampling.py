@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -35,6 +35,35 @@ def derived_seeds(*key: int, count: int = 1) -> np.ndarray:
     """`count` independent 63-bit seeds from integers, the same in every process and Python run."""
     entropy = [int(k) & 0xFFFF_FFFF_FFFF_FFFF for k in key]
     return np.random.SeedSequence(entropy).generate_state(count, dtype=np.uint64) >> np.uint64(1)
+
+
+@runtime_checkable
+class ResumableOrder(Protocol):
+    """What the run state and the loop read of a training order (ResumableSampler, and the shards
+    source's ShardOrder): its size and steps, where an epoch starts, and what a checkpoint records
+    so a resume can tell whether the order it continues is the one it left."""
+
+    epoch: int
+    samples_done: int
+
+    @property
+    def order_key(self) -> dict:
+        """Settings the order depends on besides (seed, epoch, process count), by config key."""
+
+    @property
+    def padded_size(self) -> int:
+        """Samples in one epoch over all processes, padded to a multiple of the process count."""
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch on each process."""
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples all processes together consume per batch."""
+
+    def start_epoch(self, epoch: int, samples_done: int = 0) -> None:
+        """Start `epoch` after the first `samples_done` samples (counted over all processes)."""
 
 
 class ResumableSampler(Sampler):

@@ -346,8 +346,8 @@ def buffer_order(count: int, size: int, seed: int) -> np.ndarray:
 
 
 class ShardOrder:
-    """The sampler of shard training: what Progress and the loop read (steps, samples per step,
-    padded size, the resume point) plus each worker's plan for the epoch."""
+    """The sampler of shard training: a data.sampling.ResumableOrder (what the run state and the
+    loop read) plus each worker's plan for the epoch."""
 
     def __init__(self, counts: list[int], batch_size: int, seed: int, rank: int, world_size: int,
                  streams: int, buffer: int):
@@ -381,7 +381,7 @@ class ShardOrder:
 
     @property
     def first_batch(self) -> int:
-        """The batch this process starts the epoch at (Progress.batch_in_epoch)."""
+        """The batch this process starts the epoch at (RunState.batch_in_epoch)."""
         return min(self.samples_done // self.samples_per_step, self.steps_per_epoch)
 
     def start_epoch(self, epoch: int, samples_done: int = 0) -> None:

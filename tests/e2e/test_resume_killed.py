@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from helpers import run_env, run_in_process, run_script
 from resume_runs import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
 from trainer.files.model_file import read_metadata
-from trainer.fit.run_state import EXIT_PREEMPTED
+from trainer.fit.signals import EXIT_PREEMPTED
 from trainer.files.checkpoints import COMPLETE, verify
 
 

@@ -17,7 +17,7 @@ from models import HeadSpec, build_classifier
 from trainer.fit.ema import WeightEma, check_resumable, file_metrics
 from trainer.fit.loop import save_model_files
 from trainer.files.model_file import ClassifierFacts, load_classifier, read_metadata
-from trainer.fit.run_state import RunHistory
+from trainer.fit.history import RunHistory
 from trainer.files.checkpoints import COMPLETE, DamagedCheckpoint, load_checkpoint, save_checkpoint, verify
 from trainer.fit.step import StepCounters, StepOptions, StepParts, train_step
 

@@ -351,7 +351,7 @@ def test_a_recipe_the_model_lacks_is_one_line_exit_2_nothing_written(override, m
     ({"layer_decay": 0.75}, [], "optim.layer_decay is 0.0 but the checkpoint was trained with 0.75"),
 ])
 def test_resume_refuses_recipe_changes_before_anything_is_written(saved_optim, overrides, refused):
-    from trainer.fit.run_state import config_changes
+    from trainer.fit.restore import config_changes
 
     cfg = load_config(None, ["data.root=/tmp/x", "model.name=tiny_cnn", *overrides])
     saved = cfg.to_dict()

@@ -17,7 +17,7 @@ from data.sampling import ResumableSampler, SeededSamples
 from models.build import build_classifier, read_state_dict
 from configs.schema import Config
 from configs.errors import UsageError
-from trainer.fit.run_state import config_changes, find_checkpoint
+from trainer.fit.restore import config_changes, find_checkpoint
 from trainer.files.checkpoints import (COMPLETE, flatten_optimizer, mark_best, newest_valid, rotate, save_checkpoint,
                                   unflatten_optimizer)
 

@@ -31,7 +31,8 @@ from trainer.files.faults import crash_point
 from trainer.assemble.feature_cache import with_sample_images
 from trainer.files.model_file import ClassifierFacts, save_classifier
 from trainer.task.multilabel import evaluate_multilabel
-from trainer.fit.run_state import Progress
+from trainer.fit.restore import Trainables
+from trainer.fit.run_state import RunState
 from trainer.reporting.console import ProgressLines, RunReport
 from trainer.files.run_lock import RunLock
 from trainer.assemble.accelerator import channels_last_on, describe, make_accelerator, prepare_model
@@ -54,7 +55,7 @@ class Training:
     step: StepParts
     train_loader: object
     val_loader: object
-    progress: Progress
+    run_state: RunState
     tracking: RunTracking
     log_every: int
     global_batch_size: int
@@ -85,45 +86,48 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     parts.enter_epoch(1)
     runtime = describe(accelerator, cfg.data.batch_size, cfg.train.grad_accum_steps, model)
     # Finds the checkpoint run.resume names and refuses config changes it cannot take, before any write.
-    progress = Progress(accelerator, cfg, run_dir, parts.data.classes)
+    run_state = RunState(accelerator, cfg, run_dir, parts.data.classes)
     report = RunReport(accelerator, run_dir)
     start_run_folder(accelerator, cfg, run_dir, parts.data.failure_log)
     tracking = RunTracking(accelerator, cfg, run_dir, parts.data.classes, parts.data.preprocessing)
     # Main process: the W&B run id (None without W&B), kept so a resumed run can continue it.
-    wandb_run_id = tracking.start(config={**cfg.to_dict(), "runtime": runtime}, run_id=progress.wandb_run_id or None)
+    wandb_run_id = tracking.start(config={**cfg.to_dict(), "runtime": runtime}, run_id=run_state.wandb_run_id or None)
     splits = parts.data.splits
     tracking.show_data(parts.data.train_images, {"train": splits.class_counts("train"),
                                                  "val": splits.class_counts("val")}, cfg.train.seed)
     # The module that trains, unwrapped: checkpoints hold its keys without a wrapper's prefix.
     # Loads the saved state when resuming (RNG last: nothing above may draw after it).
-    progress.attach(parts.model, optimizer, parts.scheduler, parts.train_loader, accelerator.scaler, wandb_run_id,
-                    ema=ema)
+    run_state.attach(Trainables(parts.model, optimizer, parts.scheduler, parts.train_loader, accelerator.scaler, ema),
+                     wandb_run_id)
+    if run_state.resumed_from is not None:  # each log's writer drops what a killed run wrote after its checkpoint
+        report.continue_after(run_state.epoch - 1)
+        tracking.continue_after(run_state.batches_done)
     total, trainable = count_parameters(parts.built.model)
     report.start(model_name=cfg.model.name, total_params=total, trainable_params=trainable, splits=splits,
                  runtime=runtime, notes=parts.built.notes)
     facts = classifier_facts(cfg, parts, runtime)
     training = Training(StepParts(accelerator, model, optimizer, parts.scheduler, parts.criterion,
                                   StepOptions(cfg.train.grad_clip_norm, channels_last), ema),
-                        parts.train_loader, val_loader, progress, tracking, cfg.train.log_every_steps,
+                        parts.train_loader, val_loader, run_state, tracking, cfg.train.log_every_steps,
                         runtime["global_batch_size"], cfg.train.progress_every_seconds,
                         ema_model=ema_for_validation(ema, parts))
     model_weights = {"raw": parts.built.model, **({"ema": ema.module} if ema is not None else {})}
 
     # ---- epochs ----
     try:
-        for epoch in progress.epochs():
+        for epoch in run_state.epochs():
             metrics, predictions = run_epoch(training, parts, epoch)
-            improved = progress.record_epoch(metrics)
-            weights = progress.history.epochs[-1].get("best_weights", "raw")  # the better of raw and EMA
-            record = report.epoch(progress.history.epochs[-1])
-            tracking.epoch(record, progress.history.epochs, predictions[weights])
+            improved = run_state.record_epoch(metrics)
+            weights = run_state.history.epochs[-1].get("best_weights", "raw")  # the better of raw and EMA
+            record = report.epoch(run_state.history.epochs[-1])
+            tracking.epoch(record, run_state.history.epochs, predictions[weights])
             if accelerator.is_main_process:
                 save_model_files(run_dir, model_weights, facts, metrics, weights if improved else None)
-            progress.end_epoch(epoch, improved)  # the resumable checkpoint, rotated
-            if progress.stopped_early:
+            run_state.end_epoch(epoch, improved)  # the resumable checkpoint, rotated
+            if run_state.stopped_early:
                 break
     finally:
-        progress.close()  # the SIGTERM/SIGINT handlers go, also when training failed
+        run_state.close()  # the SIGTERM/SIGINT handlers go, also when training failed
 
     # ---- finish ----
     accelerator.wait_for_everyone()
@@ -132,12 +136,12 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
         report.print(f"warning: {len(failures)} files failed to load during training and were skipped; "
                      f"listed in {parts.data.failure_log}")
     written = [run_dir / "best.safetensors", run_dir / "last.safetensors",
-               *([run_dir / "ema.safetensors"] if ema is not None else []), progress.root, run_dir / "config.toml",
+               *([run_dir / "ema.safetensors"] if ema is not None else []), run_state.root, run_dir / "config.toml",
                run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
-    history = progress.history
-    report.finish(best=history.best, stopped_early=progress.stopped_early, written=written, epochs=history.epochs)
+    history = run_state.history
+    report.finish(best=history.best, stopped_early=run_state.stopped_early, written=written, epochs=history.epochs)
     accelerator.end_training()
-    return TrainResult(run_dir, history.best, history.epochs, progress.stopped_early)
+    return TrainResult(run_dir, history.best, history.epochs, run_state.stopped_early)
 
 
 def save_model_files(run_dir: Path, models: dict[str, nn.Module], facts: ClassifierFacts, metrics: dict,
@@ -187,9 +191,9 @@ def run_epoch(training: Training, parts: RunParts, epoch: int) -> tuple[dict, di
     epoch's metrics and each one's validation predictions, keyed "raw" / "ema"."""
     started = time.perf_counter()
     parts.enter_epoch(epoch)  # a pure function of the epoch, so a resume recomputes it
-    progress = training.progress
-    progress.begin_epoch(epoch)  # this epoch's sample order, after the batches a checkpoint already did
-    group_lrs = progress.epoch_start_lrs  # the rates this epoch started with (also after a mid-epoch resume)
+    run_state = training.run_state
+    run_state.begin_epoch(epoch)  # this epoch's sample order, after the batches a checkpoint already did
+    group_lrs = run_state.epoch_start_lrs  # the rates this epoch started with (also after a mid-epoch resume)
     train_stats = train_one_epoch(training, epoch)
     step = training.step
     multilabel = parts.cfg.data.task == "multilabel"  # mAP and F1 instead of accuracy; no confusion matrix
@@ -218,23 +222,23 @@ def run_epoch(training: Training, parts: RunParts, epoch: int) -> tuple[dict, di
 
 
 def train_one_epoch(training: Training, epoch: int) -> dict:
-    step, progress = training.step, training.progress
+    step, run_state = training.step, training.run_state
     accelerator = step.accelerator
     set_train_mode(accelerator.unwrap_model(step.model))
     counters = StepCounters()
     # Zeros, or the totals and counters where a mid-epoch checkpoint was.
-    loss_sum, correct, seen = progress.epoch_totals(accelerator.device, counters)
+    loss_sum, correct, seen = run_state.epoch_totals(accelerator.device, counters)
     loader = training.train_loader
     steps_per_epoch = loader.sampler.steps_per_epoch
     clock = WaitClock()
     lines = ProgressLines(accelerator, training.progress_every_seconds, loader.sampler.samples_per_step)
-    first_position = progress.batch_in_epoch
+    first_position = run_state.batch_in_epoch
     # A bar redrawn into a log file is noise: only draw it on a terminal.
     bar = tqdm(clock.timed(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-               initial=progress.batch_in_epoch, total=steps_per_epoch,
+               initial=run_state.batch_in_epoch, total=steps_per_epoch,
                disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     for images, labels in bar:
-        position = progress.batch_in_epoch  # the batch's index in the epoch, the same after a resume
+        position = run_state.batch_in_epoch  # the batch's index in the epoch, the same after a resume
         logits, loss = train_step(step, images, labels, counters, position)
         # Totals stay on the device: reading them every step would make the host wait for the GPU.
         # MixUp/CutMix make labels soft (batch, classes); accuracy counts the dominant class.
@@ -248,7 +252,7 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
             log_step(training, bar, epoch, position, loss)
         if lines.due():  # the main process only: no collective here
             lines.show(epoch, position, steps_per_epoch, loss.item(), position + 1 - first_position)
-        progress.step_done(loss_sum, correct, seen, counters)  # checkpoints every N steps; on SIGTERM: checkpoint, exit 75
+        run_state.step_done(loss_sum, correct, seen, counters)  # checkpoints every N steps; on SIGTERM: checkpoint, exit 75
     bar.close()  # (the epoch's last batch ran the non-finite check)
     # Sum over processes: every process reaches this collective once per epoch.
     loss_sum, correct, seen = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]),
@@ -268,11 +272,11 @@ def log_step(training: Training, bar, epoch: int, position: int, loss: torch.Ten
     """The progress bar's numbers, and a train_steps.jsonl / W&B point (loss, lr, and images/s
     since the previous point of the epoch; each epoch's last batch is logged too, so every epoch
     has a rate)."""
-    progress, scheduler = training.progress, training.step.scheduler
+    run_state, scheduler = training.run_state, training.step.scheduler
     loss_value, lr = loss.item(), scheduler.get_last_lr()[0]
     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
     steps = training.train_loader.sampler.steps_per_epoch
-    training.tracking.train_step(epoch, progress.batches_done + 1, epoch - 1 + (position + 1) / steps, loss_value, lr,
+    training.tracking.train_step(epoch, run_state.batches_done + 1, epoch - 1 + (position + 1) / steps, loss_value, lr,
                                  training.global_batch_size)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from data.files import trim_jsonl
+
 # (metric key, column title, format) in the order the epoch table shows them.
 _COLUMNS = [
     ("epoch", "epoch", "{:>5d}"),
@@ -119,6 +121,12 @@ class RunReport:
                          f"{runtime.get('cpu_threads', '?')} CPU thread(s) per process")
         lines.append(f"run dir  {self.run_dir}")
         self.print(*lines)
+
+    def continue_after(self, epoch: int) -> None:
+        """A resumed run: drop the metrics.jsonl lines of epochs after `epoch` (trained again now) and
+        a line a kill or a full disk cut short."""
+        if self.active and trim_jsonl(self.metrics_path, "epoch", epoch):
+            self.print(f"note: dropped a damaged line from {self.metrics_path}")
 
     def epoch(self, metrics: dict) -> dict | None:
         """One row of the epoch table and one line of metrics.jsonl; returns that line's record.

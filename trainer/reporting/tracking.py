@@ -16,7 +16,7 @@ The local files are written whatever the mode, so a run without W&B tells the sa
   train_samples.png      training images after augmentation, as the model sees them
   class_distribution.png images per class in each split
 (metrics.jsonl, one line per epoch, is written by trainer/reporting/console.py and logged here; the history
-both read is owned by trainer/fit/run_state.py.)
+both read is owned by trainer/fit/history.py.)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from accelerate.tracking import WandBTracker, on_main_process
 
 from configs.errors import ConfigError
 from configs.schema import Config
-from data.files import atomic_output
+from data.files import atomic_output, trim_jsonl
 from data.transforms import Preprocessing
 from trainer.task.metrics import confusion_matrix, per_class_accuracy
 
@@ -264,6 +264,13 @@ class RunTracking:
         return self.class_names[label]
 
     # ---- training steps and epochs ----
+
+    def continue_after(self, batches_done: int) -> None:
+        """A resumed run: drop the train_steps.jsonl lines after `batches_done` (trained and logged
+        again now) and a line a kill or a full disk cut short."""
+        path = self.run_dir / "train_steps.jsonl"
+        if self.active and trim_jsonl(path, "step", batches_done):
+            print(f"note: dropped a damaged line from {path}", flush=True)
 
     def train_step(self, epoch: int, global_step: int, epoch_progress: float, loss: float, lr: float,
                    global_batch_size: int) -> None:
