@@ -21,7 +21,7 @@ empty): an export never writes into an existing folder, and a failed one leaves 
 
 from __future__ import annotations
 
-from cli import run_main, script_parser
+from cli import output_folder, parse_script_args, run_main, script_parser
 
 
 def main() -> int:
@@ -34,7 +34,8 @@ def main() -> int:
     parser.add_argument("--push", metavar="REPO_ID", help="upload the Hub folder to this Hub model repository")
     parser.add_argument("--private", action="store_true", help="with --push: create the repository private")
     parser.add_argument("--device", default="auto", help="for the evaluation behind the model card: auto, cpu, cuda")
-    args = parser.parse_args()
+    args = parse_script_args(parser)
+    output_folder(args.out, "--out")
     from trainer.export.export_run import ExportRequest, export_checkpoint
 
     export_checkpoint(ExportRequest(args.checkpoint, args.out, args.format, tuple(args.images), args.data_root,
