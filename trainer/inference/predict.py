@@ -284,9 +284,10 @@ def _sample_submission_header(path: str) -> list[str]:
 
 def _check_class_columns(path: str, columns: list[str], class_names: list[str]) -> None:
     """The sample submission's class columns are the checkpoint's classes, each once, in any order."""
+    unknown = [c for c in dict.fromkeys(columns) if c not in class_names]
     differences = [
         ("classes of the checkpoint it has no column for", [c for c in class_names if c not in columns]),
-        ("columns that are no class of the checkpoint", [c for c in columns if c not in class_names]),
+        ("columns that are no class of the checkpoint", unknown),
         ("columns named twice", sorted({c for c in columns if columns.count(c) > 1})),
     ]
     found = [f"{what}: {_few(names)}" for what, names in differences if names]
