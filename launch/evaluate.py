@@ -30,6 +30,8 @@ thresholds it recorded, to metrics.json. A label the CSV or dataset names that t
 does not know is refused; rows without a label or file are left out with a note. Shards must
 have the checkpoint's class list; the shards read are checked against index.json's sha256
 first, and a damaged or missing one is refused (one line, exit code 2, nothing written).
+--out-dir names a folder: an existing file, or a file's name such as metrics.json, is refused
+before any work.
 """
 
 from __future__ import annotations

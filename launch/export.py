@@ -16,7 +16,8 @@ names and preprocessing in the file's metadata; onnxruntime is run beside PyTorc
 loads with plain `timm.create_model("local-dir:OUT", pretrained=True)`, or `hf-hub:USER/REPO`
 once pushed, with the label names and the run's eval preprocessing. The model card's per-class
 table comes from evaluating the run's validation split at export. OUT must not exist yet (or be
-empty): an export never writes into an existing folder, and a failed one leaves none behind.
+empty): an export never writes into an existing folder, and a failed one leaves none behind. OUT
+is a folder: a file's name (`--out model.onnx`) is refused before any work.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 
 from cli import output_file, parse_script_args, run_main, script_parser
+from configs.errors import UsageError
 
 KAGGLE_LABELS = ("name", "index")  # trainer.inference.predict.KAGGLE_LABELS, without importing torch for --help
 
@@ -87,8 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def kaggle_form(args: argparse.Namespace):
     """The submission --kaggle / --kaggle-probabilities ask for, or None; flags that need one of them
     are refused without it."""
-    from configs.errors import UsageError
-
     if args.kaggle_label and args.kaggle_probabilities:
         raise UsageError("--kaggle-label goes with --kaggle (one label per image), not with --kaggle-probabilities")
     if not (args.kaggle or args.kaggle_probabilities):

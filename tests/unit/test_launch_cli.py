@@ -12,9 +12,13 @@ import pytest
 
 from helpers import PYTHON, REPO, make_image_folder, run_env, run_in_process
 
-sys.path.insert(0, str(REPO / "launch"))
-from cli import output_file, output_folder  # noqa: E402  (launch/ is not a package)
-from configs.errors import UsageError  # noqa: E402
+from configs.errors import UsageError
+
+sys.path.insert(0, str(REPO / "launch"))  # launch/ is not a package; only while cli is imported
+try:
+    from cli import output_file, output_folder
+finally:
+    sys.path.remove(str(REPO / "launch"))
 
 DEMO = str(REPO / "configs" / "demo.toml")
 MISSING = "/nonexistent/imgtrain"
