@@ -30,6 +30,7 @@ from trainer.inference.predict import InferenceOptions, collect_images, predict_
 from trainer.export.model_card import CardFacts, headline, model_card
 from trainer.files.model_file import LoadedClassifier, load_classifier
 from trainer.export.onnx_file import OnnxCheck, check_onnx, export_onnx, metadata_of
+from trainer.task.task import task_for, task_of
 
 FORMATS = ("onnx", "hub", "both")
 ONNX_NAME, CARD_NAME, RECORD_NAME = "model.onnx", "README.md", "export.json"
@@ -107,8 +108,8 @@ def export_checkpoint(request: ExportRequest) -> Path:
 def _write_onnx(loaded: LoadedClassifier, path: Path, record: dict, images: torch.Tensor) -> OnnxCheck:
     name = loaded.metadata["model_name"]
     source = {k: record[k] for k in ("checkpoint", "sha256", "epoch")}
-    thresholds = loaded.metadata.get("thresholds") if loaded.metadata.get("task") == "multilabel" else None
-    metadata = metadata_of(name, list(loaded.class_names), _preprocessing(loaded), source, thresholds)
+    metadata = metadata_of(name, list(loaded.class_names), _preprocessing(loaded), source,
+                           task_of(loaded.metadata), loaded.metadata)
     export_onnx(loaded.model, loaded.image_size, path, metadata, name)
     return check_onnx(path, loaded.model, images)
 
@@ -131,7 +132,8 @@ def gather_evidence(loaded: LoadedClassifier, request: ExportRequest) -> Evidenc
         return Evidence(torch.randn(8, 3, p.image_size, p.image_size, generator=torch.Generator().manual_seed(0)),
                         "8 random inputs")
     if cfg.data.source == "shards":  # the split training saw: the index's (audited when the shards were written)
-        files = labelled_shards(listed_images(cfg.data, "val"), loaded.class_names, cfg.data.task == "multilabel")
+        files = labelled_shards(listed_images(cfg.data, "val"), loaded.class_names,
+                                not task_for(cfg).one_class_per_image)
         splits = files.shards.to_splits()
     else:
         splits = audited_splits(cfg.data)  # the split training saw: the same files, after the same audit
@@ -183,7 +185,7 @@ def _card_facts(loaded: LoadedClassifier, request: ExportRequest, evidence: Evid
                      meta.get("metrics", {}), meta.get("config", {}), _preprocessing(loaded),
                      class_counts=evidence.class_counts, data_layout=evidence.layout, evaluation=evidence.evaluation,
                      evaluation_source=evidence.source.split(" of ", 1)[-1], repo_id=request.push,
-                     thresholds=meta.get("thresholds") if meta.get("task") == "multilabel" else None)
+                     thresholds=task_of(meta).recorded(meta).get("thresholds"))
 
 
 def _print_summary(out: Path, record: dict, evidence: Evidence) -> None:
