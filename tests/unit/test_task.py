@@ -153,15 +153,19 @@ def test_scores_thresholds_and_what_files_outside_the_run_record():
     assert MULTI.recorded(meta) == {"task": "multilabel", "thresholds": [0.3, 0.5, 0.7]}
 
 
-def test_multi_label_prediction_columns_call_every_class_at_its_threshold():
+def test_prediction_columns_one_class_or_every_class_at_its_threshold():
     class Preds:
         paths = [Path("a.png"), Path("b.png")]
         probs = torch.tensor([[0.4, 0.9, 0.2], [float("nan")] * 3])
         errors = {1: "OSError: truncated"}
 
-    header, rows = MULTI.prediction_rows(Preds, NAMES, torch.tensor([0.35, 0.5, 0.5], dtype=torch.float64), 2)
+    header, rows = MULTI.prediction_rows(Preds, NAMES, 2, torch.tensor([0.35, 0.5, 0.5], dtype=torch.float64))
     assert header == ["path", "labels", "scores_top2", "error"]
     assert rows == [["a.png", "green;blue", "green:0.9000;blue:0.4000", ""], ["b.png", "", "", "OSError: truncated"]]
+    header, rows = SINGLE.prediction_rows(Preds, NAMES, 5)
+    assert header == ["path", "class", "probability", "top3", "error"]
+    assert rows == [["a.png", "green", "0.900000", "green:0.9000;blue:0.4000;red:0.2000", ""],
+                    ["b.png", "", "", "", "OSError: truncated"]]
 
 
 # ---- a whole run ----
