@@ -56,7 +56,8 @@ def test_each_task_counts_its_own_right_decisions():
     logits = torch.tensor([[3.0, -1.0, 1.0], [-2.0, 2.0, -1.0]])
     assert SINGLE.agreement(logits, torch.tensor([0, 2])) == 0.5
     assert SINGLE.agreement(logits, torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8]])) == 0.5  # soft: dominant class
-    assert MULTI.agreement(logits, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])) == pytest.approx(5 / 6)  # (0, 2) is wrong
+    # Six decisions at 0.5, five right: image 0 calls class 2 (logit 1.0) that it does not have.
+    assert MULTI.agreement(logits, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])) == pytest.approx(5 / 6)
     stats = {"train_loss": 0.3, "train_acc": 0.5}
     assert SINGLE.train_metrics(stats) == stats and MULTI.train_metrics(stats) == {"train_loss": 0.3}
 

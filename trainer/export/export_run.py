@@ -69,7 +69,7 @@ class Evidence:
 
     images: torch.Tensor  # normalized (N, 3, H, W) float32, at most CHECK_IMAGES
     source: str
-    evaluation: dict | None = None  # evaluation_report over the whole validation split
+    evaluation: dict | None = None  # the task's evaluation report (Task.report) over the whole validation split
     class_counts: dict[str, dict[str, int]] | None = None
     layout: str = ""  # data.folders.Splits.layout, when the data was here
 

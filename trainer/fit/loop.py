@@ -297,4 +297,3 @@ class WaitClock:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
-
