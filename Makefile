@@ -1,10 +1,10 @@
-# Two commands: `make demo` and `make test`. Both create .venv and install on first use.
+# Two commands: `make demo` and `make test` (`make test-fast`: the tier without launches). Both create .venv and install on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 # pip byte-compiles on one core; compileall -j 0 does the same on all cores, in half the time.
 # Compiled files matter: with PYTHONDONTWRITEBYTECODE set (as on CI machines), every process
@@ -21,8 +21,15 @@ demo: $(STAMP)
 	$(PY) launch/prepare_demo.py datasets/digits
 	$(PY) launch/train.py --config configs/demo.toml
 
+# The suite's tests are independent (own tmp folders, own rendezvous ports): two workers on two
+# cores halve the wall time, since most of a test's time is one single-threaded subprocess
+# (OMP_NUM_THREADS=1). --dist loadfile keeps a module on one worker, so its shared runs are made once.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The fast tier: unit and in-process tests, no subprocess launches of training (`-m "not e2e"`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not e2e and not slow" tests
 
 clean:
 	rm -rf runs/demo datasets/digits

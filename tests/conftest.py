@@ -10,6 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import make_image_folder, reset_accelerate_state  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tiers: everything under tests/e2e/ is `e2e` (`make test-fast` runs the rest)."""
+    for item in items:
+        if "e2e" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A tiny learnable class-folder dataset: 3 classes x 12 images of 16x16 pixels."""

@@ -12,6 +12,7 @@ import io
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,8 +93,17 @@ def run_script(script: str, *args: str, cwd: Path, launcher: tuple[str, ...] = (
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or run_env())
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: each multi-process launch gets its own rendezvous port, so
+    launches of tests running side by side (pytest -n 2) never meet on accelerate's default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launch(*flags: str) -> tuple[str, ...]:
-    return (ACCELERATE, "launch", "--num_machines", "1", "--dynamo_backend", "no", *flags)
+    port = () if "--main_process_port" in flags else ("--main_process_port", str(free_port()))
+    return (ACCELERATE, "launch", "--num_machines", "1", "--dynamo_backend", "no", *port, *flags)
 
 
 def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ACCELERATE, REPO, make_image_folder, run_env
+from helpers import ACCELERATE, REPO, free_port, make_image_folder, run_env
 from trainer.files.model_file import read_metadata
 
 EPOCHS = 3
@@ -33,7 +32,8 @@ def _overrides(root, run_dir, batch_size):
 
 
 def _launch(flags, overrides, cwd):
-    cmd = [ACCELERATE, "launch", *flags, "--mixed_precision", "no", "--dynamo_backend", "no",
+    port = [] if "--main_process_port" in flags else ["--main_process_port", str(free_port())]
+    cmd = [ACCELERATE, "launch", *flags, *port, "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "launch" / "train.py"), *overrides]
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
 
@@ -42,12 +42,6 @@ def _finish(proc, timeout=300):
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
     return out, err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _history(run_dir):
@@ -117,7 +111,7 @@ def test_two_process_cpu_ddp_matches_one_process(one_process, two_processes):
 
 def test_two_machines_on_loopback_match_one_launch(images, one_process, tmp_path):
     run_dir = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     procs = [_launch(["--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
                       "--main_process_ip", "127.0.0.1", "--main_process_port", port],
                      _overrides(images, run_dir, 8), tmp_path) for rank in (0, 1)]
@@ -144,7 +138,7 @@ def test_slurm_batch_script_launches_two_machines(images, one_process, tmp_path)
     config = tmp_path / "run.toml"
     config.write_text("[train]\nprecision = \"no\"\n")
     env = run_env(PATH=f"{bin_dir}:{os.path.dirname(ACCELERATE)}:{os.environ['PATH']}", SLURM_NNODES="2",
-                  SLURM_JOB_NODELIST="node[1-2]", GPUS_PER_NODE="1", MAIN_PORT=str(_free_port()))
+                  SLURM_JOB_NODELIST="node[1-2]", GPUS_PER_NODE="1", MAIN_PORT=str(free_port()))
     result = subprocess.run(["bash", str(REPO / "launch" / "slurm_train.sbatch"), str(config),
                              *_overrides(images, run_dir, 8)], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)

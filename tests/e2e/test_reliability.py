@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import ACCELERATE, PYTHON, REPO, make_image, make_image_folder, run_env, run_in_process, run_script
+from helpers import ACCELERATE, PYTHON, REPO, free_port, make_image, make_image_folder, run_env, run_in_process, run_script
 from trainer.files.model_file import read_metadata
 from trainer.files.checkpoints import COMPLETE, verify
 
@@ -98,7 +98,7 @@ def test_killing_the_launcher_leaves_no_ddp_rank_running(image_folder, tmp_path)
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         [ACCELERATE, "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", "2", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(29600 + os.getpid() % 300),
+         "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          str(REPO / "launch" / "train.py"), f"data.root={image_folder}", f"run.dir={run_dir}", *TINY,
          "train.epochs=200"],
         cwd=tmp_path, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -240,7 +240,7 @@ def _processes_using(run_dir: Path) -> list[int]:
 def test_a_failed_accelerate_launch_ends_with_the_error_line(tmp_path, flags):
     result = subprocess.run(
         [ACCELERATE, "launch", *flags, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(29900 + os.getpid() % 90), str(REPO / "launch" / "train.py"),
+         "--main_process_port", str(free_port()), str(REPO / "launch" / "train.py"),
          f"data.root={tmp_path / 'missing'}", "model.name=tiny_cnn"],
         cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
