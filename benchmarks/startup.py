@@ -1,14 +1,20 @@
-"""Start-up at scale: seconds from command to the first training step, per data source.
+"""Start-up at scale: seconds from command to the first training step, per data source; and
+seconds from command to --help, per launch script.
 
     python benchmarks/startup.py                        # 100,000 tiny PNGs in /tmp/imgtrain-startup
     python benchmarks/startup.py --files 20000 --repeats 3
     python benchmarks/startup.py --dir /big/disk/startup --sources folder csv
+    python benchmarks/startup.py --help-times-only      # only each launch script's --help
 
 Makes (once, kept in --dir) an image folder of tiny PNGs, the same files listed in a labels.csv,
 and, when launch/make_shards.py exists, tar shards of them. Each source trains once to warm the
 audit cache, then `python launch/train.py` is timed --repeats times, killed right after its first
 optimizer step (IMGTRAIN_CRASH_AT=after_step:1). Printed beside them: the floor every run pays,
 starting Python and importing the trainer. Target: at most 10 s per source on a 2-core machine.
+
+Before them, `python launch/X.py --help` is timed for every launch script (the median of
+--repeats + 1 runs): a script parses its command line before it imports torch, so the answer
+should take well under a second (importing torch alone takes seconds).
 """
 
 from __future__ import annotations
@@ -102,13 +108,31 @@ def make_shards(images: Path, shards: Path, env: dict) -> bool:
     return True
 
 
+def help_times(repeats: int) -> None:
+    """Seconds from `python launch/X.py --help` to its exit, per launch script."""
+    print(f"time to --help (median of {repeats} runs)")
+    for script in sorted((REPO / "launch").glob("*.py")):
+        if script.name in ("cli.py", "_paths.py"):
+            continue
+        runs = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, str(script), "--help"], check=True, stdout=subprocess.DEVNULL)
+            runs.append(time.perf_counter() - started)
+        print(f"  {script.name + ' --help':<52} {statistics.median(runs):6.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--dir", default="/tmp/imgtrain-startup")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sources", nargs="+", default=["folder", "csv", "shards"])
+    parser.add_argument("--help-times-only", action="store_true", help="time each launch script's --help, no training")
     args = parser.parse_args()
+    help_times(args.repeats + 1)
+    if args.help_times_only:
+        return
     base = Path(args.dir)
     started = time.perf_counter()
     images = make_images(base / f"images-{args.files}", args.files)

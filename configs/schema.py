@@ -558,17 +558,44 @@ def dump_toml(tables: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Config", "read_config", "validate", "dump_toml", "all_keys", "describe_keys"]
+__all__ = ["Config", "read_config", "validate", "dump_toml", "all_keys", "describe_keys", "KeyInfo", "key_infos"]
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One key as the schema declares it: what `--keys` lists and docs/configuration.md tabulates."""
+
+    key: str             # "section.key"
+    type_name: str       # "int", "list[float]", 'int or "auto"'
+    default: str         # as it is written in TOML: "auto" in quotes, [] for an empty list
+    choices: tuple       # the allowed values, empty when any value of the type is allowed
+    doc: str
+
+
+def key_infos() -> list[KeyInfo]:
+    """Every key in schema order, read from the dataclasses above (their annotations and metadata)."""
+    infos = []
+    for section, cls in _sections().items():
+        for key, f in _fields(cls).items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            infos.append(KeyInfo(f"{section}.{key}", _short_type(_field_type(cls, key)), _toml_value(default),
+                                 tuple(f.metadata.get("choices", ())), f.metadata.get("doc", "")))
+    return infos
+
+
+def _short_type(tp: Any) -> str:
+    if _auto_or(tp) is not None:
+        return f'{_short_type(_auto_or(tp))} or "auto"'
+    if typing.get_origin(tp) is list:
+        return f"list[{_short_type(typing.get_args(tp)[0])}]"
+    return tp.__name__
 
 
 def describe_keys() -> str:
     """Every key with its default and meaning, one per line (for `launch/train.py --keys`)."""
     lines = []
-    for section, cls in _sections().items():
-        for key, f in _fields(cls).items():
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            doc = f.metadata.get("doc", "")
-            if f.metadata.get("choices"):
-                doc = f"{doc} [{' | '.join(f.metadata['choices'])}]".strip()
-            lines.append(f"{section}.{key:<24} = {_toml_value(default):<14} {doc}")
+    for info in key_infos():
+        doc = f"{info.doc} [{' | '.join(info.choices)}]".strip() if info.choices else info.doc
+        section, key = info.key.split(".", 1)
+        lines.append(f"{section}.{key:<24} = {info.default:<14} {doc}")
     return "\n".join(lines)

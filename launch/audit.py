@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 
-from cli import run_main
+from cli import output_file, parse_script_args, run_main, script_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = script_parser(__doc__)
     parser.add_argument("root", help="data root: a folder of class folders, or one with train/ and val/")
     parser.add_argument("--min-side", type=int, default=0,
                         help="images with a smaller side are too small (default 0: only degenerate ones, a side "
@@ -35,18 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="decompression-bomb limit in pixels (default: PIL's, about 89.5 million; 0: none)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="class-folder layout: validation share")
     parser.add_argument("--seed", type=int, default=0, help="class-folder layout: split seed")
-    parser.add_argument("--report", help="write the problems here: .json (whole audit) or .csv (one row per file)")
+    parser.add_argument("--report", help="write the problems here: .json (whole audit) or .csv (one row per file); "
+                                         "no extension: .json")
     parser.add_argument("--quarantine", metavar="DIR", help="move problem files here, keeping relative paths")
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (default: every core)")
     parser.add_argument("--no-cache", action="store_true", help="decode every file again, ignoring the cache")
     parser.add_argument("--audit-dir", default="", help="where caches and reports live (default ~/.cache/imgtrain/audit)")
-    return parser.parse_args(argv)
+    return parse_script_args(parser, argv)
 
 
 def main() -> int:
-    from data.audit import DEGENERATE_SIDE, audit_splits, check_quarantine_folder, quarantine
-    from data.folders import discover
-    from data.images import DEFAULT_MAX_PIXELS
     from configs.errors import UsageError
 
     args = parse_args()
@@ -54,8 +51,11 @@ def main() -> int:
         raise UsageError("--min-side and --workers must be 0 or more")
     if not 0.0 < args.val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
-    if args.report and not args.report.lower().endswith((".json", ".csv")):
-        raise UsageError(f"--report {args.report}: name a .json or .csv file")
+    report, note = output_file(args.report, "--report", (".json", ".csv")) if args.report else ("", "")
+    from data.audit import DEGENERATE_SIDE, audit_splits, check_quarantine_folder, quarantine
+    from data.folders import discover
+    from data.images import DEFAULT_MAX_PIXELS
+
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
     splits = discover(args.root, args.val_fraction, args.seed)
     if args.quarantine:
@@ -64,10 +64,9 @@ def main() -> int:
                           audit_dir=args.audit_dir, use_cache=not args.no_cache, workers=args.workers)
     print("\n".join(result.summary_lines()))
     default_report = result.write_report(result.folder / "report.json")
-    if args.report:
-        print(f"report   {result.write_report(args.report)}")
-    else:
-        print(f"report   {default_report}")
+    print(f"report   {result.write_report(report) if report else default_report}")
+    if note:
+        print(note)
     if args.quarantine and result.problems:
         moved = quarantine(result, args.quarantine)
         print(f"moved    {len(moved)} files to {args.quarantine} (relative paths kept; nothing deleted)")

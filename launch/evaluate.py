@@ -30,18 +30,19 @@ thresholds it recorded, to metrics.json. A label the CSV or dataset names that t
 does not know is refused; rows without a label or file are left out with a note. Shards must
 have the checkpoint's class list; the shards read are checked against index.json's sha256
 first, and a damaged or missing one is refused (one line, exit code 2, nothing written).
+--out-dir names a folder: an existing file, or a file's name such as metrics.json, is refused
+before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from cli import run_main
+from cli import output_folder, parse_script_args, run_main, script_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by training")
     parser.add_argument("folder", nargs="?", help="a folder of class folders (instead of --split); multi-label: "
                                                   "a folder of images with a labels.csv")
@@ -56,17 +57,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                  "its val shards), or its data root's labelled "
                                                                  "test/ folder")
     parser.add_argument("--data-root", help="where the run's images are now, if not at its recorded data.root")
-    parser.add_argument("--out-dir", help="where the report goes (default: CHECKPOINT_DIR/eval or eval-SPLIT)")
+    parser.add_argument("--out-dir", help="the folder the report goes to (default: CHECKPOINT_DIR/eval or "
+                                          "eval-SPLIT)")
     parser.add_argument("--top-losses", type=int, default=16, help="images in the top-losses grid")
     parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--batch-size", type=int, help="default: 64; the run's data.batch_size with --split")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    return parser.parse_args(argv)
+    return parse_script_args(parser, argv)
 
 
 def main() -> int:
     args = parse_args()
+    if args.out_dir:
+        output_folder(args.out_dir, "--out-dir")
     from trainer.inference.evaluate import evaluate_checkpoint
     from trainer.inference.predict import InferenceOptions, Listing
 

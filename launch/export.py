@@ -16,12 +16,13 @@ names and preprocessing in the file's metadata; onnxruntime is run beside PyTorc
 loads with plain `timm.create_model("local-dir:OUT", pretrained=True)`, or `hf-hub:USER/REPO`
 once pushed, with the label names and the run's eval preprocessing. The model card's per-class
 table comes from evaluating the run's validation split at export. OUT must not exist yet (or be
-empty): an export never writes into an existing folder, and a failed one leaves none behind.
+empty): an export never writes into an existing folder, and a failed one leaves none behind. OUT
+is a folder: a file's name (`--out model.onnx`) is refused before any work.
 """
 
 from __future__ import annotations
 
-from cli import run_main, script_parser
+from cli import output_folder, parse_script_args, run_main, script_parser
 
 
 def main() -> int:
@@ -34,7 +35,8 @@ def main() -> int:
     parser.add_argument("--push", metavar="REPO_ID", help="upload the Hub folder to this Hub model repository")
     parser.add_argument("--private", action="store_true", help="with --push: create the repository private")
     parser.add_argument("--device", default="auto", help="for the evaluation behind the model card: auto, cpu, cuda")
-    args = parser.parse_args()
+    args = parse_script_args(parser)
+    output_folder(args.out, "--out")
     from trainer.export.export_run import ExportRequest, export_checkpoint
 
     export_checkpoint(ExportRequest(args.checkpoint, args.out, args.format, tuple(args.images), args.data_root,

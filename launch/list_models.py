@@ -7,16 +7,14 @@
 
 from __future__ import annotations
 
-import argparse
-
-from cli import run_main
+from cli import parse_script_args, run_main, script_parser
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--search", default="*", help="shell-style pattern, e.g. 'regnet*' or 'timm/vit_*'")
     parser.add_argument("--check", metavar="NAME", help="say whether NAME resolves")
-    args = parser.parse_args()
+    args = parse_script_args(parser)
     from models import available_models, check_model_name
 
     if args.check:

@@ -8,14 +8,17 @@
 It trains on exactly what training would see (same split, audit, normalization, augmentation and
 batches: trainer/assemble/run_parts.py). Every parameter group is scaled by the same factor, so each group's
 ratio to the head (optim.backbone_lr_mult, optim.layer_decay) is kept. Writes the loss-vs-lr plot (--out,
-default lr_find.png) and prints a suggestion for optim.lr: the steepest descent of the smoothed loss.
+default lr_find.png; .svg and .pdf too; a name without an extension gets .png) and prints a suggestion
+for optim.lr: the steepest descent of the smoothed loss.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from cli import config_parser, parse_config_args, run_main
+from cli import config_parser, output_file, parse_config_args, run_main
+
+PLOT_KINDS = (".png", ".svg", ".pdf")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,24 +26,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--start", type=float, default=1e-7)
     parser.add_argument("--end", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--out", default="lr_find.png")
+    parser.add_argument("--out", default="lr_find.png", help="the plot: a .png (default lr_find.png), .svg or .pdf "
+                                                              "file")
     return parse_config_args(parser, argv)
 
 
 def main() -> int:
-    args = parse_args()
     from configs.errors import UsageError
     from trainer.assemble.run_config import load_config
-    from trainer.fit.diagnostics import lr_sweep, plot_lr_sweep
 
+    args = parse_args()
     if not (0 < args.start < args.end) or args.steps < 3:
         raise UsageError("need 0 < --start < --end and --steps >= 3")
+    out, note = output_file(args.out, "--out", PLOT_KINDS)
     cfg = load_config(args.config, args.overrides)
+    from trainer.fit.diagnostics import lr_sweep, plot_lr_sweep
+
     sweep = lr_sweep(cfg, args.start, args.end, args.steps)
-    plot_lr_sweep(sweep, args.out)
-    print(f"swept {len(sweep.lrs)} steps from {sweep.lrs[0]:.1e} to {sweep.lrs[-1]:.1e}; plot in {args.out}")
+    plot_lr_sweep(sweep, out)
+    print(f"swept {len(sweep.lrs)} steps from {sweep.lrs[0]:.1e} to {sweep.lrs[-1]:.1e}; plot in {out}")
     kept = f" (the {len(sweep.ratios)} parameter groups' ratios to the head kept)" if len(sweep.ratios) > 1 else ""
     print(f"suggested optim.lr={sweep.suggested:.2e}{kept}")
+    if note:
+        print(note)
     return 0
 
 

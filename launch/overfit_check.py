@@ -23,14 +23,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> int:
-    args = parse_args()
     from configs.errors import UsageError
     from trainer.assemble.run_config import load_config
-    from trainer.fit.diagnostics import overfit_one_batch
 
+    args = parse_args()
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
-    result = overfit_one_batch(load_config(args.config, args.overrides), args.steps)
+    cfg = load_config(args.config, args.overrides)
+    from trainer.fit.diagnostics import overfit_one_batch
+
+    result = overfit_one_batch(cfg, args.steps)
     for step, loss in result.losses.items():
         print(f"step {step:>4}  loss {loss:.4f}")
     ok = result.final_loss < args.target

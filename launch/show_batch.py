@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 
-from cli import config_parser, parse_config_args, run_main
+from cli import config_parser, output_file, parse_config_args, run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = config_parser(__doc__)
-    parser.add_argument("--out", default="batch.png", help="PNG file to write (default batch.png)")
+    parser.add_argument("--out", default="batch.png", help="PNG file to write (default batch.png; a name without an "
+                                                           "extension gets .png)")
     parser.add_argument("--count", type=int, default=16, help="how many samples (default 16)")
     return parse_config_args(parser, argv)
 
@@ -33,13 +34,14 @@ def main() -> int:
     args = parse_args()
     if args.count < 1:
         raise UsageError("--count must be at least 1")
-    if not args.out.lower().endswith(".png"):
-        raise UsageError(f"--out {args.out}: name a .png file")
+    out, note = output_file(args.out, "--out", (".png",))
     cfg = load_config(args.config, args.overrides)
     from trainer.fit.diagnostics import batch_grid
 
-    path = batch_grid(cfg, args.out, args.count)
+    path = batch_grid(cfg, out, args.count)
     print(f"wrote {path}")
+    if note:
+        print(note)
     return 0
 
 

@@ -6,7 +6,7 @@
     accelerate launch launch/train.py --config configs/regnet.toml data.root=/path/to/images train.epochs=3
     # several CPU processes on one machine: real DDP over gloo. Use --multi_gpu even without a GPU
     # (the trainer tells Accelerate cpu=True); `accelerate launch --cpu --num_processes 2` starts only one.
-    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         launch/train.py --config configs/demo.toml
     # several GPUs on one machine (DDP)
     accelerate launch --multi_gpu --num_processes 4 launch/train.py --config configs/regnet.toml data.root=...
@@ -44,13 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> int:
-    from configs.schema import describe_keys
-    from trainer.assemble.run_config import load_config
-
+    # Parsed first, torch imported last: --help, --keys, --print-config and bad input answer at once.
     args = parse_args()
     if args.keys:
+        from configs.schema import describe_keys
+
         print(describe_keys())
         return 0
+    from trainer.assemble.run_config import load_config
+
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_toml())

@@ -41,11 +41,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from configs.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:  # torch at run time only where a model is at hand: load_config checks the config without it
+    from torch import nn
 
 _LAST_N = re.compile(r"^last_(\d+)$")
 # Containers whose children are a network's stages or blocks (torchvision naming).
@@ -144,6 +145,8 @@ class FinetunePlan:
 
 def batchnorm_parameters(model: nn.Module) -> set[str]:
     """Names of every BatchNorm layer's affine parameters (timm's BatchNormAct2d included)."""
+    from torch import nn
+
     return {f"{path}.{name}" if path else name for path, module in model.named_modules()
             if isinstance(module, nn.modules.batchnorm._BatchNorm)
             for name, _ in module.named_parameters(recurse=False)}

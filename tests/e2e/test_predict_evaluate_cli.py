@@ -56,8 +56,8 @@ def test_predict_writes_every_good_row_and_reports_the_bad_file(tmp_path):
                             "--out", str(kaggle), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = kaggle.read_text().splitlines()
-    assert lines[0] == "Id,Class" and lines[1].split(",")[0] == "blue_000.png"
-    assert all(int(line.split(",")[1]) in range(3) for line in lines[1:])
+    assert lines[0] == "Id,Class" and lines[1].split(",")[0] == "blue_000"
+    assert all(line.split(",")[1] in CLASSES for line in lines[1:])  # by name (tests/unit/test_kaggle_output.py)
 
 
 def test_predict_refuses_a_missing_input_in_one_line(tmp_path):

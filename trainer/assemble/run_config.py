@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from configs.schema import Config, read_config
-from data.transforms import check_augment_ops
 from models.finetune import check_finetune_config
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     cfg = read_config(path, overrides)
-    check_augment_ops(cfg.data.augment_ops, cfg.data.image_size)
+    if cfg.data.augment_ops:  # they are checked by building them: torchvision only when there are some
+        from data.transforms import check_augment_ops
+
+        check_augment_ops(cfg.data.augment_ops, cfg.data.image_size)
     check_finetune_config(cfg)
     return cfg

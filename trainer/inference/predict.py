@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from configs.schema import Config, config_from_dict
 from data.files import atomic_write_text
 from data.folders import IMAGE_EXTENSIONS, list_images
 from data.images import DEFAULT_MAX_PIXELS
-from data.sources import FILES, ImageStore, ListedImages, open_listing, open_source
+from data.sources import FILES, ImageStore, ListedImages, open_listing, open_source, read_csv_rows
 from data.transforms import flips_horizontally
 from trainer.files.model_file import LoadedClassifier, load_classifier
 
@@ -206,25 +207,147 @@ def flip_tta_fits(loaded: LoadedClassifier) -> bool:
     return False
 
 
-def prediction_rows(preds: FilePredictions, class_names: list[str], top_k: int,
-                    kaggle: bool = False) -> tuple[list[str], list[list]]:
-    """(header, rows) of the predictions CSV: `path, class, probability, topK, error`, or Kaggle's
-    `Id, Class` (file name, class index). Failed files keep their row, with an empty prediction."""
+def prediction_rows(preds: FilePredictions, class_names: list[str], top_k: int) -> tuple[list[str], list[list]]:
+    """(header, rows) of the predictions CSV: `path, class, probability, topK, error`. Failed files
+    keep their row, with an empty prediction."""
     k = min(top_k, len(class_names))
     rows = []
     for i, path in enumerate(preds.paths):
         if i in preds.errors:
-            rows.append([path.name, ""] if kaggle else [str(path), "", "", "", preds.errors[i]])
+            rows.append([str(path), "", "", "", preds.errors[i]])
             continue
         top = preds.probs[i].topk(k)
         best = top.indices[0].item()
-        if kaggle:
-            rows.append([path.name, best])
+        listing = ";".join(f"{class_names[c]}:{p:.4f}" for p, c in zip(top.values.tolist(), top.indices.tolist()))
+        rows.append([str(path), class_names[best], f"{top.values[0].item():.6f}", listing, ""])
+    return ["path", "class", "probability", f"top{k}", "error"], rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Kaggle submissions
+
+
+KAGGLE_LABELS = ("name", "index")
+
+
+@dataclass(frozen=True)
+class KaggleForm:
+    """What --kaggle asks for: one row per image, its id then its label (`label` "name": the class
+    as the data names it; "index": its position in the checkpoint's sorted class list, the old
+    form), or with `probabilities` one column per class. A sample submission's header names the
+    columns and orders the classes."""
+
+    label: str = "name"
+    probabilities: bool = False
+    sample_submission: str | None = None
+
+
+@dataclass(frozen=True)
+class KaggleSheet:
+    """A KaggleForm resolved against a checkpoint: the header, and which class each probability
+    column holds. Checked before any image is read."""
+
+    header: list[str]
+    label: str  # name | index | probabilities
+    columns: list[int] = field(default_factory=list)  # the class index of each probability column
+
+
+def kaggle_sheet(form: KaggleForm, loaded: LoadedClassifier, listing: Listing) -> KaggleSheet:
+    """The columns of the submission: those the sample submission's header names, else the CSV's own
+    file and label columns when predicting from --csv (the run's data.csv_file_column and
+    data.csv_label_column), else `Id, Class`; probabilities: the id column, then the class names."""
+    if form.label not in KAGGLE_LABELS:
+        raise UsageError(f"--kaggle-label {form.label!r}: use one of {', '.join(KAGGLE_LABELS)}")
+    names = loaded.class_names
+    if is_multilabel(loaded) and not form.probabilities:
+        raise UsageError("--kaggle writes one class per image; this checkpoint is multi-label: write one score "
+                         "column per class with --kaggle-probabilities (the default CSV has a labels column)")
+    if form.sample_submission:
+        header = _sample_submission_header(form.sample_submission)
+        if form.probabilities:
+            _check_class_columns(form.sample_submission, header[1:], names)
+            return KaggleSheet(header, "probabilities", [names.index(c) for c in header[1:]])
+        if len(header) != 2:
+            raise UsageError(f"--sample-submission {form.sample_submission} has {len(header) - 1} columns after its "
+                             f"id ({_few(header[1:])}): one per class; write them with --kaggle-probabilities")
+        return KaggleSheet(header, form.label)
+    d = config_from_dict(loaded.metadata.get("config") or {}).data
+    id_column, label_column = (d.csv_file_column, d.csv_label_column) if listing.csv else ("Id", "Class")
+    if form.probabilities:
+        return KaggleSheet([id_column, *names], "probabilities", list(range(len(names))))
+    return KaggleSheet([id_column, label_column], form.label)
+
+
+def _sample_submission_header(path: str) -> list[str]:
+    try:
+        with open(Path(path).expanduser(), newline="", encoding="utf-8-sig") as f:
+            header = [cell.strip() for cell in next(csv.reader(f), [])]
+    except OSError as e:
+        raise UsageError(f"--sample-submission {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--sample-submission {path} is not a UTF-8 text CSV ({e.reason} at byte {e.start})") from None
+    if len(header) < 2 or not all(header):
+        raise UsageError(f"--sample-submission {path}: its header ({','.join(header) or 'none'}) needs an id column "
+                         f"and named columns after it")
+    return header
+
+
+def _check_class_columns(path: str, columns: list[str], class_names: list[str]) -> None:
+    """The sample submission's class columns are the checkpoint's classes, each once, in any order."""
+    unknown = [c for c in dict.fromkeys(columns) if c not in class_names]
+    differences = [
+        ("classes of the checkpoint it has no column for", [c for c in class_names if c not in columns]),
+        ("columns that are no class of the checkpoint", unknown),
+        ("columns named twice", sorted({c for c in columns if columns.count(c) > 1})),
+    ]
+    found = [f"{what}: {_few(names)}" for what, names in differences if names]
+    if found:
+        raise UsageError(f"--sample-submission {path}: its class columns are not the checkpoint's "
+                         f"{len(class_names)} classes; " + "; ".join(found))
+
+
+def _few(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def kaggle_ids(paths: list[Path], loaded: LoadedClassifier, listing: Listing) -> list[str]:
+    """Each image's id: the --csv row's file cell as written (Kaggle's test CSVs give ids without an
+    extension, found as files by trying each image extension), a shard sample's key, else the
+    file name without its extension."""
+    if listing.shards:
+        return [str(p).rpartition("#")[2] for p in paths]
+    if not listing.csv:
+        return [p.stem for p in paths]
+    d = config_from_dict(loaded.metadata.get("config") or {}).data
+    csv_file = Path(listing.csv).expanduser().resolve()
+    root = (Path(listing.data_root).expanduser() if listing.data_root else csv_file.parent).resolve()
+    written = {row.file for row in read_csv_rows(csv_file, d.csv_file_column, "")}
+    ids = []
+    for path in paths:
+        relative = os.path.relpath(path, root)
+        bare = os.path.splitext(relative)[0]
+        ids.append(bare if relative not in written and bare in written else relative)
+    return ids
+
+
+def kaggle_rows(preds: FilePredictions, class_names: list[str], ids: list[str],
+                sheet: KaggleSheet) -> tuple[list[str], list[list]]:
+    """(header, rows) of a Kaggle submission. A failed file keeps its row, with its cells empty."""
+    rows = []
+    for i, image_id in enumerate(ids):
+        if i in preds.errors:
+            rows.append([image_id] + [""] * (len(sheet.header) - 1))
+        elif sheet.label == "probabilities":
+            # %g keeps a 1e-07 from becoming 0: a log loss would read that as certainty.
+            rows.append([image_id, *(f"{preds.probs[i, c].item():.6g}" for c in sheet.columns)])
         else:
-            listing = ";".join(f"{class_names[c]}:{p:.4f}" for p, c in zip(top.values.tolist(), top.indices.tolist()))
-            rows.append([str(path), class_names[best], f"{top.values[0].item():.6f}", listing, ""])
-    header = ["Id", "Class"] if kaggle else ["path", "class", "probability", f"top{k}", "error"]
-    return header, rows
+            best = preds.probs[i].argmax().item()
+            rows.append([image_id, class_names[best] if sheet.label == "name" else best])
+    repeated = len(ids) - len(set(ids))
+    if repeated:
+        print(f"warning: {repeated} id(s) repeat in the submission (files of the same name in different folders)",
+              file=sys.stderr)
+    return sheet.header, rows
 
 
 def multilabel_rows(preds: FilePredictions, class_names: list[str], thresholds: torch.Tensor,
@@ -293,19 +416,18 @@ def warn_training_images(count: int | None, total: int, where: str, consequence:
 
 
 def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, options: InferenceOptions, *,
-                   top_k: int = 5, kaggle: bool = False, listing: Listing = Listing()) -> FilePredictions:
+                   top_k: int = 5, kaggle: KaggleForm | None = None, listing: Listing = Listing()) -> FilePredictions:
     """predict.py: every image under `inputs` (or every image a CSV, a dataset or a shards split
     lists) -> one CSV row each (a shard sample's path: its `SHARD.tar#KEY` reference), written
-    atomically to `out`; a summary line on stdout, unreadable files listed on stderr."""
+    atomically to `out`; a summary line on stdout, unreadable files listed on stderr. `kaggle`:
+    a submission file instead (see KaggleForm)."""
     options.check()
     listing.check()
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
     loaded = load_classifier(checkpoint)
     multilabel = is_multilabel(loaded)
-    if multilabel and kaggle:
-        raise UsageError("--kaggle writes one class index per image; this checkpoint is multi-label "
-                         "(the default CSV has a labels column)")
+    sheet = kaggle_sheet(kaggle, loaded, listing) if kaggle else None
     if bool(inputs) + listing.named != 1:
         raise UsageError("name images or folders, or one of --csv FILE / --hf DIR / --shards DIR")
     if inputs:
@@ -315,10 +437,12 @@ def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, o
         paths, store, where = listed.paths, listed.store, listed.source
     overlap = count_training_images(loaded.metadata, paths, store, listing.run_data_root)
     preds = predict_files(loaded, paths, options, store=store)
-    if multilabel:
+    if sheet:
+        header, rows = kaggle_rows(preds, loaded.class_names, kaggle_ids(paths, loaded, listing), sheet)
+    elif multilabel:
         header, rows = multilabel_rows(preds, loaded.class_names, thresholds_of(loaded), top_k)
     else:
-        header, rows = prediction_rows(preds, loaded.class_names, top_k, kaggle)
+        header, rows = prediction_rows(preds, loaded.class_names, top_k)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
