@@ -5,7 +5,9 @@ is two consecutive tar members, `KEY.jpg` (or .png, ...: the source file's own b
 re-encoded) and `KEY.cls` (the class index as text), so any WebDataset reader can read them too.
 `index.json` holds the class names, the training split's mean/std, each shard's file name, size,
 sha256 and, per sample, its label and where it starts in the tar (for validation, the sample
-grid and a resumed run, which skip to a sample without reading what comes before it).
+grid and a resumed run, which skip to a sample without reading what comes before it). A reader
+may put the classes in another order (data.class_order: the rule, or a run's recorded order):
+`ShardIndex.in_order` renumbers the labels, and the training stream renumbers each `KEY.cls`.
 
 Training streams the tars (`ShardBatches`), yet its order is a pure function of (seed, epoch,
 process count, loader streams), computed on sample numbers from the index before any byte is

@@ -129,8 +129,8 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     checkpoint's class order; data whose classes are not the checkpoint's is refused."""
     source = open_source(cfg.data, class_names)  # the checkpoint's recorded order wins
     if source.classes != class_names:
-        raise UsageError(f"the classes in {cfg.data.root} ({', '.join(source.classes[:8])}) are not the "
-                         f"checkpoint's ({', '.join(class_names[:8])}); pass --data-root with the run's own data")
+        raise UsageError(f"the classes in {cfg.data.root} ({', '.join(source.classes[:8])}) are not the checkpoint's "
+                         f"({', '.join(class_names[:8])}); pass --data-root with the run's own image folder")
     return labelled_listed(source.own_split(split), class_names, cfg.data.task == "multilabel")
 
 
