@@ -127,9 +127,11 @@ def _names(names: list[str]) -> str:
 def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     """The run's own validation split (as training saw it) or test split, labelled in the
     checkpoint's class order; data whose classes are not the checkpoint's is refused."""
+    if split not in SPLITS:
+        raise UsageError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
     source = open_source(cfg.data, class_names)  # the checkpoint's recorded order wins
     if source.classes != class_names:
-        raise UsageError(f"the classes in {cfg.data.root} ({', '.join(source.classes[:8])}) are not the checkpoint's "
+        raise UsageError(f"the classes in {source.root} ({', '.join(source.classes[:8])}) are not the checkpoint's "
                          f"({', '.join(class_names[:8])}); pass --data-root with the run's own image folder")
     return labelled_listed(source.own_split(split), class_names, cfg.data.task == "multilabel")
 
