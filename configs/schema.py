@@ -150,7 +150,9 @@ class TrainConfig:
                              "wins over the launcher (a note says so); config.toml records what ran")
     seed: int = _doc(0, "seed of weights init, shuffling and augmentation")
     label_smoothing: float = _doc(0.0, "cross-entropy label smoothing")
-    best_metric: str = _choice("val_loss", ("val_loss", "val_acc"), "metric that picks best.safetensors")
+    best_metric: str = _choice("val_loss", ("val_loss", "val_acc", "val_map"),
+                               "metric that picks best.safetensors (and early stopping): val_loss (lower is "
+                               "better); val_acc for data.task = single, val_map for multilabel (higher is better)")
     early_stopping_patience: int = _doc(0, "stop after this many epochs without a better best_metric (0: never)")
     log_every_steps: int = _doc(50, "every this many batches (and at each epoch's end): loss, lr and images/s "
                                     "to train_steps.jsonl and W&B, the progress bar's numbers, the non-finite "
@@ -521,13 +523,11 @@ def _check_multilabel(cfg: Config) -> None:
                    ("data.sampler=balanced", d.sampler == "balanced"),
                    ("train.class_weights=balanced", t.class_weights == "balanced"),
                    ("train.label_smoothing", t.label_smoothing > 0),
-                   ("train.best_metric=val_acc", t.best_metric == "val_acc"),
                    ("train.cache_features", t.cache_features)]
     named = [name for name, on in single_only if on]
     if named:
-        why = " (multi-label runs pick best.safetensors by val_loss)" if "best_metric" in named[0] else ""
         raise ConfigError(f"{named[0]} is for one class per image, not data.task=multilabel; leave it at its "
-                          f"default{why}")
+                          f"default")
     if d.source != "csv":
         raise ConfigError("data.task=multilabel reads each image's labels from a CSV: set data.source=csv and "
                           "data.csv=FILE, its label column (data.csv_label_column) holding ';'-separated names")

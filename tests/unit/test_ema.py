@@ -18,6 +18,7 @@ from trainer.fit.ema import WeightEma, check_resumable, file_metrics
 from trainer.fit.loop import save_model_files
 from trainer.files.model_file import ClassifierFacts, load_classifier, read_metadata
 from trainer.fit.history import RunHistory
+from trainer.task.task import SingleLabel
 from trainer.files.checkpoints import COMPLETE, DamagedCheckpoint, load_checkpoint, save_checkpoint, verify
 from trainer.fit.step import StepCounters, StepOptions, StepParts, train_step
 
@@ -122,7 +123,7 @@ def test_fp16_overflow_skipped_steps_leave_the_ema_alone():
     ("val_loss", [(0.5, 0.4), (0.45, 0.3)], 2, ["ema", "ema"]),
 ])
 def test_an_epoch_scores_by_its_better_weights(best_metric, epochs, best_epoch, weights):
-    history = RunHistory(best_metric)
+    history = RunHistory(SingleLabel().best(best_metric))
     for epoch, (raw, ema) in enumerate(epochs, 1):
         history.record({"epoch": epoch, best_metric: raw, f"ema_{best_metric}": ema})
     assert history.best["epoch"] == best_epoch
@@ -130,7 +131,7 @@ def test_an_epoch_scores_by_its_better_weights(best_metric, epochs, best_epoch, 
 
 
 def test_without_ema_the_history_is_unchanged():
-    history = RunHistory("val_loss")
+    history = RunHistory(SingleLabel().best("val_loss"))
     history.record({"epoch": 1, "val_loss": 0.5})
     assert "best_weights" not in history.epochs[0]
 

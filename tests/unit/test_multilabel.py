@@ -112,7 +112,8 @@ def test_thresholds_maximise_f1_and_the_report_matches_scikit_learn():
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.mixup_alpha=0.2"], "data.mixup_alpha is for one class per image, not data.task=multilabel"),
-    (["train.best_metric=val_acc"], "multi-label runs pick best.safetensors by val_loss"),
+    (["train.best_metric=val_acc"], "train.best_metric = 'val_acc' is not a metric of data.task = multilabel; "
+                                    "use one of: 'val_loss', 'val_map'"),
     (["data.sampler=balanced"], "data.sampler=balanced is for one class per image"),
     (["train.label_smoothing=0.1"], "train.label_smoothing is for one class per image"),
     (["data.task=multi"], "data.task = 'multi' is not one of: 'single', 'multilabel'"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from configs.schema import Config, read_config
 from models.finetune import check_finetune_config
+from trainer.task.best_metric import best_metric_of
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -17,4 +18,5 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
         check_augment_ops(cfg.data.augment_ops, cfg.data.image_size)
     check_finetune_config(cfg)
+    best_metric_of(cfg)  # train.best_metric must be a metric of the run's task
     return cfg

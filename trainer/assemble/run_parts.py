@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from configs.schema import Config
 from data import ImageListDataset, Preprocessing, Splits, make_loader, resolve_normalization, train_transform
-from data.balance import BalancedDraw, balanced_class_weights
+from data.balance import BalancedDraw
 from data.dataset import Loading
 from data.device_decode import DeviceDecode, EncodedTransform, collate_encoded
 from data.multilabel import MultiLabelSplits
@@ -36,6 +36,7 @@ from trainer.assemble.batch_size import resolve_batch_size, step_probe
 from trainer.assemble.feature_cache import cached_head_datasets
 from trainer.assemble.optim import build_optimizer, build_scheduler
 from trainer.assemble.accelerator import channels_last_on, decode_on, sync_bn_on, worker_count
+from trainer.task.task import task_for
 
 # Below this many images per batch, BatchNorm's error rises steeply (Wu & He, Group Normalization, 2018).
 SMALL_BN_BATCH = 16
@@ -162,7 +163,7 @@ def _resolve_batch_size(cfg: Config, accelerator: Accelerator, built: BuiltModel
         return build_optimizer(param_groups(model, plan, o.lr, o.backbone_lr_mult, GroupRules.of(o)), o)
 
     size, classes = cfg.data.image_size, len(data.classes)
-    target = torch.zeros(classes) if cfg.data.task == "multilabel" else torch.tensor(0)
+    target = task_for(cfg).probe_target(classes)
     image = torch.randn(3, size, size, generator=torch.Generator().manual_seed(0))  # the global RNG stays as it was
     try_step = step_probe(built.model, make_optimizer, criterion, accelerator, (image, target),
                           channels_last_on(cfg, accelerator))
@@ -222,9 +223,4 @@ def _device_decoding(data: RunData, loading: Loading, device) -> tuple[Dataset, 
 
 
 def _criterion(cfg: Config, accelerator: Accelerator, data: RunData) -> nn.Module:
-    if cfg.data.task == "multilabel":  # one independent yes/no per class (weights and smoothing refused)
-        return nn.BCEWithLogitsLoss()
-    weights = None
-    if cfg.train.class_weights == "balanced":
-        weights = balanced_class_weights(data.train_labels, len(data.classes)).to(accelerator.device)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing)
+    return task_for(cfg).criterion(cfg.train, data.train_labels, len(data.classes)).to(accelerator.device)

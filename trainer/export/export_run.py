@@ -28,6 +28,7 @@ from trainer.inference.predict import InferenceOptions, collect_images, predict_
 from trainer.export.model_card import CardFacts, headline, model_card
 from trainer.files.model_file import LoadedClassifier, load_classifier
 from trainer.export.onnx_file import OnnxCheck, check_onnx, export_onnx, metadata_of
+from trainer.task.task import task_for, task_of
 
 FORMATS = ("onnx", "hub", "both")
 ONNX_NAME, CARD_NAME, RECORD_NAME = "model.onnx", "README.md", "export.json"
@@ -66,7 +67,7 @@ class Evidence:
 
     images: torch.Tensor  # normalized (N, 3, H, W) float32, at most CHECK_IMAGES
     source: str
-    evaluation: dict | None = None  # evaluation_report over the whole validation split
+    evaluation: dict | None = None  # the task's evaluation report (Task.report) over the whole validation split
     class_counts: dict[str, dict[str, int]] | None = None
     layout: str = ""  # data.folders.Splits.layout, when the data was here
 
@@ -105,8 +106,8 @@ def export_checkpoint(request: ExportRequest) -> Path:
 def _write_onnx(loaded: LoadedClassifier, path: Path, record: dict, images: torch.Tensor) -> OnnxCheck:
     name = loaded.metadata["model_name"]
     source = {k: record[k] for k in ("checkpoint", "sha256", "epoch")}
-    thresholds = loaded.metadata.get("thresholds") if loaded.metadata.get("task") == "multilabel" else None
-    metadata = metadata_of(name, list(loaded.class_names), _preprocessing(loaded), source, thresholds)
+    metadata = metadata_of(name, list(loaded.class_names), _preprocessing(loaded), source,
+                           task_of(loaded.metadata), loaded.metadata)
     export_onnx(loaded.model, loaded.image_size, path, metadata, name)
     return check_onnx(path, loaded.model, images)
 
@@ -134,7 +135,7 @@ def gather_evidence(loaded: LoadedClassifier, request: ExportRequest) -> Evidenc
                          f"checkpoint's ({', '.join(loaded.class_names[:8])}); pass --data-root with the run's "
                          f"own image folder, or --images")
     # The split training saw: the same images, after the same audit.
-    files = labelled_listed(source.own_split("val"), loaded.class_names, cfg.data.task == "multilabel")
+    files = labelled_listed(source.own_split("val"), loaded.class_names, not task_for(cfg).one_class_per_image)
     splits = source.audited()
     options = InferenceOptions(batch_size=cfg.data.batch_size, device=request.device)
     report = report_of(loaded, files, predict_files(loaded, files.paths, options, store=files.store))
@@ -179,7 +180,7 @@ def _card_facts(loaded: LoadedClassifier, request: ExportRequest, evidence: Evid
                      meta.get("metrics", {}), meta.get("config", {}), _preprocessing(loaded),
                      class_counts=evidence.class_counts, data_layout=evidence.layout, evaluation=evidence.evaluation,
                      evaluation_source=evidence.source.split(" of ", 1)[-1], repo_id=request.push,
-                     thresholds=meta.get("thresholds") if meta.get("task") == "multilabel" else None)
+                     thresholds=task_of(meta).recorded(meta).get("thresholds"))
 
 
 def _print_summary(out: Path, record: dict, evidence: Evidence) -> None:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from configs.errors import ProjectError, UsageError
 from data.transforms import Preprocessing
 from trainer.files.model_file import LoadedClassifier, plain_tensors
+from trainer.task.task import task_of
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 INTERPOLATION = "bilinear"  # data.images resizes with PIL's bilinear filter (antialiased by its box)
@@ -83,9 +84,7 @@ def write_hub_files(loaded: LoadedClassifier, folder: Path) -> list[str]:
     # {"format": "pt"} is what the Hub's own writers put in the header.
     save_file(plain_tensors(model.state_dict()), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     # "imgtrain": what timm's config has no field for (the task; a multi-label model's thresholds).
-    ours = {"task": loaded.metadata.get("task", "single")}
-    if ours["task"] == "multilabel":
-        ours["thresholds"] = loaded.metadata.get("thresholds")
+    ours = task_of(loaded.metadata).recorded(loaded.metadata)
     save_config_for_hf(model, str(folder / CONFIG_NAME),
                        model_config={"label_names": list(loaded.class_names), "imgtrain": ours},
                        data_config=data_config)

@@ -24,7 +24,7 @@ class CardFacts:
     preprocessing_notes: list[str] = field(default_factory=list)  # where timm's transform differs
     class_counts: dict[str, dict[str, int]] | None = None  # split -> class -> images, when the data was here
     data_layout: str = ""  # "split-folders" (train/ and val/ folders) or "class-folders" (split by fraction)
-    evaluation: dict | None = None  # trainer.inference.evaluate.evaluation_report of the validation split
+    evaluation: dict | None = None  # trainer.task.task.Task.report of the validation split
     evaluation_source: str = ""
     onnx_check: str = ""  # OnnxCheck.summary(), when ONNX was written
     files: list[str] = field(default_factory=list)

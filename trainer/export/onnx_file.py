@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from configs.errors import ProjectError, UsageError
+from trainer.task.task import Task
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 OPSET = 18  # onnxruntime >= 1.14 runs it; the dynamo exporter's own default
@@ -115,18 +116,17 @@ def check_onnx(path: Path, model: nn.Module, images: torch.Tensor) -> OnnxCheck:
     return check
 
 
-def metadata_of(model_name: str, class_names: list[str], preprocessing: dict, source: dict,
-                thresholds: list[float] | None = None) -> dict[str, str]:
-    """The ONNX file's metadata: strings, JSON where structured; `thresholds`: a multi-label model's."""
-    scores = ("a sigmoid per class, called at or above its entry of thresholds" if thresholds else
-              "softmax gives probabilities")
-    extra = {"task": "multilabel", "thresholds": json.dumps(thresholds)} if thresholds else {"task": "single"}
+def metadata_of(model_name: str, class_names: list[str], preprocessing: dict, source: dict, task: Task,
+                checkpoint_metadata: dict) -> dict[str, str]:
+    """The ONNX file's metadata: strings, JSON where structured; the task's facts (its name, a
+    multi-label model's thresholds) as the checkpoint records them."""
+    extra = {k: v if isinstance(v, str) else json.dumps(v) for k, v in task.recorded(checkpoint_metadata).items()}
     return extra | {
         "format": "imgtrain/onnx-classifier-v1",
         "model_name": model_name,
         "class_names": json.dumps(class_names),
         "preprocessing": json.dumps(preprocessing, sort_keys=True),
         "input": f"{INPUT_NAME}: float32 (batch, 3, H, W), RGB scaled to [0, 1], minus mean, divided by std",
-        "output": f"{OUTPUT_NAME}: float32 (batch, classes) in class_names order; {scores}",
+        "output": f"{OUTPUT_NAME}: float32 (batch, classes) in class_names order; {task.output_meaning}",
         "source": json.dumps(source, sort_keys=True),
     }

@@ -21,6 +21,7 @@ from models import set_train_mode
 from trainer.reporting import plots
 from trainer.assemble.run_parts import RunParts, build_run
 from trainer.assemble.accelerator import make_accelerator
+from trainer.task.task import task_for
 
 
 @dataclass
@@ -138,11 +139,8 @@ def overfit_one_batch(cfg: Config, steps: int) -> OverfitResult:
     run.model.eval()  # the final check without dropout, as the batch would be seen at evaluation
     with torch.no_grad(), run.accelerator.autocast():
         logits = run.model(images).float()
-    hard = labels.argmax(1) if labels.ndim == 2 else labels  # MixUp/CutMix targets are soft
     final = run.parts.criterion(logits, labels).item()
-    accuracy = (logits.argmax(1) == hard).float().mean().item()
-    if cfg.data.task == "multilabel":  # the share of (image, class) decisions right at 0.5
-        accuracy = ((logits > 0) == labels.bool()).float().mean().item()
+    accuracy = task_for(cfg).agreement(logits, labels)  # top-1, or (multi-label) every class decision at 0.5
     return OverfitResult(len(labels), losses[1], final, accuracy, losses)
 
 

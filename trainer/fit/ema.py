@@ -28,10 +28,12 @@ from torch import nn
 
 from configs.errors import UsageError
 from configs.schema import Config
+from trainer.task.best_metric import BestMetric
+from trainer.task.task import TASKS
 
 PREFIX = "ema_"  # metric keys of the EMA weights: ema_val_loss, ema_val_acc, ema_val_top5
-# Multi-label runs: mAP, F1 and the thresholds chosen on validation are the EMA weights' own too.
-_VAL_KEYS = ("val_loss", "val_acc", "val_top5", "val_map", "val_f1_micro", "val_f1_macro", "val_thresholds")
+# What a validation pass reports, of every task (val_images is the same for both weights).
+_VAL_KEYS = tuple(dict.fromkeys(k for task in TASKS.values() for k in task.val_keys))
 
 
 class WeightEma:
@@ -98,18 +100,17 @@ def prefixed(stats: dict) -> dict:
     return {PREFIX + k: v for k, v in stats.items() if k in _VAL_KEYS}
 
 
-def better_weights(metrics: dict, best_metric: str) -> str:
-    """"ema" when the EMA weights score strictly better than the raw ones by `best_metric`, else "raw"."""
-    ema = metrics.get(PREFIX + best_metric)
+def better_weights(metrics: dict, best: BestMetric) -> str:
+    """"ema" when the EMA weights score strictly better than the raw ones by `best`, else "raw"."""
+    ema = metrics.get(PREFIX + best.key)
     if ema is None:
         return "raw"
-    raw = metrics[best_metric]
-    return "ema" if (ema > raw if best_metric == "val_acc" else ema < raw) else "raw"
+    return "ema" if best.better(ema, metrics[best.key]) else "raw"
 
 
-def score(metrics: dict, best_metric: str) -> float:
-    """The epoch's `best_metric`, of its better weights."""
-    return metrics[PREFIX + best_metric if better_weights(metrics, best_metric) == "ema" else best_metric]
+def score(metrics: dict, best: BestMetric) -> float:
+    """The epoch's `best` metric, of its better weights."""
+    return metrics[PREFIX + best.key if better_weights(metrics, best) == "ema" else best.key]
 
 
 def file_metrics(metrics: dict, weights: str) -> dict:

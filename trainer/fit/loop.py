@@ -6,7 +6,6 @@ return a dict.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -30,14 +29,15 @@ from trainer.fit.ema import WeightEma, file_metrics, make_ema, prefixed
 from trainer.files.faults import crash_point
 from trainer.assemble.feature_cache import with_sample_images
 from trainer.files.model_file import ClassifierFacts, save_classifier
-from trainer.task.multilabel import evaluate_multilabel
+from trainer.task.single import ValidationPredictions
+from trainer.task.task import task_for
 from trainer.fit.restore import Trainables
 from trainer.fit.run_state import RunState
 from trainer.reporting.console import ProgressLines, RunReport
 from trainer.files.run_lock import RunLock
 from trainer.assemble.accelerator import channels_last_on, describe, make_accelerator, prepare_model
 from trainer.fit.step import StepCounters, StepOptions, StepParts, train_step
-from trainer.reporting.tracking import SAMPLE_IMAGES, wandb_trackers, ValidationPredictions, RunTracking
+from trainer.reporting.tracking import wandb_trackers, RunTracking
 
 
 @dataclass
@@ -139,7 +139,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
                *([run_dir / "ema.safetensors"] if ema is not None else []), run_state.root, run_dir / "config.toml",
                run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
     history = run_state.history
-    report.finish(best=history.best, stopped_early=run_state.stopped_early, written=written, epochs=history.epochs)
+    report.finish(best=history.best, stopped_early=run_state.stopped_early, written=written, epochs=history.epochs,
+                  headline=task_for(cfg).headline)
     accelerator.end_training()
     return TrainResult(run_dir, history.best, history.epochs, run_state.stopped_early)
 
@@ -194,20 +195,14 @@ def run_epoch(training: Training, parts: RunParts, epoch: int) -> tuple[dict, di
     run_state = training.run_state
     run_state.begin_epoch(epoch)  # this epoch's sample order, after the batches a checkpoint already did
     group_lrs = run_state.epoch_start_lrs  # the rates this epoch started with (also after a mid-epoch resume)
-    train_stats = train_one_epoch(training, epoch)
+    task = task_for(parts.cfg)  # its metrics: accuracy, or (multi-label) mAP and F1
+    train_stats = task.train_metrics(train_one_epoch(training, epoch))
     step = training.step
-    multilabel = parts.cfg.data.task == "multilabel"  # mAP and F1 instead of accuracy; no confusion matrix
-    if multilabel:
-        train_stats.pop("train_acc")  # top-1 against the first label means nothing here
     val_stats, predictions = {}, {}
     evaluated = {"raw": step.model, **({"ema": training.ema_model} if training.ema_model is not None else {})}
     for weights, model in evaluated.items():  # every process evaluates both: the same collectives
-        if multilabel:
-            stats, predictions[weights] = evaluate_multilabel(step.accelerator, model, training.val_loader,
-                                                              parts.data.classes), None
-        else:
-            stats, predictions[weights] = evaluate(step.accelerator, model, training.val_loader, step.criterion,
-                                                   len(parts.data.classes))
+        stats, predictions[weights] = task.validate(step.accelerator, model, training.val_loader, step.criterion,
+                                                    parts.data.classes)
         val_stats |= stats if weights == "raw" else prefixed(stats)
         if parts.cfg.train.cache_features:  # the grid needs images, not the features the head saw
             predictions[weights] = with_sample_images(predictions[weights], parts.data.val_images,
@@ -302,51 +297,3 @@ class WaitClock:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
-
-
-@torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, loader, criterion,
-             num_classes: int) -> tuple[dict, ValidationPredictions]:
-    """Loss, accuracy (and top-5 with >= 5 classes) over every validation image exactly once, every
-    image's label and top-1 prediction (for the confusion matrix) and a few of this process's
-    images with theirs (for the prediction grid)."""
-    model.eval()
-    per_sample = nn.CrossEntropyLoss(reduction="none", label_smoothing=criterion.label_smoothing)
-    losses, hits, hits5, all_labels, all_top1 = [], [], [], [], []
-    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    kept, seen_locally = 0, 0
-    # The validation order is sorted by class: pick grid images spread over the whole shard, not
-    # the first batch (which would show one class).
-    stride = max(1, math.ceil(len(loader.dataset) / accelerator.num_processes) // SAMPLE_IMAGES)
-    k = min(5, num_classes)
-    for images, labels in loader:
-        with accelerator.autocast():
-            logits = model(images)
-        loss = per_sample(logits.float(), labels)
-        top = logits.topk(k, dim=1).indices
-        if kept < SAMPLE_IMAGES:
-            # Local images, no collective: the grid shows part of the main process's shard.
-            positions = torch.arange(seen_locally, seen_locally + len(labels), device=labels.device)
-            pick = (positions % stride == 0).nonzero().squeeze(1)[:SAMPLE_IMAGES - kept]
-            samples.append((images[pick].float().cpu(), labels[pick].cpu(), top[pick, 0].cpu()))
-            kept += len(pick)
-        seen_locally += len(labels)
-        # gather_for_metrics drops the samples the distributed sampler duplicated for even shards.
-        loss, labels, top = accelerator.gather_for_metrics((loss, labels, top))
-        losses.append(loss.double())
-        hits.append(top[:, 0] == labels)
-        hits5.append((top == labels[:, None]).any(1))
-        all_labels.append(labels)  # kept on the device: one copy to the host at the end, not one per batch
-        all_top1.append(top[:, 0])
-    n = sum(len(h) for h in hits)
-    stats = {"val_loss": torch.cat(losses).sum().item() / n, "val_acc": torch.cat(hits).double().sum().item() / n}
-    if num_classes >= 5:
-        stats["val_top5"] = torch.cat(hits5).double().sum().item() / n
-    stats["val_images"] = n
-    if not math.isfinite(stats["val_loss"]):
-        accelerator.print("warning: validation loss is not finite")
-    predictions = ValidationPredictions(
-        labels=torch.cat(all_labels).cpu().numpy(), predicted=torch.cat(all_top1).cpu().numpy(),
-        sample_images=torch.cat([s[0] for s in samples]), sample_labels=torch.cat([s[1] for s in samples]).tolist(),
-        sample_predicted=torch.cat([s[2] for s in samples]).tolist())
-    return stats, predictions

@@ -20,6 +20,7 @@ from trainer.files.checkpoints import (DamagedCheckpoint, LoadedState, complete_
 from trainer.fit.counters import Position
 from trainer.fit.ema import WeightEma, check_resumable
 from trainer.fit.history import RunHistory
+from trainer.task.best_metric import best_metric_of
 
 # Keys whose change makes a checkpoint meaningless for the new config: a different network, a
 # different optimizer state layout, or a different train/validation split.
@@ -146,7 +147,7 @@ def restore(loaded: LoadedState, held: Trainables, cfg: Config, accelerator, war
     else:
         _recount_for_other_world(loaded, at, sched, held.batches.sampler, cfg, accelerator, warn)
     load_scheduler_state(held.scheduler, sched)
-    return at, RunHistory.from_state(cfg.train.best_metric, s)
+    return at, RunHistory.from_state(best_metric_of(cfg), s)
 
 
 def _recount_for_other_world(loaded: LoadedState, at: Position, sched: dict, sampler, cfg: Config, accelerator,

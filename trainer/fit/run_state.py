@@ -17,6 +17,7 @@ from trainer.files.checkpoints import load_checkpoint, mark_best, rng_state, rot
 from trainer.files.faults import crash_point
 from trainer.fit.counters import Position
 from trainer.fit.history import RunHistory
+from trainer.task.best_metric import best_metric_of
 from trainer.fit.restore import Trainables, announce_schedule, find_checkpoint, restore, resume_point
 from trainer.fit.signals import EXIT_PREEMPTED, Preempted, StopSignals
 
@@ -31,7 +32,7 @@ class RunState:
         self.run_dir = run_dir
         self.root = run_dir / "checkpoints"
         self.at = Position()
-        self.history = RunHistory(cfg.train.best_metric)
+        self.history = RunHistory(best_metric_of(cfg))
         self.signals = StopSignals(accelerator)
         self.epoch_start_lrs: list[float] = []  # learning rates when the current epoch started, per group
         self._damaged: list[Path] = []

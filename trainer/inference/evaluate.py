@@ -31,10 +31,9 @@ from data.multilabel import multi_hot
 from data.sources import FILES, ImageStore, ListedImages, label_names, open_source
 from trainer.reporting import plots
 from trainer.inference.predict import (FilePredictions, InferenceOptions, Listing, count_training_images,
-                                       is_multilabel, listed_source, predict_files, thresholds_of,
-                                       warn_training_images)
-from trainer.task.metrics import classification_report, multilabel_report
+                                       listed_source, predict_files, warn_training_images)
 from trainer.files.model_file import LoadedClassifier, load_classifier
+from trainer.task.task import task_for, task_of
 
 SPLITS = ("val", "test")
 
@@ -133,19 +132,7 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     if source.classes != class_names:
         raise UsageError(f"the classes in {source.root} ({', '.join(source.classes[:8])}) are not the checkpoint's "
                          f"({', '.join(class_names[:8])}); pass --data-root with the run's own image folder")
-    return labelled_listed(source.own_split(split), class_names, cfg.data.task == "multilabel")
-
-
-def evaluation_report(files: LabelledFiles, preds: FilePredictions, class_names: list[str]) -> dict:
-    """Accuracy, mean cross-entropy loss, macro F1, per-class precision / recall / F1 and the
-    confusion matrix of the readable files."""
-    ok = preds.ok
-    y_true = torch.tensor(files.labels)[ok]
-    probs = preds.probs[ok]
-    truth = probs[torch.arange(len(y_true)), y_true].clamp_min(torch.finfo(torch.float32).tiny)
-    return classification_report(y_true, probs.argmax(1), class_names) | {
-        "loss": -truth.double().log().mean().item() if len(y_true) else None,
-        "unreadable": [str(files.paths[i]) for i in sorted(preds.errors)]}
+    return labelled_listed(source.own_split(split), class_names, not task_for(cfg).one_class_per_image)
 
 
 def top_losses(files: LabelledFiles, preds: FilePredictions, count: int) -> list[int]:
@@ -173,24 +160,12 @@ def plot_top_losses(path: Path, loaded: LoadedClassifier, files: LabelledFiles, 
 
 
 def report_of(loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions) -> dict:
-    """The evaluation report for the checkpoint's task: accuracy and per-class P/R/F1, or (multi-label)
-    mAP and F1 at its thresholds."""
-    if is_multilabel(loaded):
-        return multilabel_evaluation_report(files, preds, loaded.class_names, thresholds_of(loaded))
-    return evaluation_report(files, preds, loaded.class_names)
-
-
-def multilabel_evaluation_report(files: LabelledFiles, preds: FilePredictions, class_names: list[str],
-                                 thresholds: torch.Tensor) -> dict:
-    """mAP, micro / macro F1 and per-class precision / recall / F1 / AP at the checkpoint's
-    thresholds, and the mean BCE loss, of the readable files."""
-    ok = preds.ok
-    scores, truth = preds.probs[ok], files.targets[ok]
-    eps = 1e-7  # BCE on probabilities: clamp away from log(0)
-    p = scores.double().clamp(eps, 1 - eps)
-    loss = -(truth * p.log() + (1 - truth) * (1 - p).log()).mean().item() if len(truth) else None
-    return multilabel_report(scores, truth, class_names, thresholds.tolist()) | {
-        "loss": loss, "unreadable": [str(files.paths[i]) for i in sorted(preds.errors)]}
+    """The checkpoint's task's report of the readable files (accuracy and per-class P/R/F1, or
+    mAP and F1 at its thresholds), and the unreadable ones."""
+    task, ok = task_of(loaded.metadata), preds.ok
+    truth = task.truth(files.labels, files.targets)[ok]
+    return task.report(preds.probs[ok], truth, loaded.class_names, task.thresholds(loaded.metadata)) | {
+        "unreadable": [str(files.paths[i]) for i in sorted(preds.errors)]}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, folder: str | None = None,
@@ -209,7 +184,8 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
     checkpoint = Path(checkpoint)
     loaded = load_classifier(checkpoint)
     meta, names = loaded.metadata, loaded.class_names
-    multilabel = is_multilabel(loaded)
+    task = task_of(meta)
+    multilabel = not task.one_class_per_image  # how a CSV's labels read: ';'-separated sets
     max_pixels, overlap = DEFAULT_MAX_PIXELS, None
     if split is not None:
         cfg = run_config(meta, data_root)
@@ -229,7 +205,7 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
     preds = predict_files(loaded, files.paths, options, max_pixels, files.store)
     report = report_of(loaded, files, preds) | {
         "checkpoint": str(checkpoint), "source": files.source, "folder": folder, "split": split,
-        "task": "multilabel" if multilabel else "single", "tta": preds.flip_tta,
+        "task": task.name, "tta": preds.flip_tta,
         "preprocessing": loaded.preprocessing.to_dict(), "checkpoint_epoch": meta["epoch"],
         "checkpoint_metrics": meta.get("metrics", {})}
     if overlap is not None:
@@ -237,50 +213,17 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
     out = Path(out_dir) if out_dir else checkpoint.parent / (f"eval-{split}" if split else "eval")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", report)
-    if multilabel:  # no confusion matrix: an image has several true classes
-        _print_multilabel_report(report, names, meta, split, out)
-        _warn_about(report, preds)
-        return report
-    written = [
-        out / "metrics.json",
-        plots.confusion_plot(out / "confusion_matrix.png", np.array(report["confusion_matrix"]), names,
-                             title=f"{split} split" if split else Path(folder).name if folder else listing.name),
-        plot_top_losses(out / "top_losses.png", loaded, files, preds, top_losses(files, preds, top_loss_count),
-                        max_pixels),
-    ]
-    _print_report(report, names, meta, split, preds, written)
-    return report
-
-
-def _print_multilabel_report(report: dict, names: list[str], meta: dict, split: str | None, out: Path) -> None:
-    print(f"mAP {report['map']:.4f}, micro F1 {report['micro_f1']:.4f}, macro F1 {report['macro_f1']:.4f} on "
-          f"{report['images']} images ({report['source']}), at the checkpoint's per-class thresholds")
-    recorded = meta.get("metrics", {}).get("val_map")
-    if split == "val" and recorded is not None:
-        print(f"the checkpoint recorded val_mAP {recorded:.4f} at epoch {meta['epoch']} (its thresholds were chosen "
-              f"on this split, so its F1 here is optimistic)")
-    width = max(len(n) for n in names)
-    print(f"{'class':<{width}}  precision  recall      f1      AP  threshold  support")
-    for name, m in report["per_class"].items():
-        ap = f"{m['ap']:>6.4f}" if m["ap"] == m["ap"] else f"{'-':>6}"  # NaN: no positives here
-        print(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {ap}  "
-              f"{m['threshold']:>9.4f}  {m['support']:>7d}")
-    print(f"wrote {out / 'metrics.json'}")
-
-
-def _print_report(report: dict, names: list[str], meta: dict, split: str | None, preds: FilePredictions,
-                  written: list[Path]) -> None:
-    print(f"accuracy {report['accuracy']:.4f} on {report['images']} images ({report['source']}), "
-          f"macro F1 {report['macro_f1']:.4f}")
-    recorded = meta.get("metrics", {}).get("val_acc")
-    if split == "val" and recorded is not None:
-        print(f"the checkpoint recorded val_acc {recorded:.4f} at epoch {meta['epoch']}")
-    width = max(len(n) for n in names)
-    print(f"{'class':<{width}}  precision  recall      f1  support")
-    for name, m in report["per_class"].items():
-        print(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {m['support']:>7d}")
-    print(f"wrote {', '.join(str(p) for p in written)}")
+    written = [out / "metrics.json"]
+    if task.one_class_per_image:  # a confusion matrix and top losses need one true class per image
+        written += [
+            plots.confusion_plot(out / "confusion_matrix.png", np.array(report["confusion_matrix"]), names,
+                                 title=f"{split} split" if split else Path(folder).name if folder else listing.name),
+            plot_top_losses(out / "top_losses.png", loaded, files, preds, top_losses(files, preds, top_loss_count),
+                            max_pixels),
+        ]
+    print("\n".join([*task.report_lines(report, meta, split), f"wrote {', '.join(str(p) for p in written)}"]))
     _warn_about(report, preds)
+    return report
 
 
 def _warn_about(report: dict, preds: FilePredictions) -> None:

@@ -39,6 +39,7 @@ from data.images import DEFAULT_MAX_PIXELS
 from data.sources import FILES, ImageStore, ListedImages, open_listing, open_source, read_csv_rows
 from data.transforms import flips_horizontally
 from trainer.files.model_file import LoadedClassifier, load_classifier
+from trainer.task.task import task_of
 
 
 @dataclass(frozen=True)
@@ -131,17 +132,6 @@ class TolerantImageDataset(Dataset):
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), index, f"{type(e).__name__}: {e}"
 
 
-def is_multilabel(loaded: LoadedClassifier) -> bool:
-    """A checkpoint of data.task = multilabel: independent sigmoid scores, not one softmax."""
-    return loaded.metadata.get("task") == "multilabel"
-
-
-def thresholds_of(loaded: LoadedClassifier) -> torch.Tensor:
-    """A multi-label checkpoint's per-class thresholds (chosen on its validation split), else 0.5 each."""
-    recorded = loaded.metadata.get("thresholds")
-    return torch.tensor(recorded if recorded else [0.5] * len(loaded.class_names), dtype=torch.float64)
-
-
 @dataclass
 class FilePredictions:
     """Softmax probabilities (multi-label: per-class sigmoid scores) for a list of image files, and
@@ -178,7 +168,7 @@ def predict_files(loaded: LoadedClassifier, paths: list[Path], options: Inferenc
     loader = DataLoader(dataset, batch_size=options.batch_size or 64, num_workers=options.num_workers,
                         shuffle=False, pin_memory=device.type == "cuda")
     model = loaded.model.to(device).eval()
-    scores = torch.sigmoid if is_multilabel(loaded) else (lambda logits: logits.softmax(1))
+    scores = task_of(loaded.metadata).scores  # softmax, or (multi-label) a sigmoid per class
     probs = torch.full((len(paths), len(loaded.class_names)), float("nan"))
     errors: dict[int, str] = {}
     for images, indices, problems in loader:
@@ -205,22 +195,6 @@ def flip_tta_fits(loaded: LoadedClassifier) -> bool:
     print(f"note: --tta skipped: this model was trained without horizontal flips (data.augment = "
           f"'{data.get('augment')}'), so a mirrored image is not one it knows", file=sys.stderr, flush=True)
     return False
-
-
-def prediction_rows(preds: FilePredictions, class_names: list[str], top_k: int) -> tuple[list[str], list[list]]:
-    """(header, rows) of the predictions CSV: `path, class, probability, topK, error`. Failed files
-    keep their row, with an empty prediction."""
-    k = min(top_k, len(class_names))
-    rows = []
-    for i, path in enumerate(preds.paths):
-        if i in preds.errors:
-            rows.append([str(path), "", "", "", preds.errors[i]])
-            continue
-        top = preds.probs[i].topk(k)
-        best = top.indices[0].item()
-        listing = ";".join(f"{class_names[c]}:{p:.4f}" for p, c in zip(top.values.tolist(), top.indices.tolist()))
-        rows.append([str(path), class_names[best], f"{top.values[0].item():.6f}", listing, ""])
-    return ["path", "class", "probability", f"top{k}", "error"], rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +233,7 @@ def kaggle_sheet(form: KaggleForm, loaded: LoadedClassifier, listing: Listing) -
     if form.label not in KAGGLE_LABELS:
         raise UsageError(f"--kaggle-label {form.label!r}: use one of {', '.join(KAGGLE_LABELS)}")
     names = loaded.class_names
-    if is_multilabel(loaded) and not form.probabilities:
+    if not task_of(loaded.metadata).one_class_per_image and not form.probabilities:
         raise UsageError("--kaggle writes one class per image; this checkpoint is multi-label: write one score "
                          "column per class with --kaggle-probabilities (the default CSV has a labels column)")
     if form.sample_submission:
@@ -350,25 +324,6 @@ def kaggle_rows(preds: FilePredictions, class_names: list[str], ids: list[str],
     return sheet.header, rows
 
 
-def multilabel_rows(preds: FilePredictions, class_names: list[str], thresholds: torch.Tensor,
-                    top_k: int) -> tuple[list[str], list[list]]:
-    """(header, rows) for a multi-label checkpoint: `path, labels, scores, error`; labels are every
-    class at or above its threshold (';'-separated, highest score first, possibly none), scores the
-    top_k classes' "name:score"."""
-    k = min(top_k, len(class_names))
-    rows = []
-    for i, path in enumerate(preds.paths):
-        if i in preds.errors:
-            rows.append([str(path), "", "", preds.errors[i]])
-            continue
-        p = preds.probs[i]
-        order = p.argsort(descending=True).tolist()
-        called = [class_names[c] for c in order if p[c].double() >= thresholds[c]]
-        listing = ";".join(f"{class_names[c]}:{p[c].item():.4f}" for c in order[:k])
-        rows.append([str(path), ";".join(called), listing, ""])
-    return ["path", "labels", f"scores_top{k}", "error"], rows
-
-
 def listed_source(meta: dict, listing: Listing, labelled: bool = True) -> ListedImages:
     """`--csv FILE` (paths relative to --data-root, else the CSV's folder; the run's column names),
     `--hf DIR` or `--shards DIR`: the images they list, read with the run's data config
@@ -426,7 +381,7 @@ def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, o
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
     loaded = load_classifier(checkpoint)
-    multilabel = is_multilabel(loaded)
+    task = task_of(loaded.metadata)  # which columns: one class per image, or every class at its threshold
     sheet = kaggle_sheet(kaggle, loaded, listing) if kaggle else None
     if bool(inputs) + listing.named != 1:
         raise UsageError("name images or folders, or one of --csv FILE / --hf DIR / --shards DIR")
@@ -439,10 +394,8 @@ def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, o
     preds = predict_files(loaded, paths, options, store=store)
     if sheet:
         header, rows = kaggle_rows(preds, loaded.class_names, kaggle_ids(paths, loaded, listing), sheet)
-    elif multilabel:
-        header, rows = multilabel_rows(preds, loaded.class_names, thresholds_of(loaded), top_k)
     else:
-        header, rows = prediction_rows(preds, loaded.class_names, top_k)
+        header, rows = task.prediction_rows(preds, loaded.class_names, top_k, task.thresholds(loaded.metadata))
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)

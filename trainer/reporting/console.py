@@ -148,7 +148,9 @@ class RunReport:
             os.fsync(f.fileno())
         return record
 
-    def finish(self, *, best: dict | None, stopped_early: bool, written: list[Path], epochs: list[dict] = ()) -> None:
+    def finish(self, *, best: dict | None, stopped_early: bool, written: list[Path], epochs: list[dict] = (),
+               headline: str = "val_acc") -> None:
+        """The run's last lines; `headline`: the task's validation metric the best epoch is shown by."""
         if not self.active:
             return
         lines = [line for line in [time_spent(epochs)] if line]
@@ -157,9 +159,8 @@ class RunReport:
         if best:
             ema = best.get("best_weights") == "ema"  # best.safetensors holds the EMA weights
             p, held = ("ema_", " (EMA weights)") if ema else ("", "")
-            score = (f"val_acc {best[p + 'val_acc']:.4f}" if p + "val_acc" in best
-                     else f"val_mAP {best[p + 'val_map']:.4f}")
-            lines.append(f"best epoch {best['epoch']}{held}: {score}, val_loss {best[p + 'val_loss']:.4f}")
+            lines.append(f"best epoch {best['epoch']}{held}: {headline} {best[p + headline]:.4f}, "
+                         f"val_loss {best[p + 'val_loss']:.4f}")
         lines.append(f"wall time {time.time() - self._started:.1f}s")
         lines += [f"wrote {path}" for path in written]
         self.print(*lines)

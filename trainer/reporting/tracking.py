@@ -28,11 +28,9 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import WandBTracker, on_main_process
@@ -42,11 +40,11 @@ from configs.schema import Config
 from data.files import atomic_output, trim_jsonl
 from data.transforms import Preprocessing
 from trainer.task.metrics import confusion_matrix, per_class_accuracy
+from trainer.task.single import SAMPLE_IMAGES, ValidationPredictions
 
 MODES = ("online", "offline", "disabled")
 # Spellings older wandb versions and their docs still use.
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
-SAMPLE_IMAGES = 16
 
 
 def resolve_mode(config_mode: str) -> str:
@@ -137,16 +135,6 @@ def wandb_trackers(cfg: Config) -> list[FallbackWandBTracker]:
     init: dict[str, Any] = {"dir": str(Path(cfg.run.dir).expanduser().resolve()), "tags": w.tags or None}
     init |= {k: v for k, v in (("entity", w.entity), ("name", w.name), ("group", w.group), ("notes", w.notes)) if v}
     return [FallbackWandBTracker(w.project, mode, w.init_timeout, **init)]
-
-
-@dataclass
-class ValidationPredictions:
-    """One validation pass: every image's label and prediction, plus a few images to show."""
-    labels: np.ndarray
-    predicted: np.ndarray
-    sample_images: torch.Tensor  # normalized (N, 3, H, W) from the main process's shard
-    sample_labels: list[int]
-    sample_predicted: list[int]
 
 
 class _Drawing:

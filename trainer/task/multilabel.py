@@ -10,13 +10,16 @@ held-out labelled folder applies them as recorded.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 from torch.nn import functional as F
 
 from trainer.task.metrics import best_f1_thresholds, multilabel_report
+
+if TYPE_CHECKING:  # for annotations only: reading a config need not import Accelerate
+    from accelerate import Accelerator
 
 
 @torch.no_grad()
