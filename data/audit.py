@@ -239,6 +239,11 @@ def _relpath(path: str, root: Path) -> str:
         return str(path)
 
 
+def cache_key(path: str, root: Path) -> str:
+    """Where the measurement cache of `root`'s audit keeps `path`: its path relative to the root."""
+    return _relpath(path, root)
+
+
 def _relpaths(paths: list[str], root: Path) -> list[str]:
     """`_relpath` of many paths: the prefix test once per path and nothing else for the usual case."""
     prefix = str(root).rstrip(os.sep) + os.sep

@@ -15,7 +15,6 @@ from typing import Callable
 
 from data.audit import DEGENERATE_SIDE, MAX_ASPECT, AuditResult, audit_splits
 from data.folders import Splits
-from data.sources import load_splits
 from data.stats import training_stats
 from configs.errors import UsageError
 
@@ -32,13 +31,6 @@ class TrainingData:
 def min_side_for(data_cfg) -> int:
     """data.min_image_side, or (0) only degenerate images: small ones are upsampled, not dropped."""
     return data_cfg.min_image_side or DEGENERATE_SIDE
-
-
-def audited_splits(data_cfg) -> Splits:
-    """The split a run of this data config trains and validates on (after the audit left bad files
-    out), for one process outside training: evaluation of a run's own validation or test split,
-    export's check images, make_shards."""
-    return prepare_training_data(load_splits(data_cfg), data_cfg, True, print).splits
 
 
 def source_stats(data_cfg, splits: Splits) -> tuple[tuple, tuple]:

@@ -5,7 +5,8 @@ Two layouts are accepted:
       optional `test/`; each holds one folder per class;
   (b) one folder of class folders, split into train/validation by `val_fraction` and `seed`.
 The split is stratified and depends only on the sorted relative paths and the seed, never on
-the order the file system lists files in. Class names and indices come from the training split.
+the order the file system lists files in. Class names come from the training split, in the order
+of `data.class_order` (integer names as numbers, others as text; a recorded order wins).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from configs.errors import UsageError
+from data.class_order import class_order
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 TRAIN_NAMES = ("train", "training")
@@ -42,6 +44,10 @@ class Splits:
         for _, label in getattr(self, split):
             counts[self.classes[label]] += 1
         return counts
+
+    def label_names(self, split: str) -> list[str]:
+        """Each sample's class name, in the split's order."""
+        return [self.classes[label] for _, label in getattr(self, split)]
 
 
 def is_image_file(path: Path) -> bool:
@@ -86,7 +92,7 @@ def _class_folders(split_dir: Path) -> dict[str, list[str]]:
             if d.is_dir() and not d.name.startswith(".")}
 
 
-def _check_classes(where: Path, folders: dict[str, list[str]]) -> list[str]:
+def _check_classes(where: Path, folders: dict[str, list[str]], recorded: list[str] | None = None) -> list[str]:
     if not folders:
         raise UsageError(f"no class folders in {where}: expected one folder per class, each holding images")
     empty = [name for name, files in folders.items() if not files]
@@ -95,7 +101,7 @@ def _check_classes(where: Path, folders: dict[str, list[str]]) -> list[str]:
                          f"add images or remove the folder")
     if len(folders) < 2:
         raise UsageError(f"only one class ('{next(iter(folders))}') in {where}: a classifier needs at least two class folders")
-    return sorted(folders)
+    return class_order(folders, recorded)
 
 
 def _check_not_package(root: Path) -> None:
@@ -122,7 +128,8 @@ def stratified_split(files_by_class: dict[str, list[str | Path]], classes: list[
     return sorted(train), sorted(val)
 
 
-def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Splits:
+def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0, classes: list[str] | None = None) -> Splits:
+    """The splits of an image folder; `classes`: a recorded class order (data.class_order)."""
     root = Path(root).expanduser().resolve()
     if not root.exists():
         raise UsageError(f"data.root does not exist: {root}")
@@ -139,17 +146,17 @@ def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Spli
         if val_dir is not None:
             raise UsageError(f"{root} has {val_dir.name}/ but no train/ folder: add train/ or put class folders directly in the root")
         folders = _class_folders(root)
-        classes = _check_classes(root, folders)
-        train, val = stratified_split(folders, classes, val_fraction, seed)
-        return Splits(root, classes, train, val, test, layout="class-folders")
+        order = _check_classes(root, folders, classes)
+        train, val = stratified_split(folders, order, val_fraction, seed)
+        return Splits(root, order, train, val, test, layout="class-folders")
 
     folders = _class_folders(train_dir)
-    classes = _check_classes(train_dir, folders)
+    order = _check_classes(train_dir, folders, classes)
     if val_dir is None:
-        train, val = stratified_split(folders, classes, val_fraction, seed)
-        return Splits(root, classes, train, val, test, layout="train-folder")
+        train, val = stratified_split(folders, order, val_fraction, seed)
+        return Splits(root, order, train, val, test, layout="train-folder")
     val_folders = _class_folders(val_dir)
-    missing = [c for c in classes if c not in val_folders]
+    missing = [c for c in order if c not in val_folders]
     extra = [c for c in val_folders if c not in folders]
     if missing or extra:
         parts = []
@@ -159,6 +166,6 @@ def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Spli
             parts.append(f"not in {train_dir.name}/: {', '.join(extra[:5])}")
         raise UsageError(f"class folders differ between {train_dir.name}/ and {val_dir.name}/ ({'; '.join(parts)}); "
                          f"both splits need the same classes")
-    train = [(p, i) for i, c in enumerate(classes) for p in folders[c]]
-    val = [(p, i) for i, c in enumerate(classes) for p in val_folders[c]]
-    return Splits(root, classes, train, val, test, layout="split-folders")
+    train = [(p, i) for i, c in enumerate(order) for p in folders[c]]
+    val = [(p, i) for i, c in enumerate(order) for p in val_folders[c]]
+    return Splits(root, order, train, val, test, layout="split-folders")

@@ -5,7 +5,9 @@ is two consecutive tar members, `KEY.jpg` (or .png, ...: the source file's own b
 re-encoded) and `KEY.cls` (the class index as text), so any WebDataset reader can read them too.
 `index.json` holds the class names, the training split's mean/std, each shard's file name, size,
 sha256 and, per sample, its label and where it starts in the tar (for validation, the sample
-grid and a resumed run, which skip to a sample without reading what comes before it).
+grid and a resumed run, which skip to a sample without reading what comes before it). A reader
+may put the classes in another order (data.class_order: the rule, or a run's recorded order):
+`ShardIndex.in_order` renumbers the labels, and the training stream renumbers each `KEY.cls`.
 
 Training streams the tars (`ShardBatches`), yet its order is a pure function of (seed, epoch,
 process count, loader streams), computed on sample numbers from the index before any byte is
@@ -170,16 +172,33 @@ def write_shards(splits: Splits, out: str | Path, target_bytes: int, stats: tupl
 
 @dataclass
 class ShardIndex:
-    """index.json of a shards folder, checked against the files beside it."""
+    """index.json of a shards folder, checked against the files beside it. `classes` may be in
+    another order than the one written (`in_order`): the labels in `splits` are then indices into
+    the new order, and `label_map` turns a tar's `KEY.cls` (an index into the written order) into one."""
 
     root: Path
     classes: list[str]
     mean: tuple
     std: tuple
     splits: dict  # split -> {"samples", "bytes", "shards": [{"file", "first", "samples", "bytes", "sha256", ...}]}
+    label_map: tuple[int, ...] | None = None  # written label -> label; None: the order written
 
     def shards(self, split: str) -> list[dict]:
         return self.splits[split]["shards"]
+
+    def in_order(self, classes: list[str]) -> ShardIndex:
+        """This index with `classes` (the same names, in another order: data.class_order) as its class
+        list; the samples' bytes and places are the same."""
+        if classes == self.classes:
+            return self
+        position = {name: i for i, name in enumerate(classes)}
+        new = [position[name] for name in self.classes]
+        renumbered = {split: {**part, "shards": [{**s, "labels": [new[label] for label in s["labels"]]}
+                                                  for s in part["shards"]]}
+                      for split, part in self.splits.items()}
+        written = self.label_map or range(len(self.classes))
+        return ShardIndex(self.root, list(classes), self.mean, self.std, renumbered,
+                          tuple(new[label] for label in written))
 
     def samples(self, split: str) -> list[tuple[str, int]]:
         """(reference, label) per sample, references as ShardMembers reads them: `SHARD.tar#KEY`."""
@@ -268,14 +287,18 @@ def verify_shards(index: ShardIndex, splits: tuple[str, ...] = SPLITS, audit_dir
 
 
 class ShardMembers:
-    """An ImageTransform over `SHARD.tar#KEY` references: reads the sample's bytes from the tar at
-    the offset the index gives (validation, the sample grid, predict and evaluate), then decodes
-    like the folder source. Without a transform it only reads (`size`, `read`: bytes compared with
+    """Where the shards source's samples are stored (a data.sources.ImageStore): `SHARD.tar#KEY`
+    references, read from the tar at the offset the index gives (validation, the sample grid,
+    predict and evaluate), then decoded like files. With a transform it is an ImageTransform over
+    the references; without one it only reads (`size`, `read`, `sha256`: bytes compared with
     training images)."""
 
     def __init__(self, index: ShardIndex, transform=None):
-        self.transform = transform
+        self.index, self.transform = index, transform
         self.where = {s["file"]: s for split in SPLITS for s in index.shards(split)}
+
+    def with_transform(self, transform) -> ShardMembers:
+        return ShardMembers(self.index, transform)
 
     def _locate(self, reference: str) -> tuple[str, dict, int]:
         path, key = reference.rsplit("#", 1)
@@ -289,6 +312,9 @@ class ShardMembers:
     def read(self, reference: str) -> bytes:
         path, shard, j = self._locate(reference)
         return _read_sample(path, shard["offsets"][j], shard["sizes"][j])
+
+    def sha256(self, reference: str) -> str:
+        return hashlib.sha256(self.read(reference)).hexdigest()
 
     def load(self, reference: str, max_pixels: int) -> torch.Tensor:
         return self.transform.load(io.BytesIO(self.read(reference)), max_pixels)
@@ -466,6 +492,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, index: ShardIndex, order: ShardOrder, images: ImageListDataset, collate):
         self.root, self.shards, self.order = index.root, index.shards("train"), order
+        self.label_map = index.label_map  # a tar's KEY.cls is in the order the shards were written
         self.images, self.transform, self.collate = images, images.transform.transform, SeededCollate(collate)
 
     def __len__(self) -> int:
@@ -487,6 +514,8 @@ class ShardStream(IterableDataset):
         batch, last_good = [], None
         for t, (name, data, label) in zip(range(t0, len(outputs)), self._replay(segments, outputs[t0:])):
             seed = int(seeds[order.position(stream, t)])
+            if self.label_map is not None:
+                label = self.label_map[label]
             try:
                 image = seeded_call(seed, self._decode, data)
                 last_good = (data, label)

@@ -44,21 +44,21 @@ def main() -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} already exists and is not empty: choose a new folder")
     cfg = load_config(args.config, args.overrides)
-    from data.audit_training import audited_splits, source_stats
+    from data.audit_training import source_stats
     from data.shards import parse_size, write_shards
+    from data.sources import open_source
 
     target = parse_size(args.shard_size)
-    if cfg.data.source == "shards":
-        raise UsageError("the config already reads shards (data.source = shards): point it at the images "
-                         "to shard (e.g. data.source=folder data.root=...)")
+    source = open_source(cfg.data)
+    source.check_shardable()
     if cfg.data.task == "multilabel":
         raise UsageError("shards hold one class index per sample, so multi-label rows cannot be written to them; "
                          "train multi-label runs from the CSV source (data.source = csv)")
-    splits = audited_splits(cfg.data)
+    splits = source.audited()
     mean, std = source_stats(cfg.data, splits)
-    source = {"source": cfg.data.source, "root": str(Path(cfg.data.root).expanduser().resolve()),
-              "audit": cfg.data.audit, "val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed}
-    write_shards(splits, out, target, (mean, std), source, seed=cfg.data.seed)
+    made_from = {"source": cfg.data.source, "root": str(Path(cfg.data.root).expanduser().resolve()),
+                 "audit": cfg.data.audit, "val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed}
+    write_shards(splits, out, target, (mean, std), made_from, seed=cfg.data.seed)
     print(f"train from them: python launch/train.py --config {args.config or 'C.toml'} data.source=shards "
           f"data.root={out}")
     return 0

@@ -15,9 +15,10 @@ from safetensors import safe_open
 from data.transforms import Preprocessing
 from helpers import COLORS, make_image_folder, run_in_process, run_script
 from models import HeadSpec, build_classifier
-from data.audit_training import audited_splits
+from data.sources import audited_splits
 from trainer.assemble.run_config import load_config
-from trainer.inference.evaluate import run_config, training_images_among
+from trainer.inference.evaluate import run_config
+from trainer.inference.predict import training_images_among
 from trainer.fit.loop import train
 from trainer.files.model_file import ClassifierFacts, load_classifier, read_metadata, save_classifier
 

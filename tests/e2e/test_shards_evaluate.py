@@ -127,10 +127,10 @@ def test_other_classes_and_a_test_split_are_refused_in_one_line(shards_run, tmp_
     made = run_in_process("make_shards.py", f"data.root={others}", "model.name=tiny_cnn", "data.audit=off",
                           "--out", str(tmp_path / "other-shards"), cwd=tmp_path)
     assert made.returncode == 0, made.stderr
-    index = read_index(tmp_path / "other-shards").root / "index.json"
+    other = read_index(tmp_path / "other-shards").root
     cases = [(["--shards", str(tmp_path / "other-shards")],
-              f"error: the classes in {index} are not the checkpoint's (not in the checkpoint: purple; not in the "
-              f"shards: red): a shard sample's label is an index into that list, so it must be the checkpoint's"),
+              f"error: the classes of the val shards of {other} are not the checkpoint's (not in the checkpoint: "
+              f"purple; not in these: red); evaluate them with a checkpoint of these classes"),
              (["--split", "test"],
               f"error: {read_index(shards).root} holds train and val shards only (launch/make_shards.py writes no "
               f"test split): evaluate test images by naming their folder, or with --csv FILE or --hf DIR")]

@@ -1,7 +1,8 @@
 """predict and evaluate on tar shards, in-process: a split's samples as `SHARD.tar#KEY` references
 with their class names, read through the checkpoint's eval transform into exactly the files'
 probabilities; only the split read is hashed; bad input (a damaged shard, a label outside the
-class list, other classes, a test split) is one line."""
+class list, other classes, a test split) is one line; the same classes in another order are
+mapped by name."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from data.sources import listed_images, load_splits
 from data.transforms import Preprocessing
 from helpers import make_image_folder, run_in_process
 from models import HeadSpec, build_classifier
-from trainer.inference.evaluate import labelled_shards, refuse_other_classes, training_images_among
-from trainer.inference.predict import InferenceOptions, predict_files
+from trainer.inference.evaluate import labelled_listed, refuse_other_classes
+from trainer.inference.predict import InferenceOptions, predict_files, training_images_among
 from trainer.files.model_file import ClassifierFacts, load_classifier, save_classifier
 
 CLASSES = ["blue", "green", "red"]
@@ -56,7 +57,7 @@ def test_a_split_is_listed_as_references_with_class_names(shards):
     root, splits = shards
     listed = listed_images(shards_config(root))  # default: val
     index = read_index(root)
-    assert listed.shards is not None and listed.source == f"the val shards of {index.root}"
+    assert listed.store.index.root == index.root and listed.source == f"the val shards of {index.root}"
     assert [str(p) for p in listed.paths] == [ref for ref, _ in index.samples("val")]
     assert str(listed.paths[0]) == f"{index.root}/val-000000.tar#00000000"
     assert listed.labels == [CLASSES[label] for _, label in splits.val]
@@ -70,11 +71,14 @@ def test_predictions_from_the_tars_are_those_from_the_files(shards, checkpoint):
     loaded = load_classifier(checkpoint)
     listed = listed_images(shards_config(root))
     options = InferenceOptions(num_workers=0)
-    from_tars = predict_files(loaded, listed.paths, options, shards=listed.shards)
+    from_tars = predict_files(loaded, listed.paths, options, store=listed.store)
     from_files = predict_files(loaded, [p for p, _ in splits.val], options)
     assert not from_tars.errors and torch.equal(from_tars.probs, from_files.probs)
-    files = labelled_shards(listed, CLASSES)
-    assert files.labels == [label for _, label in splits.val] and files.shards is listed.shards
+    files = labelled_listed(listed, CLASSES, multilabel=False)
+    assert files.labels == [label for _, label in splits.val] and files.store is listed.store
+    # A checkpoint with the same classes in another order: labels go by name.
+    reordered = labelled_listed(listed, CLASSES[::-1], multilabel=False)
+    assert reordered.labels == [2 - label for _, label in splits.val]
 
 
 def test_only_the_split_that_is_read_is_hashed(shards, tmp_path):
@@ -116,22 +120,24 @@ def test_an_index_whose_labels_are_not_classes_is_refused(shards, tmp_path, chan
 
 
 @pytest.mark.parametrize("theirs, differ", [
-    (["blue", "green", "purple"], "not in the checkpoint: purple; not in the shards: red"),
+    (["blue", "green", "purple"], "not in the checkpoint: purple; not in these: red"),
     (["blue", "green", "red", "cyan"], "not in the checkpoint: cyan"),
-    (["blue", "green"], "not in the shards: red"),
-    (["red", "green", "blue"], "the same names in another order (red, green, blue against blue, green, red)"),
+    (["blue", "green"], "not in these: red"),
 ])
-def test_other_classes_are_refused_naming_the_difference(tmp_path, theirs, differ):
+def test_other_classes_are_refused_naming_the_difference(theirs, differ):
     with pytest.raises(UsageError) as e:
-        refuse_other_classes(theirs, CLASSES, tmp_path / "index.json")
-    assert str(e.value) == (f"the classes in {tmp_path / 'index.json'} are not the checkpoint's ({differ}): a shard "
-                            f"sample's label is an index into that list, so it must be the checkpoint's")
-    refuse_other_classes(CLASSES, CLASSES, tmp_path / "index.json")  # the same list passes
+        refuse_other_classes(theirs, CLASSES, "the val shards of X")
+    assert str(e.value) == (f"the classes of the val shards of X are not the checkpoint's ({differ}); evaluate them "
+                            f"with a checkpoint of these classes")
+    refuse_other_classes(CLASSES, CLASSES, "X")  # the same list passes
+    refuse_other_classes(CLASSES[::-1], CLASSES, "X")  # and in another order: labels go by name
 
 
 def test_a_multilabel_checkpoint_is_not_evaluated_on_shards(shards):
+    multilabel = dataclasses.replace(shards_config(shards[0]), task="multilabel")
     with pytest.raises(UsageError, match="shards record one class per image"):
-        labelled_shards(listed_images(shards_config(shards[0])), CLASSES, multilabel=True)
+        listed_images(multilabel)
+    assert len(listed_images(multilabel, labelled=False).paths) == 6  # predict needs no labels
 
 
 def test_training_images_are_found_across_files_and_shards(shards):
@@ -142,11 +148,11 @@ def test_training_images_are_found_across_files_and_shards(shards):
     shards_run.data = shards_config(root)
     train, val = (listed_images(shards_config(root), split) for split in ("train", "val"))
     # A folder run, shard samples of its own images; a shards run, the files it was written from.
-    assert training_images_among(train.paths, folder_run, train.shards) == 24
-    assert training_images_among(val.paths, folder_run, val.shards) == 0
+    assert training_images_among(train.paths, folder_run, train.store) == 24
+    assert training_images_among(val.paths, folder_run, val.store) == 0
     assert training_images_among([Path(p) for p, _ in splits.train], shards_run) == 24
     assert training_images_among([Path(p) for p, _ in splits.val], shards_run) == 0
-    assert training_images_among(train.paths, shards_run, train.shards) == 24  # its own samples: no hashing
+    assert training_images_among(train.paths, shards_run, train.store) == 24  # its own samples: no hashing
 
 
 @pytest.mark.parametrize("script, args, line", [

@@ -2,8 +2,10 @@
 -> optimizer -> schedule -> criterion.
 
 The training loop, the LR finder, the overfit check, the batch grid and the evaluation of a run's
-own split all call `build_run` (or, for the data alone, `data.audit_training.audited_splits`); none of
-them assembles its own, so what the LR finder measures is what training sees.
+own split all call `build_run` (or, for the data alone, `data.sources.Source.audited`); none of
+them assembles its own, so what the LR finder measures is what training sees. What differs by
+data source (folder, CSV, dataset, tar shards: checks, audit, how samples are read, how training
+batches are made) is asked of `data.sources.Source`, never decided here.
 """
 
 from __future__ import annotations
@@ -18,17 +20,14 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from configs.errors import UsageError
 from configs.schema import Config
 from data import ImageListDataset, Preprocessing, Splits, make_loader, resolve_normalization, train_transform
-from data.audit_training import prepare_training_data
 from data.balance import BalancedDraw
 from data.dataset import Loading
 from data.device_decode import DeviceDecode, EncodedTransform, collate_encoded
 from data.multilabel import MultiLabelSplits
-from data.sampling import TrainBatches
-from data.sources import load_splits
-from data.shards import ShardBatches, ShardIndex, ShardMembers, read_index, verify_shards
+from data.sampling import FinishedBatches
+from data.sources import Feed, Source, open_source
 from data.transforms import BatchFinish, batch_mixer, crop_mode_of
 from models import BuiltModel, HeadSpec, build_classifier, enable_grad_checkpointing
 from models.finetune import (FinetunePlan, GroupRules, apply_epoch, batchnorm_trains,
@@ -76,7 +75,7 @@ class RunParts:
     built: BuiltModel  # the whole classifier: what checkpoints hold, never wrapped
     plan: FinetunePlan
     model: nn.Module  # what trains: `built.model`, or its head alone on cached features
-    train_loader: TrainBatches
+    train_loader: FinishedBatches  # the source's resumable batches (data.sources.Source.train_batches)
     val_loader: DataLoader
     optimizer: object
     scheduler: object
@@ -88,23 +87,23 @@ class RunParts:
         apply_epoch(self.built.model, self.plan, epoch)
 
 
-def _audit(cfg: Config, splits: Splits, accelerator: Accelerator | None, backbone_stats):
+def _audit(cfg: Config, source: Source, accelerator: Accelerator | None, backbone_stats):
     """(TrainingData, mean, std). With an accelerator, the main process audits first (all cores,
     writes the cache); the others then read the cached answer."""
     is_main = accelerator is None or accelerator.is_main_process
     say = accelerator.print if accelerator is not None else print
     if accelerator is None:
-        prepared = prepare_training_data(splits, cfg.data, True, say)
+        prepared = source.training_data(True, say)
     else:
         with accelerator.main_process_first():
-            prepared = prepare_training_data(splits, cfg.data, is_main, say)
+            prepared = source.training_data(is_main, say)
     d = cfg.data
     mean, std = resolve_normalization(d.normalize, *backbone_stats, prepared.mean or d.mean, prepared.std or d.std)
     return prepared, mean, std
 
 
-def build_data(cfg: Config, accelerator: Accelerator, splits: Splits, built: BuiltModel) -> RunData:
-    prepared, mean, std = _audit(cfg, splits, accelerator, (built.mean, built.std))
+def build_data(cfg: Config, accelerator: Accelerator, source: Source, built: BuiltModel) -> RunData:
+    prepared, mean, std = _audit(cfg, source, accelerator, (built.mean, built.std))
     d = cfg.data
     preprocessing = Preprocessing(d.image_size, d.crop_pct, tuple(mean), tuple(std), crop_mode_of(d.augment))
     failure_log = Path(cfg.run.dir).expanduser().resolve() / "load_failures.jsonl"
@@ -112,16 +111,20 @@ def build_data(cfg: Config, accelerator: Accelerator, splits: Splits, built: Bui
     train_samples, val_samples = prepared.splits.train, prepared.splits.val
     if isinstance(prepared.splits, MultiLabelSplits):  # multi-hot targets instead of one class index
         train_samples, val_samples = prepared.splits.targets(train_samples), prepared.splits.targets(val_samples)
-    train_images = ImageListDataset(train_samples, train_tf, failure_log, d.max_image_pixels)
-    val_images = ImageListDataset(val_samples, preprocessing.eval_transform(), failure_log, d.max_image_pixels)
+    store = source.store  # how the source's paths are read: files, or tar members
+    train_images = ImageListDataset(train_samples, store.with_transform(train_tf), failure_log, d.max_image_pixels)
+    val_images = ImageListDataset(val_samples, store.with_transform(preprocessing.eval_transform()), failure_log,
+                                  d.max_image_pixels)
     return RunData(prepared.splits, preprocessing, train_images, val_images, failure_log, after_normalize)
 
 
-def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
+def build_run(cfg: Config, accelerator: Accelerator, classes: list[str] | None = None) -> RunParts:
     """Every part of a run, built once. Everything that can fail on user input fails here, before
-    a file is written (the audit's cache and report aside)."""
-    shards = open_shards(cfg, accelerator) if cfg.data.source == "shards" else None
-    splits = shards.to_splits() if shards else load_splits(cfg.data)
+    a file is written (the audit's cache and report aside). `classes`: the class order the
+    checkpoint a run resumes recorded (it wins over data.class_order's rule)."""
+    source = open_source(cfg.data, classes)
+    source.check_training(cfg)
+    splits = source.open_for_training(accelerator)
     m, o = cfg.model, cfg.optim
     built = build_classifier(m.name, len(splits.classes), head_spec(cfg), m.pretrained, m.weights, m.drop_path_rate)
     if cfg.runtime.grad_checkpointing:
@@ -129,7 +132,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     plan = make_plan(built.model, built.head_name, m.freeze, cfg.train.unfreeze_at_epoch, m.bn)
     # DDP registers the parameters that require grad when it wraps the model: all that ever train.
     prepare_for_wrapping(built.model, plan)
-    data = shard_data(cfg, shards, built) if shards else build_data(cfg, accelerator, splits, built)
+    data = build_data(cfg, accelerator, source, built)
     criterion = _criterion(cfg, accelerator, data)
     if cfg.data.batch_size == "auto":  # a number before any loader exists; config.toml records it
         _resolve_batch_size(cfg, accelerator, built, plan, criterion, data)
@@ -139,10 +142,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> RunParts:
     if cfg.train.cache_features:  # fixed backbone: train only the head, on features computed once
         train_set, val_set, model = cached_head_datasets(accelerator, built, data, cfg, loading.num_workers)
         loading = Loading(0)  # the features are already in memory
-    if shards:
-        train_loader, val_loader = _shard_loaders(cfg, accelerator, data, shards, loading)
-    else:
-        train_loader, val_loader = _loaders(cfg, accelerator, data, (train_set, val_set), loading)
+    train_loader, val_loader = _loaders(cfg, accelerator, source, data, (train_set, val_set), loading)
 
     groups = param_groups(built.model, plan, o.lr, o.backbone_lr_mult, GroupRules.of(o))
     optimizer = build_optimizer(groups, o)
@@ -190,18 +190,18 @@ def loading_for(cfg: Config, accelerator: Accelerator) -> Loading:
     return Loading(worker_count(cfg.data.num_workers), accelerator.device.type == "cuda", cfg.data.prefetch_factor)
 
 
-def _loaders(cfg: Config, accelerator: Accelerator, data: RunData, datasets: tuple[Dataset, Dataset],
-             loading: Loading) -> tuple[TrainBatches, DataLoader]:
+def _loaders(cfg: Config, accelerator: Accelerator, source: Source, data: RunData,
+             datasets: tuple[Dataset, Dataset], loading: Loading) -> tuple[FinishedBatches, DataLoader]:
     d, seed = cfg.data, cfg.train.seed
-    # The epoch's whole draw; TrainBatches shards it across processes and can start it mid-way.
+    # The epoch's whole draw; the training batches shard it across processes and can start it mid-way.
     draw = BalancedDraw(data.train_labels, seed=seed).indices if d.sampler == "balanced" else None
     train_set, train_loading, finish = datasets[0], loading, None
     if not cfg.train.cache_features:  # features need no normalizing
         decode = None
-        if decode_on(cfg, accelerator) == "cuda":  # workers read bytes; JPEGs are decoded by nvjpeg
+        if source.decodes_on_device and decode_on(cfg, accelerator) == "cuda":  # workers read bytes; nvjpeg decodes
             train_set, train_loading, decode = _device_decoding(data, loading, accelerator.device)
         finish = _batch_finish(cfg, accelerator, data, decode)
-    train_loader = TrainBatches(train_set, d.batch_size, train_loading, seed, accelerator, draw, finish)
+    train_loader = source.train_batches(train_set, Feed(d.batch_size, train_loading, seed, draw, finish), accelerator)
     return train_loader, make_loader(datasets[1], d.batch_size, loading, seed)
 
 
@@ -224,58 +224,3 @@ def _device_decoding(data: RunData, loading: Loading, device) -> tuple[Dataset, 
 
 def _criterion(cfg: Config, accelerator: Accelerator, data: RunData) -> nn.Module:
     return task_for(cfg).criterion(cfg.train, data.train_labels, len(data.classes)).to(accelerator.device)
-
-
-# ---- data.source = "shards": tar shards written by launch/make_shards.py (data/shards.py) ----
-
-def open_shards(cfg: Config, accelerator: Accelerator) -> ShardIndex:
-    """The shards folder's index, checked before anything is written: every process checks that
-    each shard is there with its size; the main process also checks every sha256."""
-    d, t = cfg.data, cfg.train
-    refused = [(d.sampler == "balanced", 'data.sampler = "balanced" (a draw with replacement needs random access)'),
-               (t.cache_features, "train.cache_features"),
-               (d.decode == "cuda", 'data.decode = "cuda" (shard samples are decoded by the loader workers)'),
-               (d.shuffle_buffer < 0, "a negative data.shuffle_buffer")]
-    for bad, what in refused:
-        if bad:
-            raise UsageError(f"data.source = shards does not support {what}; change it or use the folder source")
-    index = read_index(d.root)
-    if d.normalize == "dataset" and not index.mean:
-        raise UsageError(f"data.normalize = dataset: {index.root / 'index.json'} has no mean/std; write the shards "
-                         f"again with launch/make_shards.py or set data.normalize=custom with data.mean/data.std")
-    hashed = 0
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            hashed = verify_shards(index, audit_dir=d.audit_dir)
-    train, shards = index.splits["train"], len(index.shards("train")) + len(index.shards("val"))
-    checked = "sha256 checked" + (f": {shards - hashed} of {shards} unchanged since their last check" if hashed < shards else "")
-    accelerator.print(f"data     shards {index.root}: {train['samples']} training samples in {len(train['shards'])} "
-                      f"shards, {index.splits['val']['samples']} validation ({checked})")
-    return index
-
-
-def shard_data(cfg: Config, index: ShardIndex, built: BuiltModel) -> RunData:
-    """RunData over the shards: class names and dataset mean/std from index.json; the datasets read
-    single samples at the offsets the index gives (validation, the sample grid)."""
-    d = cfg.data
-    mean, std = resolve_normalization(d.normalize, built.mean, built.std,
-                                      index.mean if d.normalize == "dataset" else d.mean,
-                                      index.std if d.normalize == "dataset" else d.std)
-    preprocessing = Preprocessing(d.image_size, d.crop_pct, tuple(mean), tuple(std), crop_mode_of(d.augment))
-    failure_log = Path(cfg.run.dir).expanduser().resolve() / "load_failures.jsonl"
-    train_tf, after_normalize = train_transform(d.augment, d.image_size, d.crop_pct, d.augment_ops)
-    splits = index.to_splits()
-    train_images = ImageListDataset(splits.train, ShardMembers(index, train_tf), failure_log, d.max_image_pixels)
-    val_images = ImageListDataset(splits.val, ShardMembers(index, preprocessing.eval_transform()), failure_log,
-                                  d.max_image_pixels)
-    return RunData(splits, preprocessing, train_images, val_images, failure_log, after_normalize)
-
-
-def _shard_loaders(cfg: Config, accelerator: Accelerator, data: RunData, index: ShardIndex,
-                   loading: Loading) -> tuple[ShardBatches, DataLoader]:
-    """Training streams the tars (resumable, see data/shards.py); validation reads them in order,
-    sharded by accelerator.prepare like the folder source's, so every sample counts once."""
-    d, seed = cfg.data, cfg.train.seed
-    train = ShardBatches(index, data.train_images, d.batch_size, loading, seed, accelerator, d.shuffle_buffer,
-                         _batch_finish(cfg, accelerator, data))
-    return train, make_loader(data.val_images, d.batch_size, loading, seed)

@@ -2,8 +2,8 @@
 before anything is written. All of `launch/export.py` after its arguments are parsed.
 
 Order: read the checkpoint -> refuse what cannot be exported -> gather the images the export is
-checked on (the run's validation split when its data is here, a shards run's val shards, or
---images) and evaluate the model on them for the model card -> write every file into a temporary
+checked on (the run's validation split as training saw it, when its data is here, or --images)
+and evaluate the model on them for the model card -> write every file into a temporary
 folder -> check the ONNX graph with onnxruntime against PyTorch -> rename the folder into place
 -> push, if asked. A refusal or a failed check leaves no folder behind; an existing folder is
 never written into.
@@ -20,13 +20,11 @@ import torch
 from configs.errors import UsageError
 from data.files import atomic_folder, atomic_write_json, atomic_write_text, sha256_file
 from data.images import DEFAULT_MAX_PIXELS
-from data.shards import ShardIndex
-from data.sources import listed_images
-from data.audit_training import audited_splits
+from data.sources import FILES, ImageStore, open_source
 from configs.schema import config_from_dict
-from trainer.inference.evaluate import labelled_shards, report_of, run_config, validation_files
+from trainer.inference.evaluate import labelled_listed, report_of, run_config
 from trainer.export.hub_folder import INTERPOLATION, hub_refusal, push_folder, write_hub_files
-from trainer.inference.predict import InferenceOptions, collect_images, predict_files, reader_of
+from trainer.inference.predict import InferenceOptions, collect_images, predict_files
 from trainer.export.model_card import CardFacts, headline, model_card
 from trainer.files.model_file import LoadedClassifier, load_classifier
 from trainer.export.onnx_file import OnnxCheck, check_onnx, export_onnx, metadata_of
@@ -119,8 +117,8 @@ def _preprocessing(loaded: LoadedClassifier) -> dict:
 
 
 def gather_evidence(loaded: LoadedClassifier, request: ExportRequest) -> Evidence:
-    """Images to check on: --images, else the run's validation split or val shards (evaluated whole
-    for the card) when its data is here, else random inputs with a note. Bad --images fail here."""
+    """Images to check on: --images, else the run's validation split (evaluated whole for the card)
+    when its data is here, else random inputs with a note. Bad --images fail here."""
     p = loaded.preprocessing
     if request.images:
         paths = collect_images(list(request.images))[:CHECK_IMAGES]
@@ -131,23 +129,20 @@ def gather_evidence(loaded: LoadedClassifier, request: ExportRequest) -> Evidenc
               "checked on random inputs and the model card has no per-class table", file=sys.stderr)
         return Evidence(torch.randn(8, 3, p.image_size, p.image_size, generator=torch.Generator().manual_seed(0)),
                         "8 random inputs")
-    if cfg.data.source == "shards":  # the split training saw: the index's (audited when the shards were written)
-        files = labelled_shards(listed_images(cfg.data, "val"), loaded.class_names,
-                                not task_for(cfg).one_class_per_image)
-        splits = files.shards.to_splits()
-    else:
-        splits = audited_splits(cfg.data)  # the split training saw: the same files, after the same audit
-        if splits.classes != loaded.class_names:
-            raise UsageError(f"the classes in {cfg.data.root} ({', '.join(splits.classes[:8])}) are not the "
-                             f"checkpoint's ({', '.join(loaded.class_names[:8])}); pass --data-root with the run's "
-                             f"own image folder, or --images")
-        files = validation_files(splits, Path(cfg.data.root).expanduser().resolve())
+    source = open_source(cfg.data, loaded.class_names)  # the checkpoint's class order wins
+    if source.classes != loaded.class_names:
+        raise UsageError(f"the classes in {cfg.data.root} ({', '.join(source.classes[:8])}) are not the "
+                         f"checkpoint's ({', '.join(loaded.class_names[:8])}); pass --data-root with the run's "
+                         f"own image folder, or --images")
+    # The split training saw: the same images, after the same audit.
+    files = labelled_listed(source.own_split("val"), loaded.class_names, not task_for(cfg).one_class_per_image)
+    splits = source.audited()
     options = InferenceOptions(batch_size=cfg.data.batch_size, device=request.device)
-    report = report_of(loaded, files, predict_files(loaded, files.paths, options, shards=files.shards))
+    report = report_of(loaded, files, predict_files(loaded, files.paths, options, store=files.store))
     loaded.model.cpu()  # predict_files may have moved it to the GPU; the export runs on the CPU
     picked = _spread(files.paths, CHECK_IMAGES)
     counts = {"train": splits.class_counts("train"), "val": splits.class_counts("val")}
-    return Evidence(_load(p, picked, files.shards), f"{len(picked)} images of {files.source}", report, counts,
+    return Evidence(_load(p, picked, files.store), f"{len(picked)} images of {files.source}", report, counts,
                     splits.layout)
 
 
@@ -167,9 +162,9 @@ def _spread(paths: list[Path], count: int) -> list[Path]:
     return [paths[i * len(paths) // count] for i in range(count)]
 
 
-def _load(p, paths: list[Path], shards: ShardIndex | None = None) -> torch.Tensor:
-    """The images as the model takes them: files, or (shards) the index's samples."""
-    reader, images = reader_of(p.eval_transform(), shards), []
+def _load(p, paths: list[Path], store: ImageStore = FILES) -> torch.Tensor:
+    """The images as the model takes them, read by `store` (files, or a source's references)."""
+    reader, images = store.with_transform(p.eval_transform()), []
     for path in paths:
         try:
             images.append(p.normalize(reader.load(str(path), DEFAULT_MAX_PIXELS)))

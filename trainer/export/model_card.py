@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from configs.schema import dump_toml
+from data.sources import describe_source
 
 SMALL_CLASS = 20  # fewer validation images than this: a class's figures move by 5 points per image
 
@@ -115,21 +116,8 @@ def _data(f: CardFacts) -> str:
 
 
 def _source_line(data: dict, layout: str) -> str:
-    """What the run read (data.source) and where its validation images came from."""
-    root = f"`data.root` = `{data.get('root', '?')}`"
-    by_fraction = f"{data.get('val_fraction')} of each class (stratified, seed {data.get('seed')})"
-    source = data.get("source", "folder")
-    if source == "csv":
-        split_column = data.get("csv_split_column")
-        how = f"validation: the rows its `{split_column}` column marks val" if split_column else f"validation: {by_fraction}"
-        return f"Images listed in a CSV (`data.csv` = `{data.get('csv')}`, paths under {root}); {how}"
-    if source == "hf":
-        return f"A Hugging Face dataset on disk ({root}); validation: its validation split, or else {by_fraction}"
-    if source == "shards":
-        return f"Tar shards written by launch/make_shards.py ({root}); validation: its val shards"
-    how = {"split-folders": "validation: its own val/ folder", "class-folders": f"validation: {by_fraction}"}.get(
-        layout, f"validation: its val/ folder, or else {by_fraction}")
-    return f"An image folder ({root}); {how}"
+    """What the run read (data.source) and where its validation images came from: the source's own words."""
+    return describe_source(data, layout)
 
 
 _SUMMARY_KEYS = (("model", "name"), ("model", "pretrained"), ("model", "freeze"), ("train", "epochs"),

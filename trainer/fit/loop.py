@@ -74,7 +74,8 @@ def train(cfg: Config) -> TrainResult:
 
 def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     # ---- build: everything that can fail on user input happens before a file is written ----
-    parts = build_run(cfg, accelerator)
+    run_state = RunState(accelerator, cfg, run_dir)  # finds run.resume's checkpoint: its class order is kept
+    parts = build_run(cfg, accelerator, run_state.recorded_classes)
     model = prepare_model(parts.model, accelerator, cfg)
     # The training batches are sharded by their own resumable sampler, not by accelerator.prepare.
     model, optimizer, val_loader = accelerator.prepare(model, parts.optimizer, parts.val_loader)
@@ -85,8 +86,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
         val_loader = NormalizedBatches(val_loader, parts.data.preprocessing, channels_last)
     parts.enter_epoch(1)
     runtime = describe(accelerator, cfg.data.batch_size, cfg.train.grad_accum_steps, model)
-    # Finds the checkpoint run.resume names and refuses config changes it cannot take, before any write.
-    run_state = RunState(accelerator, cfg, run_dir, parts.data.classes)
+    run_state.check_resume(parts.data.classes)  # refuses config changes the checkpoint cannot take, before any write
     report = RunReport(accelerator, run_dir)
     start_run_folder(accelerator, cfg, run_dir, parts.data.failure_log)
     tracking = RunTracking(accelerator, cfg, run_dir, parts.data.classes, parts.data.preprocessing)

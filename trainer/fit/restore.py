@@ -112,11 +112,10 @@ def find_checkpoint(resume: str, root: Path, warn, skipped: list[Path] | None = 
         raise UsageError(f"cannot resume from run.resume={resume}: not a training checkpoint ({e})") from None
 
 
-def resume_point(cfg: Config, root: Path, classes: list[str], warn: Callable[[str], None],
-                 damaged: list[Path]) -> ResumePoint | None:
-    """The checkpoint to continue from, after refusing the config changes it cannot take (before
-    anything is written); None for a fresh run. Damaged checkpoints `auto` passed over go to `damaged`."""
-    found = find_checkpoint(cfg.run.resume, root, warn, damaged)
+def resume_point(cfg: Config, found: tuple[Path, dict] | None, classes: list[str],
+                 warn: Callable[[str], None]) -> ResumePoint | None:
+    """The checkpoint `find_checkpoint` found, after refusing the config changes it cannot take
+    (before anything is written); None for a fresh run."""
     if not found:
         return None
     folder, state = found

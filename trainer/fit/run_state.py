@@ -18,15 +18,17 @@ from trainer.files.faults import crash_point
 from trainer.fit.counters import Position
 from trainer.fit.history import RunHistory
 from trainer.task.best_metric import best_metric_of
-from trainer.fit.restore import Trainables, announce_schedule, restore, resume_point
+from trainer.fit.restore import Trainables, announce_schedule, find_checkpoint, restore, resume_point
 from trainer.fit.signals import EXIT_PREEMPTED, Preempted, StopSignals
 
 
 class RunState:
     """Epoch, step and position of the run, its history, and its checkpoints."""
 
-    def __init__(self, accelerator, cfg: Config, run_dir: Path, classes: list[str]):
-        self.accelerator, self.cfg, self.classes = accelerator, cfg, classes
+    def __init__(self, accelerator, cfg: Config, run_dir: Path):
+        """Finds the checkpoint run.resume names, before the run is built: its class order is the
+        run's (`recorded_classes`). Damaged checkpoints `auto` passed over are set aside in `attach`."""
+        self.accelerator, self.cfg = accelerator, cfg
         self.run_dir = run_dir
         self.root = run_dir / "checkpoints"
         self.at = Position()
@@ -34,7 +36,14 @@ class RunState:
         self.signals = StopSignals(accelerator)
         self.epoch_start_lrs: list[float] = []  # learning rates when the current epoch started, per group
         self._damaged: list[Path] = []
-        self.resume = resume_point(cfg, self.root, classes, self.warn, self._damaged)
+        self._found = find_checkpoint(cfg.run.resume, self.root, self.warn, self._damaged)
+        self.recorded_classes: list[str] | None = self._found[1]["class_names"] if self._found else None
+
+    def check_resume(self, classes: list[str]) -> None:
+        """Refuse the config changes the checkpoint cannot take (the built run's `classes` included),
+        before anything is written."""
+        self.classes = classes
+        self.resume = resume_point(self.cfg, self._found, classes, self.warn)
         self.resumed_from: Path | None = self.resume.folder if self.resume else None
         self.wandb_run_id = self.resume.state.get("wandb_run_id", "") if self.resume else ""
 

@@ -6,18 +6,21 @@ checkpoint's own `Preprocessing` (the eval transform its validation used), flip 
 file that does not decode never stops the run: its row is marked failed with the reason, and
 every other image still gets its prediction.
 
-The samples of tar shards are read as a shards run's validation reads them (`ShardMembers`: one
-positioned read of the image's bytes per sample, at the offset index.json records), in the same
-map-style loader as files: the same workers, batches, order and failed rows, and the same
-pixels. Streaming each tar instead would need its own split of shards among workers and buys
-nothing here: the loader asks for samples in index order, so each worker's reads already move
-forward through a shard, skipping only the tar headers and label members.
+A source's images are read through its store (data.sources.ImageStore), as its run's validation
+reads them: files, or the samples of tar shards (one positioned read of the image's bytes per
+sample, at the offset index.json records), in the same map-style loader: the same workers,
+batches, order and failed rows, and the same pixels. Streaming each tar instead would need its
+own split of shards among workers and buys nothing here: the loader asks for samples in index
+order, so each worker's reads already move forward through a shard.
+
+Images that are training images of the checkpoint's run (the same file or sample, or a copy with
+the same content) are counted and warned about, by predict and evaluate alike
+(`count_training_images`, `warn_training_images`), when the run's data is here.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import os
 import sys
@@ -29,12 +32,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from configs.errors import UsageError
-from configs.schema import config_from_dict
+from configs.schema import Config, config_from_dict
 from data.files import atomic_write_text
 from data.folders import IMAGE_EXTENSIONS, list_images
 from data.images import DEFAULT_MAX_PIXELS
-from data.shards import ShardIndex, ShardMembers
-from data.sources import ListedImages, listed_images, read_csv_rows
+from data.sources import FILES, ImageStore, ListedImages, open_listing, open_source, read_csv_rows
 from data.transforms import flips_horizontally
 from trainer.files.model_file import LoadedClassifier, load_classifier
 from trainer.task.task import task_of
@@ -94,15 +96,23 @@ class Listing:
     def name(self) -> str:
         return Path(self.csv or self.hf or self.shards or "").name
 
+    @property
+    def named_source(self) -> tuple[str, str, str | None]:
+        """(data.source kind, path, split) of the one source named."""
+        named = [(kind, path, split) for kind, path, split in (("csv", self.csv, None), ("hf", self.hf, self.hf_split),
+                                                                ("shards", self.shards, self.shards_split))
+                 if path is not None]
+        return named[0]
+
+    @property
+    def run_data_root(self) -> str | None:
+        """--data-root as the run's data root: with --csv it is where the CSV's paths are instead."""
+        return None if self.csv is not None else self.data_root
+
     def check(self) -> None:
         for name, split, folder in (("hf", self.hf_split, self.hf), ("shards", self.shards_split, self.shards)):
             if split is not None and folder is None:
                 raise UsageError(f"--{name}-split {split} is a split of --{name} DIR: name the folder too")
-
-
-def reader_of(transform, shards: ShardIndex | None):
-    """`transform` as it reads `paths`: files, or (shards) the index's `SHARD.tar#KEY` references."""
-    return ShardMembers(shards, transform) if shards is not None else transform
 
 
 class TolerantImageDataset(Dataset):
@@ -147,13 +157,13 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @torch.no_grad()
 def predict_files(loaded: LoadedClassifier, paths: list[Path], options: InferenceOptions = InferenceOptions(),
-                  max_pixels: int = DEFAULT_MAX_PIXELS, shards: ShardIndex | None = None) -> FilePredictions:
-    """Softmax probabilities (multi-label checkpoints: sigmoid scores) for every file (`shards`: every
-    sample the references in `paths` name), in fp32 and eval mode, through the checkpoint's eval
-    transform; with `options.tta_flip` averaged with the mirrored image's."""
+                  max_pixels: int = DEFAULT_MAX_PIXELS, store: ImageStore = FILES) -> FilePredictions:
+    """Softmax probabilities (multi-label checkpoints: sigmoid scores) for every image of `paths`
+    (read by `store`: files, or a source's references), in fp32 and eval mode, through the
+    checkpoint's eval transform; with `options.tta_flip` averaged with the mirrored image's."""
     device = pick_device(options.device)
     tta_flip = options.tta_flip and flip_tta_fits(loaded)
-    reader = reader_of(loaded.eval_transform(), shards)
+    reader = store.with_transform(loaded.eval_transform())
     dataset = TolerantImageDataset(paths, reader, loaded.image_size, max_pixels)
     loader = DataLoader(dataset, batch_size=options.batch_size or 64, num_workers=options.num_workers,
                         shuffle=False, pin_memory=device.type == "cuda")
@@ -318,16 +328,46 @@ def listed_source(meta: dict, listing: Listing, labelled: bool = True) -> Listed
     """`--csv FILE` (paths relative to --data-root, else the CSV's folder; the run's column names),
     `--hf DIR` or `--shards DIR`: the images they list, read with the run's data config
     (`labelled`: evaluate)."""
+    kind, path, split = listing.named_source
     d = config_from_dict(meta.get("config") or {}).data
-    if listing.csv:
-        csv_file = Path(listing.csv).expanduser().resolve()
-        root = Path(listing.data_root).expanduser() if listing.data_root else csv_file.parent
-        d = dataclasses.replace(d, source="csv", csv=str(csv_file), csv_split_column="", root=str(root))
-        return listed_images(d, None, labelled)
-    if listing.shards:
-        return listed_images(dataclasses.replace(d, source="shards", root=listing.shards), listing.shards_split)
-    d = dataclasses.replace(d, source="hf", root=str(Path(listing.hf).expanduser()))
-    return listed_images(d, listing.hf_split, labelled)
+    return open_listing(d, kind, path, listing.data_root).listed(split, labelled)
+
+
+def reachable_run_config(meta: dict, data_root: str | None = None) -> Config | None:
+    """The config of the checkpoint's run when its data root is here (`data_root`: where it is now), else None."""
+    cfg = config_from_dict(meta.get("config") or {})
+    if data_root:
+        cfg.data.root = str(Path(data_root).expanduser())
+    if cfg.data.root and Path(cfg.data.root).expanduser().is_dir():
+        return cfg
+    return None
+
+
+def training_images_among(paths: list[Path], cfg: Config, store: ImageStore = FILES) -> int:
+    """How many of `paths` (read by `store`) the run of `cfg` trained on: the same file or sample,
+    or a copy with the same content (data.sources.TrainingImages)."""
+    return open_source(cfg.data).training_images().count_among(paths, store)
+
+
+def count_training_images(meta: dict, paths: list[Path], store: ImageStore = FILES,
+                          data_root: str | None = None) -> int | None:
+    """How many of `paths` are training images of the checkpoint's run; None when its data is not
+    here, or could not be read (a note says why: the check is lost, not the predictions)."""
+    cfg = reachable_run_config(meta, data_root)
+    if cfg is None:
+        return None
+    try:
+        return training_images_among(paths, cfg, store)
+    except UsageError as e:  # the run's data changed since
+        print(f"note: could not check for the run's training images ({e})", file=sys.stderr)
+        return None
+
+
+def warn_training_images(count: int | None, total: int, where: str, consequence: str) -> None:
+    """One warning line on stderr when some of the `total` images in `where` are training images."""
+    if count:
+        print(f"warning: {count} of {total} images in {where} were training images of this checkpoint (same file "
+              f"or same content), {consequence}", file=sys.stderr)
 
 
 def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, options: InferenceOptions, *,
@@ -346,11 +386,12 @@ def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, o
     if bool(inputs) + listing.named != 1:
         raise UsageError("name images or folders, or one of --csv FILE / --hf DIR / --shards DIR")
     if inputs:
-        paths, shards = collect_images(inputs), None
+        paths, store, where = collect_images(inputs), FILES, ", ".join(inputs)
     else:
         listed = listed_source(loaded.metadata, listing, labelled=False)
-        paths, shards = listed.paths, listed.shards
-    preds = predict_files(loaded, paths, options, shards=shards)
+        paths, store, where = listed.paths, listed.store, listed.source
+    overlap = count_training_images(loaded.metadata, paths, store, listing.run_data_root)
+    preds = predict_files(loaded, paths, options, store=store)
     if sheet:
         header, rows = kaggle_rows(preds, loaded.class_names, kaggle_ids(paths, loaded, listing), sheet)
     else:
@@ -364,6 +405,7 @@ def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, o
     atomic_write_text(out, text.getvalue())
     print(f"wrote {out}: {len(paths) - len(preds.errors)} prediction(s) from {checkpoint} on "
           f"{pick_device(options.device)}" + (" with flip TTA" if preds.flip_tta else ""))
+    warn_training_images(overlap, len(paths), where, "so their predictions say little about images it has not seen")
     if preds.errors:
         print(f"warning: {len(preds.errors)} file(s) could not be read and have no prediction:", file=sys.stderr)
         for i, problem in sorted(preds.errors.items()):
