@@ -205,7 +205,7 @@ def throughput(run: StepRun, settings: list[str], what: str) -> None:
     runpy.run_path(str(script), run_name="__main__")  # as `python throughput.py ...`, in this step's process
     data = json.loads(out.read_text())
     s = data["settings"]
-    run.add(what, f"{s['model']}, {s['precision']}, batch {s['batch']}, {s['image_size']} px, "
+    run.add(what, f"{s['model']}, precision {s['precision']}, batch {s['batch']}, {s['image_size']} px, "
                   f"channels_last {'on' if data['channels_last'] else 'off'}, decode on {s['decode']}, "
                   f"{s['images']} {data['photos']} at {s['photo_size']}, {s['workers']} workers, on {data['device']}")
     for row in data["rows"]:
@@ -318,7 +318,7 @@ def ema_fp16(run: StepRun) -> None:
     problems += [f"no {name}" for name in ("ema.safetensors", "best.safetensors")
                  if not (result.run_dir / name).exists()]
     skips = sum(record.get("skipped_steps", 0) for record in result.history)
-    figure = (f"{len(result.history)} epochs; last: val_loss {last.get('val_loss', float('nan')):.3f}, "
+    figure = (f"{len(result.history)} epoch(s); last: val_loss {last.get('val_loss', float('nan')):.3f}, "
               f"ema_val_loss {last.get('ema_val_loss', float('nan')):.3f}, "
               f"ema_val_acc {last.get('ema_val_acc', float('nan')):.3f}; {skips} fp16 steps skipped")
     if problems:
@@ -380,7 +380,7 @@ def grad_checkpointing(run: StepRun) -> None:
              (("timm/resnet50", 224, 64), ("timm/vit_base_patch16_224", 224, 64)))
     for name, size, batch in cases:
         (plain, plain_act), (kept, kept_act) = (peak_memory(name, size, batch, on, cuda) for on in (False, True))
-        what = f"forward+backward peak, {name} at {size} px, batch {batch}, bf16"
+        what = f"forward+backward peak, {name} at {size} px, batch {batch}, {'bf16' if cuda else 'fp32'}"
         if not cuda:
             run.add(what, "both passes ran", skipped("no CUDA (peak memory is CUDA's)"))
             continue
