@@ -33,3 +33,10 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf runs/demo datasets/digits
+
+# The GPU claims measured in one command (about 5 minutes on one H100/H200; see benchmarks/gpu_check.py).
+# No $(STAMP): a GPU machine's image often has the packages in its python3 and no registry to build
+# .venv from, so .venv is used only where it exists. E.g. make gpu-check GPU_CHECK_ARGS="--out /tmp/gpu.md"
+.PHONY: gpu-check
+gpu-check:
+	PYTHONUNBUFFERED=1 $(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

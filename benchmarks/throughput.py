@@ -10,6 +10,9 @@ decode + training transform, ours against timm's, at three photo sizes.
 
 The photos are scikit-learn's two sample photographs (real JPEG content), cropped, flipped and
 resized to --photo-size, written as JPEGs (quality 90) into a class folder tree in a temp dir.
+Without scikit-learn, two generated stand-ins (smooth colour fields with grain) take their place,
+said in the first line: their JPEGs cost a little more to decode than the photos'.
+--json FILE also writes the settings and rows as JSON (benchmarks/gpu_check.py reads it).
 
 Rows, images/second (and each as a ratio to the ceiling):
   compute ceiling   forward + backward + optimizer step on one batch already on the device
@@ -22,12 +25,15 @@ Rows, images/second (and each as a ratio to the ceiling):
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +49,29 @@ SIZES = ((320, 240), (1024, 768), (4000, 3000))
 # ---- photos ----
 
 
+@functools.lru_cache(maxsize=1)
 def sample_photos() -> list[np.ndarray]:
-    from sklearn.datasets import load_sample_images
-
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        return generated_photos()
     return list(load_sample_images().images)
+
+
+def photo_source() -> str:
+    return "scikit-learn's sample photos" if importlib.util.find_spec("sklearn") else "generated photos (no scikit-learn)"
+
+
+def generated_photos() -> list[np.ndarray]:
+    """Two 640x427 stand-ins for scikit-learn's sample photos: smooth colour fields with grain."""
+    rng = np.random.default_rng(0)
+    photos = []
+    for _ in range(2):
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 9, 3), dtype=np.uint8))
+        field = np.asarray(coarse.resize((640, 427), Image.Resampling.BICUBIC), dtype=np.int16)
+        grain = rng.integers(-12, 13, field.shape, dtype=np.int16)
+        photos.append(np.clip(field + grain, 0, 255).astype(np.uint8))
+    return photos
 
 
 def write_photo(array: np.ndarray, size: tuple[int, int], path: Path, variant: int) -> None:
@@ -64,11 +89,15 @@ def write_photo(array: np.ndarray, size: tuple[int, int], path: Path, variant: i
 
 def make_folder(root: Path, count: int, size: tuple[int, int], classes: int = 4) -> Path:
     photos = sample_photos()
+    jobs = []
     for split, n in (("train", count), ("val", max(classes, count // 8))):
         for i in range(n):
             folder = root / split / f"class_{i % classes}"
             folder.mkdir(parents=True, exist_ok=True)
-            write_photo(photos[i % len(photos)], size, folder / f"{i:06d}.jpg", i)
+            jobs.append((photos[i % len(photos)], size, folder / f"{i:06d}.jpg", i))
+    # PIL resizes and encodes without the GIL: threads write the 12800 photos of a GPU run in seconds.
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(lambda job: write_photo(*job), jobs))
     return root
 
 
@@ -253,6 +282,7 @@ def main() -> None:
     parser.add_argument("--skip-timm", action="store_true")
     parser.add_argument("--skip-cost", action="store_true", help="skip the CPU ms/sample table")
     parser.add_argument("--cost-size", type=int, default=224, help="output side in the ms/sample table")
+    parser.add_argument("--json", type=Path, help="also write the settings and rows to this JSON file")
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     channels_last = cuda
@@ -264,7 +294,8 @@ def main() -> None:
         tmp = Path(tmp_name)
         print(f"device {device} ({torch.cuda.get_device_name() if cuda else f'{os.cpu_count()} cores'}), "
               f"{args.model}, batch {args.batch}, {args.image_size} px, precision {args.precision}, "
-              f"{args.workers} workers, {args.images} photos of {width}x{height}, decode on {args.decode}", flush=True)
+              f"{args.workers} workers, {args.images} {photo_source()} at {width}x{height}, decode on {args.decode}",
+              flush=True)
         if not args.skip_cost:
             print(f"\nCPU ms per training sample (decode + random resized crop to {args.cost_size} + flip, one thread):")
             print(f"  {'photo':>10} {'ours':>8} {'timm':>8} {'ours/timm':>10}")
@@ -289,6 +320,13 @@ def main() -> None:
         print(f"\n  {'':<18} {'img/s':>9} {'x ceiling':>10}")
         for name, value in rows:
             print(f"  {name:<18} {value:9.1f} {value / top:10.2f}", flush=True)
+        if args.json:
+            settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            args.json.write_text(json.dumps({
+                "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+                "channels_last": channels_last, "photos": photo_source(), "settings": settings,
+                "rows": [{"name": name, "images_per_sec": value, "x_ceiling": value / top} for name, value in rows],
+            }, indent=1) + "\n")
 
 
 if __name__ == "__main__":
