@@ -99,9 +99,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     # Loads the saved state when resuming (RNG last: nothing above may draw after it).
     run_state.attach(Trainables(parts.model, optimizer, parts.scheduler, parts.train_loader, accelerator.scaler, ema),
                      wandb_run_id)
-    if run_state.resumed_from is not None:  # each log's writer drops what a killed run wrote after its checkpoint
-        report.continue_after(run_state.epoch - 1)
-        tracking.continue_after(run_state.batches_done)
+    continue_logs(run_state, report, tracking)
     total, trainable = count_parameters(parts.built.model)
     report.start(model_name=cfg.model.name, total_params=total, trainable_params=trainable, splits=splits,
                  runtime=runtime, notes=parts.built.notes)
@@ -131,10 +129,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
 
     # ---- finish ----
     accelerator.wait_for_everyone()
-    failures = read_load_failures(parts.data.failure_log)
-    if failures:
-        report.print(f"warning: {len(failures)} files failed to load during training and were skipped; "
-                     f"listed in {parts.data.failure_log}")
+    warn_about_load_failures(report, parts.data.failure_log)
     written = [run_dir / "best.safetensors", run_dir / "last.safetensors",
                *([run_dir / "ema.safetensors"] if ema is not None else []), run_state.root, run_dir / "config.toml",
                run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
@@ -143,6 +138,20 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
                   headline=task_for(cfg).headline)
     accelerator.end_training()
     return TrainResult(run_dir, history.best, history.epochs, run_state.stopped_early)
+
+
+def continue_logs(run_state: RunState, report: RunReport, tracking: RunTracking) -> None:
+    """A resumed run: each log's writer drops what a killed run wrote after its checkpoint."""
+    if run_state.resumed_from is not None:
+        report.continue_after(run_state.epoch - 1)
+        tracking.continue_after(run_state.batches_done)
+
+
+def warn_about_load_failures(report: RunReport, failure_log: Path) -> None:
+    failures = read_load_failures(failure_log)
+    if failures:
+        report.print(f"warning: {len(failures)} files failed to load during training and were skipped; "
+                     f"listed in {failure_log}")
 
 
 def save_model_files(run_dir: Path, models: dict[str, nn.Module], facts: ClassifierFacts, metrics: dict,
