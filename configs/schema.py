@@ -441,6 +441,7 @@ def validate(cfg: Config) -> None:
     if not d.root:
         raise ConfigError("data.root is not set: add data.root=/path/to/images (a folder of class folders, "
                           "or one with train/ and val/)")
+    _check_run_dir(cfg.run.dir)
     if not m.name:
         raise ConfigError("model.name is not set: e.g. model.name=timm/resnet18 "
                           "(see `python launch/list_models.py --search resnet`)")
@@ -500,6 +501,17 @@ def validate(cfg: Config) -> None:
                           f"or a torch.save(model.state_dict(), FILE) file)")
     if m.weights and not Path(m.weights).expanduser().is_file():
         raise ConfigError(f"model.weights file not found: {m.weights}")
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """The refusals that need no file system; trainer/files/run_lock.py checks the folder itself."""
+    if not run_dir.strip():  # what `run.dir=$OUT` gives when OUT is unset: the current folder
+        raise ConfigError("run.dir is empty (an unset shell variable?): give the run a folder of its own, "
+                          "e.g. run.dir=runs/first")
+    path = Path(run_dir).expanduser()
+    if path.is_absolute() and path.parent == path:
+        raise ConfigError(f"run.dir={run_dir} is the root folder: give the run a folder of its own, "
+                          f"e.g. run.dir=runs/first")
 
 
 def _check_batch_target(cfg: Config) -> None:

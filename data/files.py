@@ -6,6 +6,10 @@ once it is complete, so a reader or a killed run never sees half a file and a fa
 the previous file as it was. `durable=True` adds the fsyncs that make the result survive a power
 cut too: the file's bytes before the rename, the folder's entry after it. Checkpoints need that;
 caches and pictures, which can be made again, do not pay for it.
+
+Every file gets a new file's permissions under the umask (0644 under umask 022), as `torch.save` or
+`cp` to a new name give, also when it replaces one. Writers such as safetensors' `save_file` make
+their file 0600 whatever the umask; left so, teammates and serving accounts could not read models.
 """
 
 from __future__ import annotations
@@ -33,6 +37,33 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only be read
+    by setting it, which for a moment changes it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(executable: bool = False) -> int:
+    """The mode open() or mkdir would give a new file (executable: or folder) under the umask."""
+    return (0o777 if executable else 0o666) & ~current_umask()
+
+
+def give_mode(written: Path) -> None:
+    """Give the file `written` a new file's mode under the umask, whatever mode its writer chose.
+    Also when it replaces a file: the umask is the user's policy, and files an older version left
+    0600 become readable the next time they are written (a resume)."""
+    os.chmod(written, new_file_mode(executable=bool(os.stat(written).st_mode & 0o111)))
+
+
 @contextmanager
 def atomic_output(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write to; on a clean exit it replaces `path`.
@@ -48,6 +79,7 @@ def atomic_output(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        give_mode(tmp)
         if durable:
             fsync_file(tmp)
         os.replace(tmp, path)
@@ -70,6 +102,9 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        for child in tmp.rglob("*"):
+            if child.is_file() and not child.is_symlink():
+                give_mode(child)  # new files all: the folder is new, or was empty
         for child in tmp.iterdir():
             if child.is_file():
                 fsync_file(child)
@@ -127,5 +162,5 @@ def trim_jsonl(path: str | Path, key: str, last: int) -> int:
     return damaged
 
 
-__all__ = ["atomic_folder", "atomic_output", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file",
-           "sha256_file", "trim_jsonl"]
+__all__ = ["atomic_folder", "atomic_output", "atomic_write_json", "atomic_write_text", "current_umask", "fsync_dir",
+           "fsync_file", "new_file_mode", "sha256_file", "trim_jsonl"]

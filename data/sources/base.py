@@ -133,6 +133,11 @@ class Source:
         """data.root, as the user named it (a dataset's images may be cached elsewhere: `splits().root`)."""
         return Path(self.d.root).expanduser().resolve()
 
+    def reads(self) -> list[Path]:
+        """The paths a run reads, resolved, which its run.dir may not be or lie in (a folder) or sit
+        beside (a file): trainer/files/run_lock.py. Opens nothing and never raises."""
+        return [self.root]
+
     @property
     def store(self) -> ImageStore:
         return FILES

@@ -22,6 +22,7 @@ from configs.errors import TrainingFailed
 from configs.schema import Config
 from data.dataset import read_load_failures
 from data.files import atomic_write_text
+from data.sources import open_source
 from data.transforms import NormalizedBatches
 from models import count_parameters, set_train_mode
 from trainer.assemble.run_parts import RunParts, build_run, head_spec
@@ -34,7 +35,7 @@ from trainer.task.task import task_for
 from trainer.fit.restore import Trainables
 from trainer.fit.run_state import RunState
 from trainer.reporting.console import ProgressLines, RunReport
-from trainer.files.run_lock import RunLock
+from trainer.files.run_lock import RunLock, mark_run_folder
 from trainer.assemble.accelerator import channels_last_on, describe, make_accelerator, prepare_model
 from trainer.fit.step import StepCounters, StepOptions, StepParts, train_step
 from trainer.reporting.tracking import wandb_trackers, RunTracking
@@ -67,8 +68,8 @@ def train(cfg: Config) -> TrainResult:
     accelerator = make_accelerator(cfg, trackers=wandb_trackers(cfg))
     set_seed(cfg.train.seed)
     run_dir = Path(cfg.run.dir).expanduser().resolve()
-    # One run per folder, checked (writable, room for checkpoints) before anything else happens.
-    with RunLock(run_dir, accelerator):
+    # One run per folder, checked (the run's own, writable, room for checkpoints) before anything else happens.
+    with RunLock(run_dir, accelerator, reads=open_source(cfg.data).reads()):
         return _train(cfg, accelerator, run_dir)
 
 
@@ -176,6 +177,7 @@ def save_model_files(run_dir: Path, models: dict[str, nn.Module], facts: Classif
 def start_run_folder(accelerator: Accelerator, cfg: Config, run_dir: Path, failure_log: Path) -> None:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_folder(run_dir)  # before any output: a folder holding outputs is always recognised as a run's
         atomic_write_text(run_dir / "config.toml", cfg.to_toml())
         failure_log.unlink(missing_ok=True)  # a previous run's list would be misleading
     accelerator.wait_for_everyone()
