@@ -118,7 +118,7 @@ class RunLock:
                 self.fd = fd
                 _write_holder(fd)
                 return
-            _remove_if_stale(self.path, self.run_dir)
+            _remove_if_stale(self.path)
         raise UsageError(f"could not take the lock {self.path}: other runs keep taking it; start one run at a time")
 
 
@@ -244,33 +244,43 @@ def _write_holder(fd: int) -> None:
 def read_holder(path: Path) -> dict | None:
     """The lock's facts; None when there is no lock, {} when it is empty or unreadable."""
     try:
-        record = json.loads(path.read_text() or "{}")
+        return parse_holder(path.read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except OSError:
+        return {}
+
+
+def parse_holder(content: bytes) -> dict:
+    try:
+        record = json.loads(content or b"{}")
+    except ValueError:
         return {}
     return record if isinstance(record, dict) else {}
 
 
+def _names_holder(holder: dict | None) -> bool:
+    """A lock whose facts were written whole (not empty, cut short or garbage)."""
+    return bool(holder) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str)
+
+
 def busy_message(path: Path, holder: dict | None, advice: str = "") -> str:
     run_dir = path.parent
-    if not holder or "pid" not in holder:
+    if not _names_holder(holder):
         return (f"{run_dir} is in use by another run, which has not yet said who it is in {path}: choose another "
                 f"run.dir, or wait for that run to end{advice}")
     return (f"{run_dir} is in use by another run (host {holder.get('host')}, pid {holder.get('pid')}, "
             f"started {holder.get('started')}): choose another run.dir, or wait for that run to end{advice}")
 
 
-def _remove_if_stale(path: Path, run_dir: Path) -> None:
+def _remove_if_stale(path: Path) -> None:
     """No flock: remove the lock at `path` if its run is gone, else raise the line naming it."""
     try:
-        seen = os.stat(path)
+        seen, content = os.stat(path), path.read_bytes()
     except FileNotFoundError:
         return  # released: try again
-    holder = read_holder(path)
-    if holder is None:
-        return
-    if not holder or "pid" not in holder:
+    holder = parse_holder(content)
+    if not _names_holder(holder):
         if time.time() - seen.st_mtime < WRITE_GRACE_S:
             raise UsageError(busy_message(path, holder))
     elif holder.get("host") != socket.gethostname():
@@ -279,14 +289,16 @@ def _remove_if_stale(path: Path, run_dir: Path) -> None:
                                                     f"gone, delete {path})"))
     elif _running(holder):
         pid = holder["pid"]
-        raise UsageError(busy_message(path, holder, f" (if `ps -p {pid} -o lstart,args` shows no run on this "
-                                                    f"folder, pid {pid} was reused: delete {path})"))
+        sure = holder.get("pid_started") is not None and process_start(pid) is not None
+        raise UsageError(busy_message(path, holder, "" if sure else (
+            f" (if `ps -p {pid} -o lstart,args` shows no run on this folder, pid {pid} was reused, as after a "
+            f"container restart: delete {path})")))
     with _takeover_turn(path.with_name(TAKEOVER_NAME)):
         try:
-            now = os.stat(path)
+            now, now_content = os.stat(path), path.read_bytes()
         except FileNotFoundError:
             return
-        if _identity(now) == _identity(seen):  # still the lock judged, not one a run has made since
+        if (_identity(now), now_content) == (_identity(seen), content):  # the lock judged, not a new one
             path.unlink()
 
 
