@@ -22,6 +22,7 @@ What a Source owns (data/sources/base.py, `Source`):
   run's validation split, or its test split where it has one), `training_images()` (is an image
   one of the run's training images: the same file or sample, or the same content).
 - `description(data, layout)` (the model card's sentence), `check_shardable()` (make_shards).
+- `reads(d)` (`source_reads(d)`): the paths a run reads, which its run.dir may not be or lie in.
 
 The class-order rule (data.class_order.class_order, the one function every source calls):
   1. A recorded order wins: a resumed run keeps the class_names of the checkpoint it resumes
@@ -38,7 +39,7 @@ integers are mapped to its names) or shards (their written labels are renumbered
 
 from data.sources import csv_rows, folder, hf_dataset, tar_shards  # noqa: F401  (each registers its Source)
 from data.sources.base import (SOURCES, Feed, ListedImages, Source, describe_source, open_listing, open_source,
-                               register)
+                               register, source_reads)
 from data.sources.csv_rows import label_names, read_csv_rows
 from data.sources.hf_dataset import open_hf_dataset
 from data.sources.stores import FILES, ImageStore
@@ -63,4 +64,4 @@ def listed_images(d, split: str | None = None, labelled: bool = True) -> ListedI
 
 __all__ = ["FILES", "Feed", "ImageStore", "ListedImages", "SOURCES", "Source", "TrainingImages", "audited_splits",
            "describe_source", "label_names", "listed_images", "load_splits", "open_hf_dataset", "open_listing",
-           "open_source", "read_csv_rows", "register"]
+           "open_source", "read_csv_rows", "register", "source_reads"]

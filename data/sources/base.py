@@ -95,6 +95,11 @@ def open_listing(d, kind: str, path: str, root: str | None = None) -> Source:
     return cls(cls.listing_config(d, path, root))
 
 
+def source_reads(d) -> list[Path]:
+    """What a run of data config `d` reads (Source.reads), before any source is opened."""
+    return source_class(d.source).reads(d)
+
+
 def describe_source(data: dict, layout: str = "") -> str:
     """The model card's sentence on what a run read, from its recorded config's [data] table."""
     return SOURCES.get(data.get("source", "folder"), SOURCES["folder"]).description(data, layout)
@@ -133,10 +138,11 @@ class Source:
         """data.root, as the user named it (a dataset's images may be cached elsewhere: `splits().root`)."""
         return Path(self.d.root).expanduser().resolve()
 
-    def reads(self) -> list[Path]:
-        """The paths a run reads, resolved, which its run.dir may not be or lie in (a folder) or sit
-        beside (a file): trainer/files/run_lock.py. Opens nothing and never raises."""
-        return [self.root]
+    @classmethod
+    def reads(cls, d) -> list[Path]:
+        """The paths a run of data config `d` reads, resolved, which its run.dir may not be or lie in
+        (a folder) or sit beside (a file): trainer/files/run_lock.py. Opens nothing, never raises."""
+        return [Path(d.root).expanduser().resolve()]
 
     @property
     def store(self) -> ImageStore:

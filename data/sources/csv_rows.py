@@ -43,11 +43,13 @@ class CsvSource(Source):
         where = f"{path}" + (f" ({split} rows)" if split and d.csv_split_column else "")
         return ListedImages([Path(p) for _, p in kept], [r.label for r, _ in kept], where, problems)
 
-    def reads(self) -> list[Path]:
-        if not self.d.csv:
-            return [self.root]
-        path = Path(self.d.csv).expanduser()  # as csv_path resolves it, without its refusals
-        return [self.root, (path if path.is_absolute() else self.root / path).resolve()]
+    @classmethod
+    def reads(cls, d) -> list[Path]:
+        root = Path(d.root).expanduser().resolve()
+        if not d.csv:
+            return [root]
+        path = Path(d.csv).expanduser()  # as csv_path resolves it, without its refusals
+        return [root, (path if path.is_absolute() else root / path).resolve()]
 
     def _test_split(self) -> ListedImages:
         if not self.d.csv_split_column:

@@ -14,7 +14,7 @@ import pytest
 
 from configs.errors import ConfigError, UsageError
 from configs.schema import read_config
-from data.sources import source_paths
+from data.sources import source_reads
 from helpers import make_image_folder, run_in_process
 from trainer.files.run_lock import LOCK_NAME, MARKER_NAME, RunLock, check_run_folder, is_run_folder, mark_run_folder
 
@@ -82,7 +82,7 @@ def test_the_data_folder_and_the_csvs_folder_are_refused(tmp_path):
     labels.parent.mkdir()
     labels.write_text("file,label\n")
     d = SimpleNamespace(root=str(images), source="csv", csv=str(labels))
-    reads = source_paths(d)
+    reads = source_reads(d)
     assert reads == [images.resolve(), labels.resolve()]
     for run_dir, why in [(images, "is the data folder"), (images / "runs" / "a", "is inside the data folder"),
                          (images / "red", "is inside the data folder"),
@@ -91,8 +91,9 @@ def test_the_data_folder_and_the_csvs_folder_are_refused(tmp_path):
             check_run_folder(run_dir.resolve(), reads)
     check_run_folder((labels.parent / "runs" / "a").resolve(), reads)  # beside the CSV, in a folder of its own
     relative = SimpleNamespace(root=str(images), source="csv", csv="labels.csv")  # data.csv is in data.root
-    assert source_paths(relative)[1] == images.resolve() / "labels.csv"
-    assert source_paths(SimpleNamespace(root=str(images), source="folder", csv="")) == [images.resolve()]
+    assert source_reads(relative)[1] == images.resolve() / "labels.csv"
+    for kind in ("folder", "hf", "shards"):
+        assert source_reads(SimpleNamespace(root=str(images), source=kind, csv="")) == [images.resolve()]
 
 
 @pytest.mark.parametrize("value, message", [

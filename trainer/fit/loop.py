@@ -22,7 +22,7 @@ from configs.errors import TrainingFailed
 from configs.schema import Config
 from data.dataset import read_load_failures
 from data.files import atomic_write_text
-from data.sources import open_source
+from data.sources import source_reads
 from data.transforms import NormalizedBatches
 from models import count_parameters, set_train_mode
 from trainer.assemble.run_parts import RunParts, build_run, head_spec
@@ -69,7 +69,7 @@ def train(cfg: Config) -> TrainResult:
     set_seed(cfg.train.seed)
     run_dir = Path(cfg.run.dir).expanduser().resolve()
     # One run per folder, checked (the run's own, writable, room for checkpoints) before anything else happens.
-    with RunLock(run_dir, accelerator, reads=open_source(cfg.data).reads()):
+    with RunLock(run_dir, accelerator, reads=source_reads(cfg.data)):
         return _train(cfg, accelerator, run_dir)
 
 
