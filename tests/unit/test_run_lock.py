@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import socket
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -127,7 +128,7 @@ def test_a_live_runs_lock_is_refused_naming_it_and_released_at_the_end(tmp_path)
     with RunLock(tmp_path, MAIN):
         holder = json.loads((tmp_path / LOCK_NAME).read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-        assert "train" in holder["command"] or "pytest" in holder["command"]
+        assert holder["command"].startswith(sys.executable)  # this process's command line (pytest, or its xdist worker)
         with pytest.raises(UsageError, match=rf"in use by another run \(host {holder['host']}, pid {os.getpid()}, "
                                              rf"started {holder['started']}\)"):
             with RunLock(tmp_path, MAIN):
