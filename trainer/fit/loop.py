@@ -142,10 +142,11 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
 
 
 def continue_logs(run_state: RunState, report: RunReport, tracking: RunTracking) -> None:
-    """A resumed run: each log's writer drops what a killed run wrote after its checkpoint."""
-    if run_state.resumed_from is not None:
-        report.continue_after(run_state.epoch - 1)
-        tracking.continue_after(run_state.batches_done)
+    """Each log's writer drops what a killed run wrote after its checkpoint; a fresh start keeps
+    nothing (a run killed before its first checkpoint restarts fresh, and must not append to its logs)."""
+    resumed = run_state.resumed_from is not None
+    report.continue_after(run_state.epoch - 1 if resumed else 0)
+    tracking.continue_after(run_state.batches_done if resumed else 0)
 
 
 def warn_about_load_failures(report: RunReport, failure_log: Path) -> None:

@@ -6,14 +6,13 @@ Every method is a no-op off the main process, so callers need no rank checks of 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from accelerate import Accelerator
 
-from data.files import trim_jsonl
+from data.files import append_line, is_write_fault, trim_jsonl, write_failed
 
 # (metric key, column title, format) in the order the epoch table shows them.
 _COLUMNS = [
@@ -124,8 +123,8 @@ class RunReport:
 
     def continue_after(self, epoch: int) -> None:
         """A resumed run: drop the metrics.jsonl lines of epochs after `epoch` (trained again now) and
-        a line a kill or a full disk cut short."""
-        if self.active and trim_jsonl(self.metrics_path, "epoch", epoch):
+        a line a kill or a full disk cut short. A fresh start (0) empties it: the run owns its log."""
+        if self.active and trim_jsonl(self.metrics_path, "epoch", epoch) and epoch:
             self.print(f"note: dropped a damaged line from {self.metrics_path}")
 
     def epoch(self, metrics: dict) -> dict | None:
@@ -142,10 +141,13 @@ class RunReport:
         row = "  ".join(fmt.format(metrics[key]) for key, _, fmt in columns)
         self.print(row + ("  *" if is_best else ""))
         record = {**metrics, "wall_time": time.time() - self._started}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            append_line(self.metrics_path, json.dumps(record), durable=True)
+        except OSError as e:
+            if not is_write_fault(e):
+                raise
+            raise write_failed(self.metrics_path, e, "the log and the checkpoints written so far are intact; "
+                                                     "free space there and continue with run.resume=auto") from None
         return record
 
     def finish(self, *, best: dict | None, stopped_early: bool, written: list[Path], epochs: list[dict] = (),

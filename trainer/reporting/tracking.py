@@ -37,7 +37,7 @@ from accelerate.tracking import WandBTracker, on_main_process
 
 from configs.errors import ConfigError
 from configs.schema import Config
-from data.files import atomic_output, trim_jsonl
+from data.files import append_line, atomic_output, is_write_fault, trim_jsonl, write_failed
 from data.transforms import Preprocessing
 from trainer.task.metrics import confusion_matrix, per_class_accuracy
 from trainer.task.single import SAMPLE_IMAGES, ValidationPredictions
@@ -255,9 +255,10 @@ class RunTracking:
 
     def continue_after(self, batches_done: int) -> None:
         """A resumed run: drop the train_steps.jsonl lines after `batches_done` (trained and logged
-        again now) and a line a kill or a full disk cut short."""
+        again now) and a line a kill or a full disk cut short. A fresh start (0) empties the log: a
+        run killed before its first checkpoint wrote lines this one would otherwise repeat."""
         path = self.run_dir / "train_steps.jsonl"
-        if self.active and trim_jsonl(path, "step", batches_done):
+        if self.active and trim_jsonl(path, "step", batches_done) and batches_done:
             print(f"note: dropped a damaged line from {path}", flush=True)
 
     def train_step(self, epoch: int, global_step: int, epoch_progress: float, loss: float, lr: float,
@@ -272,8 +273,14 @@ class RunTracking:
             # Measured between two logs of the same epoch, so validation time is not counted.
             record["images_per_sec"] = (global_step - self._mark[1]) * global_batch_size / (now - self._mark[2])
         self._mark = (epoch, global_step, now)
-        with open(self.run_dir / "train_steps.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run_dir / "train_steps.jsonl"
+        try:
+            append_line(path, json.dumps(record))
+        except OSError as e:
+            if not is_write_fault(e):
+                raise
+            raise write_failed(path, e, "the log and the checkpoints written so far are intact; free space "
+                                        "there and continue with run.resume=auto") from None
         self._log({f"train_step/{k}": v for k, v in record.items()})
 
     def epoch(self, record: dict, history: list[dict], predictions: ValidationPredictions | None) -> None:
