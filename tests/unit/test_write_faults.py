@@ -103,3 +103,54 @@ def test_the_one_line_names_the_reason(tmp_path):
         assert isinstance(error, ProjectError) and error.exit_code == 1
         assert str(error).startswith(f"could not write {tmp_path / 'x'}: ") and words in str(error)
         assert str(error).endswith("; nothing changed")
+
+
+# ---- the COMPLETE marker and run.resume ----
+
+def _write_checkpoints(root: Path, steps) -> None:
+    import torch
+    from accelerate import Accelerator
+
+    from trainer.files.checkpoints import save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in steps:
+        state = {"global_step": step, "epoch": 1, "epoch_complete": False, "samples_done": step, "history": [],
+                 "epochs_without_improvement": 0, "scheduler": {}, "class_names": ["a", "b"], "config": {}}
+        save_checkpoint(Accelerator(cpu=True), root, step, model_state=model.state_dict(),
+                        optimizer_state=optimizer.state_dict(), trainer_state=state,
+                        rank_tensors={"torch_cpu": torch.get_rng_state()}, rank_json={})
+
+
+@pytest.mark.parametrize("marker", ["[]", '{"files": []}', '{"files": {"model.safetensors": 5}}', '"x"',
+                                    '{"files": {"../../outside": {"bytes": 1, "sha256": "0"}}}', "{}"])
+def test_a_complete_marker_of_the_wrong_shape_is_a_damaged_checkpoint_auto_passes_over(tmp_path, marker):
+    """Valid JSON of another shape is a damaged marker, as a torn one is: `auto` warns and resumes from
+    the older checkpoint (no traceback), and a named checkpoint is refused in one line."""
+    from configs.errors import UsageError
+    from trainer.fit.restore import find_checkpoint
+
+    root = tmp_path / "checkpoints"
+    _write_checkpoints(root, [3, 6])
+    (root / "step-00000006" / "COMPLETE").write_text(marker)
+    warnings = []
+    folder, state = find_checkpoint("auto", root, warnings.append)
+    assert folder.name == "step-00000003" and state["global_step"] == 3
+    assert len(warnings) == 1 and warnings[0].startswith("skipping checkpoint step-00000006: ")
+    assert "COMPLETE is damaged" in warnings[0] and "\n" not in warnings[0]
+    with pytest.raises(UsageError, match="COMPLETE is damaged"):
+        find_checkpoint(str(root / "step-00000006"), root, print)
+
+
+def test_resume_from_a_folder_that_is_no_run_says_so(tmp_path):
+    from configs.errors import UsageError
+    from trainer.fit.restore import find_checkpoint
+
+    folder = tmp_path / "etc"
+    (folder / "ssh").mkdir(parents=True)
+    (folder / "passwd").write_text("root:x:0:0\n")
+    with pytest.raises(UsageError) as e:
+        find_checkpoint(str(folder), tmp_path / "run" / "checkpoints", print)
+    assert "is not a checkpoint" in str(e.value) and "not a run folder" in str(e.value)
+    assert "stopped while writing" not in str(e.value)
