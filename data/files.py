@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,12 +51,40 @@ def is_write_fault(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _WRITE_FAULTS
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) quote an errno
+
+
+def write_fault_in(error: BaseException) -> OSError | None:
+    """The refused write behind `error`, for libraries that wrap an OSError in their own exception
+    (torch.onnx.export) or only quote it (safetensors' "I/O error: ... (os error 28)"): `error`
+    itself or an exception it was raised from, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if is_write_fault(error):
+            return error
+        quoted = _RUST_OS_ERROR.search(str(error)) if not isinstance(error, OSError) else None
+        if quoted and int(quoted.group(1)) in _WRITE_FAULTS:
+            code = int(quoted.group(1))
+            return OSError(code, os.strerror(code))
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def write_failed(path: str | Path, error: OSError, then: str = "") -> WriteFailed:
     """One line for a write of `path` the machine refused: what failed, why, and `then` (what is
     intact, what to do). Raise it `from None`: the traceback says nothing the line does not."""
     why = _WRITE_FAULTS.get(error.errno) or error.strerror or type(error).__name__
     where = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
     return WriteFailed(f"could not write {path}: {why}{where}" + (f"; {then}" if then else ""))
+
+
+def machine_fault(error: OSError) -> WriteFailed:
+    """One line for a refused write that no writer turned into its own (launch/cli.py's last net)."""
+    why = _WRITE_FAULTS.get(error.errno) or error.strerror or type(error).__name__
+    where = f" ({error.filename})" if error.filename else ""
+    return WriteFailed(f"{why}{where}; free space there, or make the folder writable (or choose another), and run "
+                       f"again")
 
 
 def append_line(path: str | Path, line: str, *, durable: bool = False) -> None:
@@ -261,5 +290,5 @@ def trim_jsonl(path: str | Path, key: str, last: int) -> int:
 
 
 __all__ = ["WriteFailed", "append_line", "atomic_folder", "atomic_output", "atomic_write_json", "atomic_write_text",
-           "current_umask", "fsync_dir", "fsync_file", "is_write_fault", "new_file_mode", "remove_dead_leftovers",
-           "sha256_file", "trim_jsonl", "write_failed"]
+           "current_umask", "fsync_dir", "fsync_file", "is_write_fault", "machine_fault", "new_file_mode", "remove_dead_leftovers",
+           "sha256_file", "trim_jsonl", "write_failed", "write_fault_in"]

@@ -154,3 +154,138 @@ def test_resume_from_a_folder_that_is_no_run_says_so(tmp_path):
         find_checkpoint(str(folder), tmp_path / "run" / "checkpoints", print)
     assert "is not a checkpoint" in str(e.value) and "not a run folder" in str(e.value)
     assert "stopped while writing" not in str(e.value)
+
+
+# ---- export ----
+
+def test_an_export_on_a_full_disk_is_a_machine_fault_not_an_unexportable_model(tmp_path, monkeypatch):
+    """The ONNX exporter wraps the OSError in its own error: still a full disk (exit 1), not "does not
+    export to ONNX" (exit 2); nothing is left, and a killed export's leftover is removed on the way."""
+    import torch
+
+    from data.transforms import Preprocessing
+    from models import HeadSpec, build_classifier
+    from trainer.export.export_run import ExportRequest, export_checkpoint
+    from trainer.files.model_file import ClassifierFacts, save_classifier
+
+    pytest.importorskip("onnxruntime")
+    built = build_classifier("tiny_cnn", 3)
+    checkpoint = tmp_path / "best.safetensors"
+    facts = ClassifierFacts("tiny_cnn", HeadSpec().to_dict(), ["a", "b", "c"],
+                            Preprocessing(16, 1.0, tuple(built.mean), tuple(built.std)), config={})
+    save_classifier(checkpoint, built.model.state_dict(), facts, metrics={"val_acc": 0.5}, epoch=1)
+
+    def exporter_on_a_full_disk(*args, **kwargs):
+        try:
+            full_disk()
+        except OSError as e:
+            raise RuntimeError("Failed to save the ONNX model") from e
+
+    monkeypatch.setattr(torch.onnx, "export", exporter_on_a_full_disk)
+    killed = tmp_path / f".export.tmp-{dead_pid()}"
+    killed.mkdir()
+    (killed / "model.onnx").write_bytes(b"partial")
+    out = tmp_path / "export"
+    with pytest.raises(WriteFailed) as e:
+        export_checkpoint(ExportRequest(str(checkpoint), str(out), "onnx"))
+    assert e.value.exit_code == 1 and str(e.value).startswith(f"could not write {out}: the disk is full")
+    assert "does not export" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
+
+
+def test_a_quoted_os_error_is_recognised_as_a_full_disk():
+    from safetensors import SafetensorError
+
+    from data.files import write_fault_in
+
+    quoted = SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+    assert write_fault_in(quoted).errno == errno.ENOSPC
+    assert write_fault_in(SafetensorError("header too large")) is None
+    assert write_fault_in(ValueError("(os error 2)")) is None  # a missing file is not a refused write
+
+
+# ---- the audit's folder ----
+
+def test_an_unwritable_audit_folder_is_one_warning_and_the_audit_goes_on(tmp_path, monkeypatch, capsys):
+    """A full disk or a read-only data.audit_dir: the caches and the report are not written, one
+    warning names the key to set, the audit's answer is the same."""
+    import data.audit_cache as audit_cache
+    from data.audit import audit_splits
+    from data.audit_training import prepare_training_data
+    from data.folders import discover
+    from configs.schema import DataConfig
+
+    images = make_image_folder(tmp_path / "images", per_class=4)
+    splits = discover(images, 0.25, 0)
+    audit_cache._said.clear()
+    monkeypatch.setattr(audit_cache, "atomic_write_json", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, os.strerror(errno.EROFS))))
+    monkeypatch.setattr("data.audit.atomic_write_json", audit_cache.atomic_write_json)
+    d = DataConfig(root=str(images), audit="on", normalize="dataset", audit_dir=str(tmp_path / "audit"))
+    prepared = prepare_training_data(splits, d, True, lambda line: None)
+    assert len(prepared.mean) == 3 and prepared.audit.files_checked == 12
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: could not write ")
+    assert "read-only" in warnings[0] and "data.audit_dir" in warnings[0]
+    again = audit_splits(splits, audit_dir=str(tmp_path / "audit"))  # nothing cached: measured again
+    assert again.cache_hits == 0 and again.files_checked == 12
+
+
+def test_a_read_only_home_moves_the_default_audit_folder_to_the_temporary_folder(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    import data.audit_cache as audit_cache
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.delenv("IMGTRAIN_AUDIT_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(home)) else real_access(p, mode))
+    audit_cache._said.clear()
+    root = audit_cache.default_cache_root()
+    assert root == tmp_path / "tmp" / f"imgtrain-audit-{os.getuid()}" and root.is_dir()
+    note = capsys.readouterr().err
+    assert note.startswith(f"note: {home / '.cache' / 'imgtrain' / 'audit'} cannot be written") and "data.audit_dir" in note
+    monkeypatch.setattr(os, "access", real_access)
+    assert audit_cache.default_cache_root() == home / ".cache" / "imgtrain" / "audit"
+
+
+# ---- the entry points' last net, and what an error line echoes ----
+
+def test_a_huge_config_value_is_not_echoed_whole(tmp_path):
+    from helpers import run_in_process
+
+    huge = "x" * 10_000_000  # a 10 MB value (a file pasted where a name goes)
+    result = run_in_process("train.py", "data.root=/x", f"data.augment={huge}", "--print-config", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: ") and len(result.stderr) < 3000
+    assert "characters left out" in result.stderr
+
+
+def test_a_refused_write_no_writer_caught_is_still_one_line(capsys, monkeypatch):
+    import sys
+
+    from helpers import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "launch"))
+    from cli import run_main
+
+    def main():
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/run/curves.png")
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the file system is read-only (/data/run/curves.png)")
+
+    def bug():
+        raise FileNotFoundError(errno.ENOENT, "No such file", "x")  # not a refused write: keeps its traceback
+
+    with pytest.raises(FileNotFoundError):
+        run_main(bug)
+    assert sys.exc_info() == (None, None, None)
