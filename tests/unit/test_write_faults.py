@@ -289,3 +289,43 @@ def test_a_refused_write_no_writer_caught_is_still_one_line(capsys, monkeypatch)
     with pytest.raises(FileNotFoundError):
         run_main(bug)
     assert sys.exc_info() == (None, None, None)
+
+
+# ---- predict --csv ----
+
+def test_predict_csv_says_which_rows_have_no_prediction(tmp_path):
+    """Rows whose image is missing (or listed twice) get no row in the output: counted and the first
+    ones named by line, not dropped silently."""
+    import numpy as np
+    import torch
+
+    from data.transforms import Preprocessing
+    from helpers import make_image, run_in_process
+    from models import HeadSpec, build_classifier
+    from trainer.files.model_file import ClassifierFacts, save_classifier
+
+    built = build_classifier("tiny_cnn", 3)
+    checkpoint = tmp_path / "best.safetensors"
+    facts = ClassifierFacts("tiny_cnn", HeadSpec().to_dict(), ["a", "b", "c"],
+                            Preprocessing(16, 1.0, tuple(built.mean), tuple(built.std)), config={})
+    save_classifier(checkpoint, built.model.state_dict(), facts, metrics={"val_acc": 0.5}, epoch=1)
+    (tmp_path / "test").mkdir()
+    for name in ("a1", "b2"):
+        make_image(np.random.default_rng(0), 0).save(tmp_path / "test" / f"{name}.png")
+    missing = [f"gone{i}.png" for i in range(7)]
+    (tmp_path / "test.csv").write_text("file\na1.png\n" + "\n".join(missing) + "\nb2.png\na1.png\n")
+    common = ["--checkpoint", str(checkpoint), "--csv", str(tmp_path / "test.csv"), "--num-workers", "0"]
+    result = run_in_process("predict.py", *common, "--out", "none.csv", cwd=tmp_path)  # paths not under tmp_path
+    assert result.returncode == 2 and not (tmp_path / "none.csv").exists()
+    assert result.stderr.startswith(f"error: none of the 10 rows of {tmp_path / 'test.csv'} has a usable image, e.g. "
+                                    f"test.csv line 2: a1.png not found under {tmp_path}")
+    result = run_in_process("predict.py", *common, "--data-root", str(tmp_path / "test"), "--out", "preds.csv",
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "preds.csv").read_text().splitlines()) == 3  # header, a1, b2
+    err = result.stderr.splitlines()
+    start = next(i for i, line in enumerate(err) if "row(s) of the CSV have no row in" in line)
+    assert err[start].startswith("warning: 8 row(s) of the CSV have no row in preds.csv: 7 missing, 1 duplicate_row")
+    assert err[start + 1] == f"  test.csv line 3: gone0.png not found under {tmp_path / 'test'}"
+    assert err[start + 6] == "  ... and 3 more"
+    del torch
