@@ -329,3 +329,26 @@ def test_predict_csv_says_which_rows_have_no_prediction(tmp_path):
     assert err[start + 1] == f"  test.csv line 3: gone0.png not found under {tmp_path / 'test'}"
     assert err[start + 6] == "  ... and 3 more"
     del torch
+
+
+# ---- leftovers of killed writers ----
+
+def test_leftovers_of_killed_writers_go_and_only_theirs(tmp_path):
+    """`.NAME.tmp-PID[.suffix]` of a dead PID, file or folder, is removed by the next writer of NAME;
+    a live process's, another name's and a name that only looks alike stay."""
+    dead = dead_pid()
+    gone = [tmp_path / f".best.safetensors.tmp-{dead}.safetensors", tmp_path / f".export.tmp-{dead}"]
+    kept = [tmp_path / f".best.safetensors.tmp-{os.getppid()}.safetensors",  # a live writer's
+            tmp_path / f".last.safetensors.tmp-{dead}.safetensors",  # another file's
+            tmp_path / f".best.safetensors.tmp-{dead}x.safetensors", tmp_path / "best.safetensors.tmp-1"]
+    gone[1].mkdir()
+    (gone[1] / "model.onnx").write_bytes(b"partial")
+    for path in [gone[0], *kept]:
+        path.write_bytes(b"partial")
+    with atomic_output(tmp_path / "best.safetensors") as tmp:
+        tmp.write_bytes(b"whole")
+    with atomic_folder(tmp_path / "export") as folder:
+        (folder / "model.onnx").write_bytes(b"whole")
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
+    assert (tmp_path / "best.safetensors").read_bytes() == b"whole"
+    assert remove_dead_leftovers(tmp_path / "best.safetensors") == []
