@@ -77,8 +77,8 @@ def write_audit_file(path: Path, obj, *, indent: int | None = None) -> bool:
 
 def warn_unwritable(folder: Path, error: OSError) -> None:
     fault = write_failed(folder, error, "the audit goes on without its cache and report (every file is measured "
-                                        "again next time): free space there or set data.audit_dir (--audit-dir for "
-                                        "launch/audit.py) to a writable folder")
+                                        "again next time): {remedy}, or set data.audit_dir (--audit-dir for "
+                                        "launch/audit.py) to another folder")
     _say_once(f"warning: {fault}")
 
 

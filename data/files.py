@@ -71,11 +71,18 @@ def write_fault_in(error: BaseException) -> OSError | None:
     return None
 
 
+def remedy(error: OSError) -> str:
+    """What frees a refused write: room on the disk, or a folder that may be written."""
+    return "free space there" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable"
+
+
 def write_failed(path: str | Path, error: OSError, then: str = "") -> WriteFailed:
     """One line for a write of `path` the machine refused: what failed, why, and `then` (what is
-    intact, what to do). Raise it `from None`: the traceback says nothing the line does not."""
+    intact, what to do; "{remedy}" in it becomes `remedy(error)`). Raise it `from None`: the
+    traceback says nothing the line does not."""
     why = _WRITE_FAULTS.get(error.errno) or error.strerror or type(error).__name__
     where = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+    then = then.replace("{remedy}", remedy(error))
     return WriteFailed(f"could not write {path}: {why}{where}" + (f"; {then}" if then else ""))
 
 
@@ -83,8 +90,7 @@ def machine_fault(error: OSError) -> WriteFailed:
     """One line for a refused write that no writer turned into its own (launch/cli.py's last net)."""
     why = _WRITE_FAULTS.get(error.errno) or error.strerror or type(error).__name__
     where = f" ({error.filename})" if error.filename else ""
-    return WriteFailed(f"{why}{where}; free space there, or make the folder writable (or choose another), and run "
-                       f"again")
+    return WriteFailed(f"{why}{where}; {remedy(error)} (or choose another folder) and run again")
 
 
 def append_line(path: str | Path, line: str, *, durable: bool = False) -> None:
@@ -285,7 +291,7 @@ def trim_jsonl(path: str | Path, key: str, last: int) -> int:
     except OSError as e:
         if not is_write_fault(e):
             raise
-        raise write_failed(path, e, "it is as it was; free space there and resume again") from None
+        raise write_failed(path, e, "it is as it was; {remedy} and resume again") from None
     return damaged
 
 

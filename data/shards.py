@@ -148,7 +148,7 @@ def write_shards(splits: Splits, out: str | Path, target_bytes: int, stats: tupl
     except OSError as e:  # reads are UsageErrors of their own (_source_bytes): this is a write
         if not is_write_fault(e):
             raise
-        raise write_failed(out, e, "nothing was left behind; free space there (or choose another --out) and run "
+        raise write_failed(out, e, "nothing was left behind; {remedy} (or choose another --out) and run "
                                    "again") from None
 
 

@@ -227,6 +227,7 @@ def test_an_unwritable_audit_folder_is_one_warning_and_the_audit_goes_on(tmp_pat
     warnings = [line for line in capsys.readouterr().err.splitlines() if line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: could not write ")
     assert "read-only" in warnings[0] and "data.audit_dir" in warnings[0]
+    assert "make it writable" in warnings[0] and "free space" not in warnings[0]
     again = audit_splits(splits, audit_dir=str(tmp_path / "audit"))  # nothing cached: measured again
     assert again.cache_hits == 0 and again.files_checked == 12
 

@@ -93,7 +93,7 @@ def export_checkpoint(request: ExportRequest) -> Path:
         fault = write_fault_in(e)  # (safetensors and the ONNX exporter wrap it in their own types)
         if fault is None:
             raise
-        raise write_failed(out, fault, "nothing was left behind; free space there (or choose another --out) and "
+        raise write_failed(out, fault, "nothing was left behind; {remedy} (or choose another --out) and "
                                        "export again") from None
     _print_summary(out, record, evidence)
     if request.push:

@@ -147,7 +147,7 @@ class RunReport:
             if not is_write_fault(e):
                 raise
             raise write_failed(self.metrics_path, e, "the log and the checkpoints written so far are intact; "
-                                                     "free space there and continue with run.resume=auto") from None
+                                                     "{remedy} and continue with run.resume=auto") from None
         return record
 
     def finish(self, *, best: dict | None, stopped_early: bool, written: list[Path], epochs: list[dict] = (),

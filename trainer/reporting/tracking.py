@@ -279,8 +279,8 @@ class RunTracking:
         except OSError as e:
             if not is_write_fault(e):
                 raise
-            raise write_failed(path, e, "the log and the checkpoints written so far are intact; free space "
-                                        "there and continue with run.resume=auto") from None
+            raise write_failed(path, e, "the log and the checkpoints written so far are intact; {remedy} "
+                                        "and continue with run.resume=auto") from None
         self._log({f"train_step/{k}": v for k, v in record.items()})
 
     def epoch(self, record: dict, history: list[dict], predictions: ValidationPredictions | None) -> None:
