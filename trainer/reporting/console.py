@@ -139,6 +139,20 @@ def _plain(value) -> str:
     return str(value)
 
 
+def unvalidated_classes(train_counts: dict[str, int], val_counts: dict[str, int]) -> list[str]:
+    """A warning naming the classes with no validation image: their per-class accuracy is undefined
+    (nan), and no epoch can show whether the model learned them. (One image is enough to be
+    counted; how reliable a handful is, the per-class table shows.)"""
+    empty = [name for name, n in val_counts.items() if n == 0]
+    if not empty:
+        return []
+    shown = ", ".join(f"{name!r} ({train_counts[name]} training)" for name in empty[:5])
+    more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+    return [f"{len(empty)} class(es) have no validation image: {shown}{more}; their per-class accuracy will be "
+            f"nan. Add images (a split by data.val_fraction needs at least 2 per class to put one in each "
+            f"split; a val/ folder needs at least one in val/CLASS)"]
+
+
 def best_file_line(best: dict, chosen_by, headline: str) -> str:
     """Which weights best.safetensors holds: raw or EMA, of which epoch, picked by which metric
     (`chosen_by`: the run's BestMetric)."""
@@ -194,6 +208,7 @@ class RunReport:
             counts = sorted(train_counts.values())
             lines.append(f"         ... {len(splits.classes) - len(shown)} more classes; "
                          f"train images per class: min {counts[0]}, max {counts[-1]}")
+        lines += [f"warning: {w}" for w in [*splits.warnings, *unvalidated_classes(train_counts, val_counts)]]
         lines.append(
             f"runtime  device {runtime['device']}, {runtime['num_processes']} process(es), "
             f"precision {runtime['precision']}, batch {runtime['batch_size']} per process x "
