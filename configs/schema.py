@@ -77,7 +77,8 @@ class DataConfig:
     audit_dir: str = _doc("", "where audit caches and reports live; empty: ~/.cache/imgtrain/audit")
     min_image_side: int = _doc(0, "audit: images with a side under this many pixels are left out; 0: only degenerate "
                                   "ones (a side under 8 px). Slivers (one side over 25x the other) are always left "
-                                  "out; small images are kept and upsampled to data.image_size")
+                                  "out; small images are kept and upsampled to data.image_size. (0 meant "
+                                  "data.image_size // 4 before; an older config.toml or checkpoint gets a note)")
     max_image_pixels: int = _doc(89_478_485, "audit and loading: images with more pixels are decompression bombs "
                                              "(0: no limit)")
     leakage: str = _choice("warn", ("warn", "error"), "identical images in train and validation: warn or stop")
