@@ -232,7 +232,7 @@ def test_a_hugging_face_dataset_is_shown_by_the_name_the_user_gave(tmp_path, mon
                  runtime={"device": "cpu", "num_processes": 1, "precision": "no", "batch_size": 4,
                           "global_batch_size": 4})
     out = capsys.readouterr().out
-    assert f"data     {tmp_path / 'beans'} (hf, hf): 3 classes" in out
+    assert f"data     {tmp_path / 'beans'} (hf): 3 classes" in out
     assert f"image files in {splits.root}" in out and splits.root.is_relative_to(tmp_path / "hf-cache")
     assert re.search(r"^\s+green\s+train\s+\d+\s+val\s+\d+$", out, flags=re.M)  # the per-class table
 

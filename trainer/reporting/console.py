@@ -194,7 +194,7 @@ class RunReport:
             f"model    {cfg.model.name}: {format_count(total_params)} parameters, "
             f"{format_count(trainable_params)} trainable",
             *[f"         {note}" for note in notes],
-            f"data     {root} ({cfg.data.source}, {splits.layout}): {len(splits.classes)} classes, "
+            f"data     {root} ({splits.layout}): {len(splits.classes)} classes, "
             f"{len(splits.train)} train / {len(splits.val)} val images",
         ]
         if Path(splits.root) != root:  # a dataset whose images are cached as files elsewhere (hf)
