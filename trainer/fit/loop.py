@@ -244,7 +244,7 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
     bar = tqdm(clock.timed(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                initial=run_state.batch_in_epoch, total=steps_per_epoch,
                disable=not (accelerator.is_main_process and sys.stderr.isatty()))
-    lr = step.scheduler.get_last_lr()[0]
+    lr = step.scheduler.get_last_lr()[0]  # (an epoch resumed after its last batch trains none)
     for images, labels in bar:
         position = run_state.batch_in_epoch  # the batch's index in the epoch, the same after a resume
         lr = step.scheduler.get_last_lr()[0]  # the rate this batch trains with (the step may advance it)

@@ -100,10 +100,16 @@ _SETTINGS = {
               "unfreeze_at_epoch", "cache_features", "ema_decay", "ema_warmup"),
     "runtime": ("grad_checkpointing", "sync_bn", "compile"),
 }
-_APPLIES = {  # key -> (the key it depends on, the values with which it matters)
-    "optim.momentum": ("optim.name", ("sgd",)), "optim.nesterov": ("optim.name", ("sgd",)),
-    "optim.step_size": ("optim.scheduler", ("step",)), "optim.gamma": ("optim.scheduler", ("step",)),
-    "optim.min_lr": ("optim.scheduler", ("cosine",)), "model.weights": ("model.weights", None),
+# Keys that matter only with another key's value, and that rule (`v`: a dotted key's value).
+_ONLY_WITH = {
+    "optim.momentum": lambda v: v("optim.name") == "sgd",
+    "optim.nesterov": lambda v: v("optim.name") == "sgd",
+    "optim.step_size": lambda v: v("optim.scheduler") == "step",
+    "optim.gamma": lambda v: v("optim.scheduler") == "step",
+    "optim.min_lr": lambda v: v("optim.scheduler") == "cosine",
+    "optim.no_decay_norm_bias": lambda v: v("optim.weight_decay") > 0,
+    "train.ema_warmup": lambda v: v("train.ema_decay") > 0,
+    "model.weights": lambda v: bool(v("model.weights")),
 }
 
 
@@ -115,12 +121,7 @@ def settings_lines(config: dict, precision: str) -> list[str]:
         return config[section][key]
 
     def shown(dotted: str) -> bool:
-        if dotted == "optim.no_decay_norm_bias":
-            return value("optim.weight_decay") > 0
-        if dotted == "train.ema_warmup":
-            return value("train.ema_decay") > 0
-        rule = _APPLIES.get(dotted)
-        return rule is None or (value(rule[0]) in rule[1] if rule[1] else bool(value(rule[0])))
+        return dotted not in _ONLY_WITH or _ONLY_WITH[dotted](value)
 
     lines = []
     for section, keys in _SETTINGS.items():
