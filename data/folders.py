@@ -96,11 +96,11 @@ def _class_folders(split_dir: Path) -> dict[str, list[str]]:
             if d.is_dir() and not d.name.startswith(".")}
 
 
-# Archives people point data.root at before unpacking them, and the command that unpacks each.
-_ARCHIVES = {".zip": "unzip {path} -d {folder}", ".tar": "mkdir -p {folder} && tar -xf {path} -C {folder}",
-             ".tar.gz": "mkdir -p {folder} && tar -xzf {path} -C {folder}",
-             ".tgz": "mkdir -p {folder} && tar -xzf {path} -C {folder}",
-             ".7z": "7z x {path} -o{folder}", ".rar": "unrar x {path} {folder}/"}
+# Archives people point data.root at before unpacking them, and the command that unpacks each (tar
+# finds the compression itself).
+_TAR = "mkdir -p {folder} && tar -xf {path} -C {folder}"
+_ARCHIVES = {".zip": "unzip {path} -d {folder}", ".7z": "7z x {path} -o{folder}", ".rar": "unrar x {path} {folder}/",
+             **dict.fromkeys((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"), _TAR)}
 
 
 def not_a_folder(root: Path) -> str:
@@ -116,19 +116,17 @@ def not_a_folder(root: Path) -> str:
 
 
 def _no_class_folders(where: Path) -> str:
-    loose = image_paths_here(where)
+    loose = _images_directly_in(where)
     if not loose:
         return (f"no class folders in {where}: expected one folder per class, each holding images "
                 f"({where}/CLASS/*.jpg), or train/ and val/ folders of class folders")
-    return (f"no class folders in {where}, only {len(loose)} image files directly in it: a classifier learns "
-            f"classes from folder names, so data.root must be the folder whose sub-folders are the classes "
-            f"({where}/CLASS/*.jpg); if these images are one class, point data.root at the folder above "
-            f"({where.parent}) with this folder beside the other classes' folders; if their labels are "
-            f"listed in a CSV, use data.source=csv data.csv=FILE (columns data.csv_file_column and "
-            f"data.csv_label_column)")
+    return (f"no class folders in {where}, only {len(loose)} image files directly in it: classes come from "
+            f"folder names ({where}/CLASS/*.jpg). If these images are one class, put it beside the other "
+            f"classes' folders and point data.root at the folder above ({where.parent}); if a CSV lists their "
+            f"labels, use data.source=csv data.csv=FILE (data.csv_file_column, data.csv_label_column)")
 
 
-def image_paths_here(folder: Path) -> list[str]:
+def _images_directly_in(folder: Path) -> list[str]:
     """Image files directly in `folder` (not in its sub-folders)."""
     return sorted(e.path for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")
                   and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)

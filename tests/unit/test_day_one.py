@@ -160,13 +160,13 @@ def test_a_flat_folder_of_images_says_where_to_point_data_root(tmp_path):
         discover(folder)
     message = str(e.value)
     assert f"only 3 image files directly in it" in message
-    assert f"point data.root at the folder above ({folder.parent})" in message
+    assert f"point data.root at the folder above ({folder.parent})" in message and "beside the other" in message
     assert "data.source=csv data.csv=FILE" in message
 
 
 @pytest.mark.parametrize("name, command", [
     ("images.zip", "unzip {p} -d {d}/images"),
-    ("images.tar.gz", "mkdir -p {d}/images && tar -xzf {p} -C {d}/images"),
+    ("images.tar.gz", "mkdir -p {d}/images && tar -xf {p} -C {d}/images"),
 ])
 def test_an_archive_as_data_root_says_how_to_unpack_it(tmp_path, name, command):
     path = tmp_path / name
