@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def settings_lines(config: dict, precision: str) -> list[str]:
         pairs = [f"{section}.{k}={_plain(value(f'{section}.{k}'))}" for k in keys if shown(f"{section}.{k}")]
         if section == "train":
             pairs.insert(0, f"train.precision={precision}")
-        lines.append(" ".join(pairs))
+        lines += textwrap.wrap(" ".join(pairs), width=100, break_long_words=False, break_on_hyphens=False)
     return lines
 
 
