@@ -95,6 +95,21 @@ def test_the_epoch_table_is_titled_by_the_metrics_jsonl_keys(tmp_path, capsys):
     assert set(header) <= set(written)  # the same names in the file (and so in W&B: epoch/<key>)
 
 
+def test_an_older_runs_records_still_read(tmp_path, capsys):
+    """The files' names did not change (the table took theirs); records written before lr_end existed
+    print and count as before."""
+    old = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 0.9, "val_acc": 0.6, "ema_val_acc": 0.7,
+           "lr": 1e-3, "images_per_sec": 10.0, "epoch_time": 1.0, "train_seconds": 1.0, "data_wait_seconds": 0.1,
+           "is_best": True}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(old) + "\n")
+    report = RunReport(SimpleNamespace(is_main_process=True), tmp_path)
+    report.continue_after(1)
+    report.epoch({**old, "epoch": 2})
+    assert "lr_end" not in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert time_spent([old, old], resumed=True).startswith("training time 2.0s (the whole run's")
+
+
 # ---- 4. and 5. time lines and the input-pipeline advice ----
 
 
