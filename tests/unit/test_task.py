@@ -194,4 +194,4 @@ def test_a_multilabel_run_keeps_the_epoch_with_the_highest_map_across_a_resume(t
     meta = read_metadata(run_dir / "best.safetensors")
     assert meta["epoch"] == best and meta["metrics"]["val_map"] == max(maps)
     out = capsys.readouterr().out
-    assert "resumed from" in out and f"best epoch {best}: val_map {max(maps):.4f}, val_loss" in out
+    assert "resumed from" in out and f"of epoch {best}, chosen by train.best_metric: val_map {max(maps):.4f}" in out

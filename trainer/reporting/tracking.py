@@ -255,11 +255,16 @@ class RunTracking:
 
     def continue_after(self, batches_done: int) -> None:
         """A resumed run: drop the train_steps.jsonl lines after `batches_done` (trained and logged
-        again now) and a line a kill or a full disk cut short. A fresh start (0) empties the log: a
-        run killed before its first checkpoint wrote lines this one would otherwise repeat."""
+        again now) and a line a kill or a full disk cut short."""
         path = self.run_dir / "train_steps.jsonl"
-        if self.active and trim_jsonl(path, "step", batches_done) and batches_done:
+        if self.active and trim_jsonl(path, "step", batches_done):
             print(f"note: dropped a damaged line from {path}", flush=True)
+
+    def start_fresh(self) -> None:
+        """A fresh start: train_steps.jsonl begins empty (a run killed before its first checkpoint,
+        which restarts fresh, wrote steps this one would log again)."""
+        if self.active:
+            trim_jsonl(self.run_dir / "train_steps.jsonl", "step", 0)
 
     def train_step(self, epoch: int, global_step: int, epoch_progress: float, loss: float, lr: float,
                    global_batch_size: int) -> None:
