@@ -76,12 +76,23 @@ def remedy(error: OSError) -> str:
     return "free space there" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable"
 
 
+_TEMPORARY = re.compile(r"^\.(.+)\.tmp-\d+(?:\.[^.]*)?$")  # the names atomic_output and atomic_folder give
+
+
+def _as_named(filename) -> str:
+    """`filename` with each temporary name in it (`.x.json.tmp-123.json`) put back as the name the user
+    knows (`x.json`): an error line names what the user asked for, not a file that is gone by then."""
+    parts = Path(str(filename)).parts
+    return str(Path(*[(_TEMPORARY.match(p).group(1) if _TEMPORARY.match(p) else p) for p in parts])) if parts else ""
+
+
 def write_failed(path: str | Path, error: OSError, then: str = "") -> WriteFailed:
     """One line for a write of `path` the machine refused: what failed, why, and `then` (what is
     intact, what to do; "{remedy}" in it becomes `remedy(error)`). Raise it `from None`: the
     traceback says nothing the line does not."""
     why = _WRITE_FAULTS.get(error.errno) or error.strerror or type(error).__name__
-    where = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+    named = _as_named(error.filename) if error.filename else ""
+    where = f" ({named})" if named and named != str(path) else ""
     then = then.replace("{remedy}", remedy(error))
     return WriteFailed(f"could not write {path}: {why}{where}" + (f"; {then}" if then else ""))
 
@@ -89,7 +100,7 @@ def write_failed(path: str | Path, error: OSError, then: str = "") -> WriteFaile
 def machine_fault(error: OSError) -> WriteFailed:
     """One line for a refused write that no writer turned into its own (launch/cli.py's last net)."""
     why = _WRITE_FAULTS.get(error.errno) or error.strerror or type(error).__name__
-    where = f" ({error.filename})" if error.filename else ""
+    where = f" ({_as_named(error.filename)})" if error.filename else ""
     return WriteFailed(f"{why}{where}; {remedy(error)} (or choose another folder) and run again")
 
 

@@ -257,6 +257,15 @@ def test_a_read_only_home_moves_the_default_audit_folder_to_the_temporary_folder
 
 # ---- the entry points' last net, and what an error line echoes ----
 
+def test_the_line_names_the_file_asked_for_not_its_temporary_name(tmp_path):
+    from data.files import machine_fault
+
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".preds.csv.tmp-4242.csv"))
+    assert str(machine_fault(error)).startswith(f"the disk is full ({tmp_path / 'preds.csv'}); free space there")
+    inside = OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / ".export.tmp-17" / "model.onnx"))
+    assert f"({tmp_path / 'export' / 'model.onnx'})" in str(write_failed(tmp_path / "export", inside))
+
+
 def test_a_huge_config_value_is_not_echoed_whole(tmp_path):
     from helpers import run_in_process
 
