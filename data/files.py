@@ -101,7 +101,9 @@ def machine_fault(error: OSError) -> WriteFailed:
     """One line for a refused write that no writer turned into its own (launch/cli.py's last net)."""
     why = _WRITE_FAULTS.get(error.errno) or error.strerror or type(error).__name__
     where = f" ({_as_named(error.filename)})" if error.filename else ""
-    return WriteFailed(f"{why}{where}; {remedy(error)} (or choose another folder) and run again")
+    # Not known to be a write here: a permission error may be a read of a file the user named.
+    fix = "check its permissions" if error.errno in (errno.EACCES, errno.EPERM) else remedy(error)
+    return WriteFailed(f"{why}{where}; {fix} (or choose another folder) and run again")
 
 
 def append_line(path: str | Path, line: str, *, durable: bool = False) -> None:
