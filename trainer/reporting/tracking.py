@@ -276,7 +276,7 @@ class RunTracking:
             f.write(json.dumps(record) + "\n")
         self._log({f"train_step/{k}": v for k, v in record.items()})
 
-    def epoch(self, record: dict, history: list[dict], predictions: ValidationPredictions | None) -> None:
+    def epoch(self, record: dict, history: list[dict], predictions: object | None) -> None:
         """Log one metrics.jsonl record (keys and values unchanged) and redraw the pictures from the
         run's whole `history` (every finished epoch, also those before a resume)."""
         if not self.active:
@@ -287,7 +287,7 @@ class RunTracking:
         plots.curves(self.run_dir / "curves.png", history, self._logged_steps())
         values: dict[str, Any] = {"epoch": record["epoch"]}
         values |= {f"epoch/{k}": v for k, v in record.items() if k != "epoch"}
-        if predictions is not None:
+        if isinstance(predictions, ValidationPredictions):  # (a multi-label pass has no confusion matrix)
             values |= self._validation_pictures(record, predictions)
         self._log(values)
 
