@@ -197,3 +197,54 @@ def test_a_training_run_and_evaluate_list_the_swapped_validation_images(tmp_path
     assert (evaluated / "label_issues.txt").read_text().splitlines() == [r["path"] for r in issues]
     assert all((evaluated / name).is_file() for name in FILES)
     assert "p(given)" in result.stdout and all(name in result.stdout for name in hits)
+
+
+class _Images:
+    """A validation dataset's face: its samples and (uint8 image, label) items."""
+
+    def __init__(self, count: int):
+        self.samples = [(f"val/img{i}.png", 0) for i in range(count)]
+
+    def __getitem__(self, i: int):
+        import torch
+
+        return torch.full((3, 8, 8), 30 * i, dtype=torch.uint8), 0
+
+
+def _tracking(run_dir, logged: list):
+    from types import SimpleNamespace
+
+    from trainer.reporting.tracking import RunTracking
+
+    accelerator = SimpleNamespace(is_main_process=True, log=logged.append)
+    cfg = SimpleNamespace(wandb=SimpleNamespace(project="p", log_model=False))
+    tracking = RunTracking(accelerator, cfg, run_dir, NAMES, SimpleNamespace(mean=(0, 0, 0), std=(1, 1, 1)))
+    tracking.tracker = SimpleNamespace(run=SimpleNamespace())  # a W&B run as far as logging goes
+    return tracking
+
+
+def test_a_runs_end_writes_the_best_epochs_tables_and_logs_them_to_wandb(tmp_path):
+    from types import SimpleNamespace
+
+    import wandb
+
+    logged = []
+    tracking = _tracking(tmp_path, logged)
+    predictions = SimpleNamespace(labels=np.array([0, 1, 2, 2]), probs=np.array(
+        [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
+    written, lines = tracking.mistakes(predictions, _Images(4), {"epoch": 3})
+    assert sorted(p.name for p in written) == sorted(FILES)
+    assert _rows(tmp_path / "top_losses.csv")[0]["path"] == "val/img2.png"
+    assert lines[-1] == f"0 likely label errors among the validation images (cleanlab): {tmp_path / 'label_issues.csv'}"
+    assert any("fewer than 5 images" in line for line in lines)
+    (values,) = logged
+    assert values["epoch"] == 3 and isinstance(values["media/top_losses"], wandb.Image)
+    assert values["media/most_confused"].columns == ["actual", "predicted", "count", "share"]
+    assert values["media/top_losses_table"].data[0][1] == "val/img2.png" and len(values["media/most_confused"].data) == 1
+    assert values["media/label_issues"].columns[0] == "path"
+    # A resumed run whose best epoch came before the resume keeps the files its first part wrote,
+    # and says how to get them when there are none.
+    assert tracking.mistakes(None, _Images(4), {"epoch": 3}) == (written, [])
+    assert "launch/evaluate.py" in _tracking(tmp_path / "other", []).mistakes(None, _Images(4), {"epoch": 2})[1][0]
+    # Predictions that do not match the validation images are never paired with them.
+    assert "left out" in tracking.mistakes(predictions, _Images(5), {"epoch": 3})[1][0]

@@ -359,10 +359,11 @@ class RunTracking:
             import wandb
 
             values = {"epoch": best["epoch"], "media/top_losses": self._image("top_losses.png")}
-            for name, rows in (("top_losses", found.top_losses), ("most_confused", found.most_confused),
-                               ("label_issues", found.label_issues)):
-                columns = found.columns[f"{name}.csv"]
-                values[f"media/{name}"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            for key, name, rows in (("top_losses_table", "top_losses.csv", found.top_losses),
+                                    ("most_confused", "most_confused.csv", found.most_confused),
+                                    ("label_issues", "label_issues.csv", found.label_issues)):
+                columns = found.columns[name]
+                values[f"media/{key}"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
             self._log(values)
         return written, [*(f"note: {note}" for note in found.notes),
                          f"{len(found.label_issues)} likely label errors among the validation images (cleanlab): "
