@@ -12,8 +12,8 @@ import pytest
 
 from trainer.assemble.run_config import load_config
 from helpers import make_image_folder, run_in_process
-from trainer.reporting.mistakes import (FEW_PER_CLASS, FILES, Evaluated, find_mistakes, label_issue_lines,
-                                        write_mistakes)
+from trainer.reporting.mistakes import (FEW_PER_CLASS, MISTAKE_FILES, Evaluated, find_mistakes,
+                                        label_issue_lines, write_mistakes)
 
 NAMES = ["cat", "dog", "fox"]
 
@@ -44,7 +44,7 @@ def test_single_label_tables_rank_the_worst_mistakes_and_the_most_confused_pairs
     assert found.most_confused == [{"actual": "dog", "predicted": "cat", "count": 2, "share": round(2 / 3, 6)},
                                    {"actual": "cat", "predicted": "fox", "count": 1, "share": 0.5}]
     written = write_mistakes(tmp_path, found, _gray)
-    assert sorted(p.name for p in written) == sorted(FILES)
+    assert sorted(p.name for p in written) == sorted(MISTAKE_FILES)
     assert (tmp_path / "top_losses.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["path"] for r in _rows(tmp_path / "top_losses.csv")] == ["img3.png", "img4.png"]
     assert _rows(tmp_path / "most_confused.csv")[0] == {"actual": "dog", "predicted": "cat", "count": "2",
@@ -145,7 +145,7 @@ def test_small_or_broken_evaluations_get_a_note_not_a_crash(tmp_path, labels, pr
     found = find_mistakes(Evaluated([f"img{i}.png" for i in range(len(labels))], labels, probs, NAMES))
     assert any(note in n for n in found.notes), found.notes
     write_mistakes(tmp_path, found, _gray)
-    assert all((tmp_path / name).is_file() for name in FILES)  # a table without rows keeps its header
+    assert all((tmp_path / name).is_file() for name in MISTAKE_FILES)  # a table without rows keeps its header
 
 
 def test_the_terminal_list_of_label_issues():
@@ -177,7 +177,7 @@ def test_a_training_run_and_evaluate_list_the_swapped_validation_images(tmp_path
                              f"run.dir={run}", "wandb.mode=disabled", "data.augment=none"])
     train(cfg)
     out = capsys.readouterr().out
-    assert all((run / name).is_file() for name in FILES)
+    assert all((run / name).is_file() for name in MISTAKE_FILES)
     issues = _rows(run / "label_issues.csv")
     listed = [r["path"].rsplit("/", 1)[-1] for r in issues]
     hits = set(listed) & set(moved)
@@ -195,7 +195,7 @@ def test_a_training_run_and_evaluate_list_the_swapped_validation_images(tmp_path
     evaluated = run / "eval-val"
     assert [r["path"] for r in _rows(evaluated / "label_issues.csv")] == [r["path"] for r in issues]
     assert (evaluated / "label_issues.txt").read_text().splitlines() == [r["path"] for r in issues]
-    assert all((evaluated / name).is_file() for name in FILES)
+    assert all((evaluated / name).is_file() for name in MISTAKE_FILES)
     assert "p(given)" in result.stdout and all(name in result.stdout for name in hits)
 
 
@@ -233,14 +233,15 @@ def test_a_runs_end_writes_the_best_epochs_tables_and_logs_them_to_wandb(tmp_pat
     predictions = SimpleNamespace(labels=np.array([0, 1, 2, 2]), probs=np.array(
         [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
     written, lines = tracking.mistakes(predictions, _Images(4), {"epoch": 3})
-    assert sorted(p.name for p in written) == sorted(FILES)
+    assert sorted(p.name for p in written) == sorted(MISTAKE_FILES)
     assert _rows(tmp_path / "top_losses.csv")[0]["path"] == "val/img2.png"
     assert lines[-1] == f"0 likely label errors among the validation images (cleanlab): {tmp_path / 'label_issues.csv'}"
     assert any("fewer than 5 images" in line for line in lines)
     (values,) = logged
     assert values["epoch"] == 3 and isinstance(values["media/top_losses"], wandb.Image)
     assert values["media/most_confused"].columns == ["actual", "predicted", "count", "share"]
-    assert values["media/top_losses_table"].data[0][1] == "val/img2.png" and len(values["media/most_confused"].data) == 1
+    assert values["media/top_losses_table"].data[0][1] == "val/img2.png"
+    assert len(values["media/most_confused"].data) == 1
     assert values["media/label_issues"].columns[0] == "path"
     # A resumed run whose best epoch came before the resume keeps the files its first part wrote,
     # and says how to get them when there are none.

@@ -34,7 +34,7 @@ TOP_LOSSES = 16  # images in the top-losses grid (evaluate.py --top-losses)
 # Below this many images of a class, cleanlab's per-class thresholds are guesses: its label errors
 # may be missed (cleanlab warns per class; the note says it once, naming them).
 FEW_PER_CLASS = 5
-FILES = ("top_losses.png", "top_losses.csv", "most_confused.csv", "label_issues.csv")
+MISTAKE_FILES = ("top_losses.png", "top_losses.csv", "most_confused.csv", "label_issues.csv")
 SINGLE_COLUMNS = {"top_losses.csv": ["rank", "path", "actual", "predicted", "probability", "actual_probability",
                                      "loss"],
                   "most_confused.csv": ["actual", "predicted", "count", "share"],

@@ -42,7 +42,7 @@ from configs.errors import ConfigError
 from configs.schema import Config
 from data.files import atomic_output, trim_jsonl
 from data.transforms import Preprocessing
-from trainer.reporting.mistakes import FILES, Evaluated, find_mistakes, write_mistakes
+from trainer.reporting.mistakes import MISTAKE_FILES, Evaluated, find_mistakes, write_mistakes
 from trainer.task.metrics import confusion_matrix, per_class_accuracy
 from trainer.task.single import SAMPLE_IMAGES, ValidationPredictions
 
@@ -343,7 +343,7 @@ class RunTracking:
             return [], []
         if predictions is None:  # a resumed run whose best epoch came before the resume: its predictions are gone
             if (self.run_dir / "label_issues.csv").is_file():  # written when that run ended
-                return [self.run_dir / name for name in FILES if (self.run_dir / name).is_file()], []
+                return [self.run_dir / name for name in MISTAKE_FILES if (self.run_dir / name).is_file()], []
             return [], [f"note: the best epoch ({best['epoch']}) ran before the resume; for its top losses and label "
                         "issues run launch/evaluate.py --checkpoint RUN/best.safetensors --split val"]
         paths = [str(path) for path, _ in val_images.samples]
