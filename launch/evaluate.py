@@ -31,9 +31,10 @@ metrics.json, confusion_matrix.png and what went wrong (trainer/reporting/mistak
 top_losses.png and top_losses.csv (the images the model got wrong most confidently, as it saw
 them: actual / predicted, probability / loss), most_confused.csv (actual, predicted, count,
 share) and label_issues.csv (cleanlab's likely label errors, image path first; meaningful on
-images the model did not train on); a multi-label checkpoint gets per-class ones (its wrong
-(image, class) decisions, each class's misses and false positives) and reports mAP, micro / macro F1 and per-class precision / recall / F1 / AP at the per-class
-thresholds it recorded, to metrics.json. A label the CSV or dataset names that the checkpoint
+images the model did not train on). A multi-label checkpoint gets per-class ones (its wrong
+(image, class) decisions; each class's misses and false positives) and reports mAP, micro /
+macro F1 and per-class precision / recall / F1 / AP at the per-class thresholds it recorded, to
+metrics.json. A label the CSV or dataset names that the checkpoint
 does not know is refused; rows without a label or file are left out with a note. Shards must
 have the checkpoint's class list; the shards read are checked against index.json's sha256
 first, and a damaged or missing one is refused (one line, exit code 2, nothing written).

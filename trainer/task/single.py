@@ -33,8 +33,9 @@ class ValidationPredictions:
 def evaluate_single(accelerator: Accelerator, model: nn.Module, loader, criterion,
                     num_classes: int) -> tuple[dict, ValidationPredictions]:
     """Loss, accuracy (and top-5 with >= 5 classes) over every validation image exactly once, every
-    image's label and top-1 prediction (for the confusion matrix) and a few of this process's
-    images with theirs (for the prediction grid)."""
+    image's label, top-1 prediction (for the confusion matrix) and probabilities (for what went
+    wrong), in the validation set's order, and a few of this process's images with theirs (for the
+    prediction grid)."""
     model.eval()
     per_sample = nn.CrossEntropyLoss(reduction="none", label_smoothing=criterion.label_smoothing)
     losses, hits, hits5, all_labels, all_top1, all_probs = [], [], [], [], [], []
