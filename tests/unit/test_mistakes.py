@@ -139,8 +139,11 @@ def test_cleanlab_lists_most_swapped_labels_of_a_multilabel_set(capsys):
     (np.array([0, 1, 2, 0]), np.array([[np.nan, 0.5, 0.5]] * 4), "not finite"),
     (np.array([0, 0, 1, 1]), np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.9, 0.0], [0.6, 0.4, 0.0]]),
      f"cat, dog have fewer than {FEW_PER_CLASS} images here"),
-    (np.array([[0, 0, 0], [0, 0, 0]]), np.full((2, 3), 0.3), "fewer than 2 labels"),
-], ids=["empty", "one-class", "one-image", "nan", "few-per-class", "multilabel-unlabelled"])
+    (np.array([[0, 0, 0], [0, 0, 0]]), np.full((2, 3), 0.3), "no evaluated image has a label"),
+    (np.array([[1, 0, 0], [1, 1, 0]]), np.full((2, 3), 0.3), "cat labels every evaluated image"),
+    (np.array([[1, 0, 0], [0, 1, 0]]), np.full((2, 3), 0.3), "cat, dog, fox have fewer than 5 labelled images"),
+], ids=["empty", "one-class", "one-image", "nan", "few-per-class", "multilabel-unlabelled", "multilabel-everywhere",
+        "multilabel-few"])
 def test_small_or_broken_evaluations_get_a_note_not_a_crash(tmp_path, labels, probs, note):
     found = find_mistakes(Evaluated([f"img{i}.png" for i in range(len(labels))], labels, probs, NAMES))
     assert any(note in n for n in found.notes), found.notes

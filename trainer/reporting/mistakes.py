@@ -151,7 +151,7 @@ def _most_confused(labels: np.ndarray, predicted: np.ndarray, names: list[str]) 
 
 
 def _single_label_issues(ev: Evaluated, labels: np.ndarray, probs: np.ndarray) -> tuple[list[dict], list[str]]:
-    skipped = _why_not_judged(labels, probs, "classes")
+    skipped = _why_not_judged(labels, probs, ev.class_names)
     if skipped:
         return [], [skipped]
     names = ev.class_names
@@ -208,7 +208,7 @@ def _multilabel_mistakes(ev: Evaluated, count: int) -> Mistakes:
 
 def _multilabel_issues(ev: Evaluated, truth: np.ndarray, scores: np.ndarray,
                        called: np.ndarray) -> tuple[list[dict], list[str]]:
-    skipped = _why_not_judged(truth, scores, "labels")
+    skipped = _why_not_judged(truth, scores, ev.class_names)
     if skipped:
         return [], [skipped]
     names = ev.class_names
@@ -230,14 +230,21 @@ def _multilabel_issues(ev: Evaluated, truth: np.ndarray, scores: np.ndarray,
 
 # ---- shared ----
 
-def _why_not_judged(truth: np.ndarray, probs: np.ndarray, what: str) -> str | None:
-    """Why cleanlab cannot judge these labels (too little to compare), or None."""
+def _why_not_judged(truth: np.ndarray, probs: np.ndarray, class_names: list[str]) -> str | None:
+    """Why cleanlab cannot judge these labels (nothing to compare them with), or None."""
     if len(truth) == 0:
         return "label issues: no images were evaluated"
-    given = np.unique(truth) if truth.ndim == 1 else np.flatnonzero(truth.any(0))
-    if len(given) < (2 if truth.ndim == 1 else 1):
-        return (f"label issues: not judged: the evaluated images have fewer than 2 {what}, and confident "
-                "learning compares the labels' classes")
+    if truth.ndim == 1 and len(np.unique(truth)) < 2:
+        return ("label issues: not judged: the evaluated images have fewer than 2 classes, and confident learning "
+                "compares the classes' labels")
+    if truth.ndim == 2:  # each class is judged against the images without it
+        if not truth.any():
+            return "label issues: not judged: no evaluated image has a label"
+        everywhere = [name for name, column in zip(class_names, truth.T) if column.all()]
+        if everywhere:
+            one = len(everywhere) == 1
+            return (f"label issues: not judged: {', '.join(everywhere[:8])} {'labels' if one else 'label'} every "
+                    f"evaluated image, so cleanlab has no image without {'it' if one else 'them'} to compare with")
     if not np.isfinite(probs).all():
         return "label issues: not judged: some predicted probabilities are not finite (the model diverged)"
     return None
