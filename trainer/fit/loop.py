@@ -113,6 +113,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     model_weights = {"raw": parts.built.model, **({"ema": ema.module} if ema is not None else {})}
 
     # ---- epochs ----
+    best_predictions = None  # the validation pass of the weights best.safetensors holds: what went wrong
     try:
         for epoch in run_state.epochs():
             metrics, predictions = run_epoch(training, parts, epoch)
@@ -120,6 +121,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
             weights = run_state.history.epochs[-1].get("best_weights", "raw")  # the better of raw and EMA
             record = report.epoch(run_state.history.epochs[-1])
             tracking.epoch(record, run_state.history.epochs, predictions[weights])
+            best_predictions = predictions[weights] if improved else best_predictions
             if accelerator.is_main_process:
                 save_model_files(run_dir, model_weights, facts, metrics, weights if improved else None)
             run_state.end_epoch(epoch, improved)  # the resumable checkpoint, rotated
@@ -131,9 +133,11 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     # ---- finish ----
     accelerator.wait_for_everyone()
     warn_about_load_failures(report, parts.data.failure_log)
+    mistake_files, lines = tracking.mistakes(best_predictions, parts.data.val_images, run_state.history.best)
+    report.print(*lines)
     written = [run_dir / "best.safetensors", run_dir / "last.safetensors",
                *([run_dir / "ema.safetensors"] if ema is not None else []), run_state.root, run_dir / "config.toml",
-               run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
+               run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors"), *mistake_files]
     history = run_state.history
     report.finish(best=history.best, stopped_early=run_state.stopped_early, written=written,
                   chosen_by=history.best_metric, epochs=history.epochs, headline=task_for(cfg).headline)
