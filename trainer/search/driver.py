@@ -123,8 +123,6 @@ def run_next(run: Search) -> bool:
     log_path = run.opts.out_dir / "logs" / f"{folder.name}.log"
     command = run.launch.command(params, folder, resume)
     reports = EpochReports(trial, run.space.metric.key, dict(frozen.intermediate_values))
-    if resume:
-        storage.set_trial_user_attr(trial._trial_id, studies.REASON, "")
     print(f"trial {trial.number}: {'resuming ' if resume else ''}{_params_text(params)} in {folder}", flush=True)
     try:
         code, pruned = run_trial(trial, reports, command, folder, log_path, heartbeat)

@@ -187,6 +187,7 @@ def check_space(space: SearchSpace, config: str | None, overrides: list[str]) ->
     naming the space file's key."""
     from trainer.assemble.run_config import load_config
 
+    load_config(config, overrides)  # the config's own faults are its own, not a parameter's
     for param in space.params:
         for value in param.edge_values():
             try:

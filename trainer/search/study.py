@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import optuna
-from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from configs.errors import UsageError
@@ -81,9 +80,9 @@ def make_pruner(kind: str, startup_trials: int):
 
 # ---- the budget ----
 
-# Where RetryFailedTrialCallback records the first trial a retry continues (its
-# `retried_trial_number` reads the same key, but warns that it is experimental on every call).
-RETRIED = "failed_trial"
+# Where Optuna's retry callbacks record the first trial a retry continues (and the chain of
+# retries): the same keys, so `RetryHeartbeatStaleTrialCallback.retried_trial_number` reads ours.
+RETRIED, HISTORY = "failed_trial", "retry_history"
 
 
 def is_retry(trial: FrozenTrial) -> bool:
@@ -170,6 +169,16 @@ def interrupt(study: optuna.Study, storage, trial: FrozenTrial, why: str) -> boo
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    frozen = storage.get_trial(trial._trial_id)
-    RetryFailedTrialCallback(max_retry=None, inherit_intermediate_values=True)(study, frozen)
+    enqueue_retry(study, storage.get_trial(trial._trial_id))
     return True
+
+
+def enqueue_retry(study: optuna.Study, failed: FrozenTrial) -> None:
+    """A waiting copy of `failed`: its parameters and the epochs it reported (the pruner goes on
+    from them), marked with the first trial's number (its run folder). What Optuna's retry
+    callback does, without its deprecation and experimental warnings."""
+    system_attrs = {RETRIED: first_number(failed), HISTORY: [*failed.system_attrs.get(HISTORY, []), failed.number]}
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
+        user_attrs={k: v for k, v in failed.user_attrs.items() if k != REASON}, system_attrs=system_attrs,
+        intermediate_values=failed.intermediate_values))
