@@ -74,6 +74,8 @@ def search(opts: SearchOptions) -> int:
     pruner = studies.make_pruner(space.pruner, opts.startup_trials)
     study = studies.load_or_create(storage, name, space.metric.higher_is_better, studies.make_sampler(opts.seed),
                                    pruner)
+    if opts.seed is not None:  # a restarted driver must not replay the draws of its first life
+        study.sampler = studies.make_sampler(opts.seed + len(study.get_trials(deepcopy=False)))
     group = name if base.wandb.mode != "disabled" and not base.wandb.group else ""
     run = Search(opts, space, study, storage, TrialLaunch(opts.config, opts.overrides, opts.launch_args, group),
                  LiveTable(space.keys, space.metric.key))
