@@ -1,12 +1,12 @@
 """Hyperparameter search: every trial a real run of launch/train.py, pruned by its per-epoch metric.
 
     # one machine: 20 trials of the demo (the study file is runs/search/study.journal)
-    python launch/search.py --config configs/demo.toml --space configs/search/demo_space.toml \\
+    python launch/search.py --config configs/demo.toml --space benchmarks/search_demo_space.toml \\
         --trials 20 --out runs/search
     # two drivers on one machine sharing the study: start the same command twice; 20 trials in all
     python launch/search.py --config configs/demo.toml --space S.toml --trials 20 --out runs/search &
     python launch/search.py --config configs/demo.toml --space S.toml --trials 20 --out runs/search &
-    # each trial a 2-process DDP run (CPU here; on GPUs drop nothing but --multi_gpu needs GPUs or CPU DDP)
+    # each trial a 2-process DDP run (CPU DDP here; with GPUs e.g. --launch "--multi_gpu --num_processes 4")
     python launch/search.py --config configs/demo.toml --space S.toml --trials 8 --out runs/search \\
         --launch "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
     # several machines: one study in shared storage, the same command on each machine
