@@ -195,13 +195,21 @@ def test_a_dead_drivers_trial_is_failed_once_and_retried_in_its_folder():
     assert len(study.get_trials()) == 3
 
 
-def test_another_hosts_trial_is_judged_by_its_heartbeat():
-    other = {"host": "elsewhere", "pid": 1}
+def test_another_hosts_trial_is_judged_by_its_heartbeat_or_its_start():
+    import datetime
     import time
 
-    assert studies.driver_alive(other, time.time() - 10, stale_after=120)
-    assert not studies.driver_alive(other, time.time() - 200, stale_after=120)
-    assert not studies.driver_alive(other, None, stale_after=120)
+    def running(started_ago: float, **attrs):
+        start = datetime.datetime.now() - datetime.timedelta(seconds=started_ago)
+        return optuna.trial.FrozenTrial(number=0, state=TrialState.RUNNING, value=None, datetime_start=start,
+                                        datetime_complete=None, params={}, distributions={}, user_attrs={},
+                                        system_attrs=attrs, intermediate_values={}, trial_id=0)
+
+    other = {studies.DRIVER: {"host": "elsewhere", "pid": 1}}
+    assert studies.driver_alive(running(500, **other, **{studies.HEARTBEAT: time.time() - 10}), stale_after=120)
+    assert not studies.driver_alive(running(500, **other, **{studies.HEARTBEAT: time.time() - 200}), stale_after=120)
+    assert studies.driver_alive(running(1), stale_after=120)  # just asked for: its driver has not said who it is
+    assert not studies.driver_alive(running(500), stale_after=120)
 
 
 # ---- following a trial's metrics ----

@@ -132,12 +132,20 @@ def process_start(pid: int) -> int | None:
         return None
 
 
-def driver_alive(driver: dict | None, heartbeat: float | None, stale_after: float) -> bool:
-    """Whether a running trial's driver still runs: asked of the kernel on this host, else of its heartbeat."""
-    if not driver:
-        return heartbeat is not None and time.time() - heartbeat < stale_after
-    if driver.get("host") != socket.gethostname():
-        return heartbeat is not None and time.time() - heartbeat < stale_after
+def driver_alive(trial: FrozenTrial, stale_after: float) -> bool:
+    """Whether a running trial's driver still runs: asked of the kernel on this host, else judged by
+    the trial's heartbeat (or, before its first, its start: a driver that has just asked for it
+    has not yet written who it is)."""
+    driver = trial.system_attrs.get(DRIVER)
+    if driver and driver.get("host") == socket.gethostname():
+        return _running(driver)
+    beat = trial.system_attrs.get(HEARTBEAT)
+    if beat is None and trial.datetime_start is not None:
+        beat = trial.datetime_start.timestamp()
+    return beat is not None and time.time() - beat < stale_after
+
+
+def _running(driver: dict) -> bool:
     pid = driver.get("pid")
     if pid == os.getpid():
         return True
@@ -154,7 +162,7 @@ def retry_orphans(study: optuna.Study, storage, stale_after: float) -> list[int]
     """Fail and retry each running trial whose driver is gone; the numbers this driver retried."""
     retried = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if driver_alive(trial.system_attrs.get(DRIVER), trial.system_attrs.get(HEARTBEAT), stale_after):
+        if driver_alive(trial, stale_after):
             continue
         if interrupt(study, storage, trial, "its driver stopped"):
             retried.append(trial.number)
