@@ -48,10 +48,8 @@ def open_storage(out_dir: Path, url: str | None) -> optuna.storages.BaseStorage:
             raise UsageError(f"--storage {url}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     path = Path(url).expanduser() if url else out_dir / STUDY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The open-lock works on NFSv3 and later: the one a journal on shared storage needs.
-    backend = optuna.storages.journal.JournalFileBackend(
-        str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
-    return optuna.storages.journal.JournalStorage(backend)
+    # Optuna's default lock (a symlink; NFS too), the one optuna-dashboard takes on the same file.
+    return optuna.storages.journal.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
 def load_or_create(storage, name: str, maximize: bool, sampler, pruner) -> optuna.Study:
