@@ -60,12 +60,12 @@ def search(opts: SearchOptions) -> int:
     # ---- checks: everything that can fail on user input, before a file is written ----
     from trainer.assemble.run_config import load_config
 
+    if opts.trials < 0:
+        raise ConfigError(f"--trials must be 0 or more (the study's total; 0 rewrites its results), got {opts.trials}")
     check_overrides(opts.overrides)
     base = load_config(opts.config, opts.overrides)
     space = read_space(opts.space, base.data.task, base.train.best_metric)
     check_space(space, opts.config, opts.overrides)
-    if opts.trials < 0:
-        raise ConfigError(f"--trials must be 0 or more, got {opts.trials}")
 
     # ---- the study ----
     opts.out_dir.mkdir(parents=True, exist_ok=True)
