@@ -31,9 +31,14 @@ command with run.resume=auto to continue.
 
 from __future__ import annotations
 
-import argparse
+import os
 
-from cli import config_parser, parse_config_args, run_main
+# The first instruction: a launcher killed while this rank starts is noticed (see die_with_launcher).
+FIRST_PARENT = os.getppid()
+
+import argparse  # noqa: E402
+
+from cli import config_parser, parse_config_args, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> int:
+    from trainer.files.launcher_death import die_with_launcher
+
+    # Before torch is imported and the process group is up: a rank never outlives its launcher.
+    die_with_launcher(FIRST_PARENT)
     # Parsed first, torch imported last: --help, --keys, --print-config and bad input answer at once.
     args = parse_args()
     if args.keys:
