@@ -30,6 +30,8 @@ from configs.errors import ConfigError
 # pretrained config of their own are normalized with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Above this side one image is 200 MB as float32 before the model's first layer.
+MAX_IMAGE_SIZE = 4096
 
 
 def _choice(default: Any, choices: tuple, doc: str = "") -> Any:
@@ -47,7 +49,8 @@ class DataConfig:
     root: str = _doc("", "image folder: split folders train/ val/ (test/) or one folder of class folders")
     val_fraction: float = _doc(0.2, "validation share when the root has no val/ folder")
     seed: int = _doc(0, "seed of the stratified train/validation split")
-    image_size: int = _doc(224, "side of the square crop the model sees")
+    image_size: int = _doc(224, "side of the square crop the model sees (8 to 4096; checked against the model "
+                                "by one forward and backward before the run starts)")
     crop_pct: float = _doc(0.875, "eval resizes to image_size / crop_pct, then center-crops")
     batch_size: int | str = _doc(32, "images per process per step; auto: on CUDA the largest that fits with a "
                                      "margin (trainer/assemble/batch_size.py), 32 on CPU; config.toml records the number")
@@ -448,6 +451,8 @@ def validate(cfg: Config) -> None:
     checks = [
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be between 0 and 1 (exclusive)"),
         (d.image_size >= 8, "data.image_size must be at least 8"),
+        (d.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be at most {MAX_IMAGE_SIZE} px (got {d.image_size}): "
+                                         "the crop every image is resized to, e.g. 224"),
         (0.0 < d.crop_pct <= 1.0, "data.crop_pct must be in (0, 1]"),
         (d.batch_size == "auto" or d.batch_size >= 1, 'data.batch_size must be at least 1, or "auto"'),
         (d.num_workers == "auto" or d.num_workers >= 0, 'data.num_workers must be 0 or more, or "auto"'),
