@@ -195,6 +195,10 @@ class RuntimeConfig:
     cudnn_benchmark: bool | str = _doc("auto", "let cuDNN time its algorithms for the run's shapes (auto: on "
                                                 "with CUDA; false: the same algorithms every run, for bit-exact reruns on a GPU)")
     compile: bool = _doc(False, "torch.compile the model (inductor); slow first steps")
+    ddp_timeout: float = _doc(300.0, "seconds a process waits for the others at a collective (gradient "
+                                     "all-reduce, barrier) before the run ends in one line naming the rank that "
+                                     "stopped answering (torch's own: 30 min over gloo); raise it when the main "
+                                     "process works alone longer (a first audit of a very large dataset)")
     grad_checkpointing: bool = _doc(False, "recompute activations in the backward pass (timm models' "
                                            "set_grad_checkpointing): less activation memory, one more forward "
                                            "pass of the blocks per step")
@@ -478,6 +482,7 @@ def validate(cfg: Config) -> None:
         (t.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1 (1: no accumulation)"),
         (t.grad_clip_norm >= 0, "train.grad_clip_norm must be 0 (off) or a positive norm, e.g. 1.0"),
         (cfg.runtime.cpu_threads >= 0, "runtime.cpu_threads must be 0 (auto) or a positive count"),
+        (cfg.runtime.ddp_timeout > 0, "runtime.ddp_timeout must be a positive number of seconds, e.g. 300"),
         (o.backbone_lr_mult > 0, "optim.backbone_lr_mult must be positive (to keep layers fixed use model.freeze)"),
         (0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate must be in [0, 1), e.g. 0.1"),
         (0.0 <= o.layer_decay <= 1.0, "optim.layer_decay must be 0 (off) or in (0, 1], e.g. 0.75"),

@@ -23,6 +23,7 @@ from torch import nn
 
 from configs.schema import Config
 from configs.errors import ConfigError
+from trainer.assemble.process_group import group_kwargs, record_peers
 
 
 def cpu_has_native_bf16() -> bool:
@@ -200,11 +201,12 @@ def make_accelerator(cfg: Config, trackers: list | None = None) -> Accelerator:
     dynamo = TorchDynamoPlugin(backend="inductor") if rt.compile else None
     from models.finetune import needs_unused_parameter_search
 
-    handlers = []
+    handlers = [group_kwargs(rt.ddp_timeout)]  # how long a process waits for the others at a collective
     if needs_unused_parameter_search(cfg):  # frozen-then-unfrozen parameters are outside the graph at first
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision, log_with=trackers or None, dynamo_plugin=dynamo,
                               gradient_accumulation_steps=cfg.train.grad_accum_steps, kwargs_handlers=handlers)
+    record_peers(accelerator)  # a collective failing later names the rank it waited for
 
     torch.set_num_threads(cpu_thread_count(rt.cpu_threads, available_cores(), local_process_count()))
     if not on_cpu:
