@@ -1,10 +1,13 @@
-"""Process faults, in-process or with small Python processes (no torch in them): ranks die with
-their launcher (trainer/files/launcher_death.py)."""
+"""Process faults, in-process or with small processes (no torch in them): ranks die with their
+launcher (trainer/files/launcher_death.py); a collective that fails names the rank that stopped
+answering (trainer/assemble/process_group.py); a second Ctrl-C says what it stops (trainer/fit/signals.py)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from configs.errors import ConfigError
+from trainer.assemble.process_group import (Peer, group_kwargs, peer_fault, process_state, speaks_for_the_group,
+                                            waited_at)
+from trainer.assemble.run_config import load_config
 from trainer.files.launcher_death import is_launcher_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,3 +100,102 @@ def test_a_process_no_launcher_started_is_left_alone(monkeypatch):
     r = subprocess.run([sys.executable, "-c", RANK.replace("time.sleep(60)", "pass")], capture_output=True,
                        text=True, env=env, timeout=30)
     assert r.returncode == 0 and r.stdout.strip() == "armed"  # went on: nothing to die with
+
+
+# ---- a collective that fails: runtime.ddp_timeout and the line naming the rank (trainer/assemble/process_group.py)
+
+def _stopped_process() -> subprocess.Popen:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while process_state(sleeper.pid) != "T" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return sleeper
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _peers(other_pid: int, other_host: str | None = None) -> list[Peer]:
+    return [Peer(0, socket.gethostname(), os.getpid()), Peer(1, other_host or socket.gethostname(), other_pid)]
+
+
+GLOO_TIMEOUT = RuntimeError("[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms "
+                            "for recv operation to complete")
+GLOO_PEER_GONE = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                              "[127.0.0.1]:28838. This is typically caused by a remote worker crashing.")
+
+
+def test_a_stopped_rank_is_named_with_what_to_do():
+    sleeper = _stopped_process()
+    try:
+        assert peer_fault(GLOO_TIMEOUT, _peers(sleeper.pid), 20) == (
+            f"rank 0 waited 20 s for the other processes, and rank 1 (pid {sleeper.pid}, this host) is stopped "
+            f"(SIGSTOP, Ctrl-Z or a debugger): resume it (kill -CONT {sleeper.pid}) or end the run and continue "
+            "with run.resume=auto. A rank that is only slow needs a longer runtime.ddp_timeout (now 20 s)")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("error", [GLOO_PEER_GONE, GLOO_TIMEOUT])
+def test_a_dead_rank_is_named_by_the_survivor(error):
+    pid = _dead_pid()
+    assert peer_fault(error, _peers(pid), 300) == (
+        f"rank 0 lost rank 1 (pid {pid}): it ended while the others waited for it; its own output or the "
+        "launcher's says why (killed by the OOM killer, a signal, an error). The last complete checkpoint is "
+        "kept: continue with run.resume=auto")
+
+
+def test_a_rank_on_another_host_is_pointed_at():
+    assert peer_fault(GLOO_TIMEOUT, _peers(1, "node-7"), 300) == (
+        "rank 0 waited 300 s for the other processes; no process on this host is stopped or gone; check the ranks "
+        "on node-7. If one process works alone that long (a first audit of a large dataset, a checkpoint written "
+        "to a slow disk), raise runtime.ddp_timeout (now 300 s); then continue with run.resume=auto")
+
+
+def test_other_errors_keep_their_traceback():
+    assert peer_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), _peers(1), 300) is None
+    assert peer_fault(GLOO_TIMEOUT, [], 300) is None  # one process: no peers to blame
+    assert peer_fault(TimeoutError("timed out"), _peers(1), 300) is None  # not torch.distributed's
+
+
+def test_the_line_says_where_in_the_project_it_waited():
+    def wait_for_everyone():
+        raise RuntimeError("Timed out waiting 3000ms for recv operation to complete")
+
+    try:
+        wait_for_everyone()
+    except RuntimeError as e:
+        assert re.fullmatch(r" at tests/unit/test_process_faults.py:\d+ \(wait_for_everyone\)", waited_at(e))
+
+
+def test_the_lowest_rank_still_answering_speaks():
+    host = socket.gethostname()
+    dead, sleeper = _dead_pid(), _stopped_process()
+    try:
+        me = Peer(1, host, os.getpid())
+        assert speaks_for_the_group([Peer(0, host, dead), me])  # rank 0 is gone: rank 1 says it
+        assert speaks_for_the_group([Peer(0, host, sleeper.pid), me])  # rank 0 is stopped
+        assert not speaks_for_the_group([Peer(0, host, os.getppid()), me])  # rank 0 answers and says it
+        assert not speaks_for_the_group([Peer(0, "node-7", 1), me])  # rank 0 elsewhere says it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("seconds", [5, 300, 600, 1800])
+def test_the_timeout_reaches_the_process_group(seconds):
+    # Accelerate passes only values that differ from its own defaults (600 s): 600 must still be passed.
+    sent = group_kwargs(seconds).to_kwargs()
+    assert abs(sent["timeout"].total_seconds() - seconds) < 1e-3
+
+
+def test_the_timeout_is_a_config_key_with_a_default_far_below_torchs(tmp_path):
+    cfg = load_config(None, [f"data.root={tmp_path}", "model.name=tiny_cnn"])
+    assert 0 < cfg.runtime.ddp_timeout <= 600
+    with pytest.raises(ConfigError, match="runtime.ddp_timeout must be a positive number of seconds"):
+        load_config(None, [f"data.root={tmp_path}", "model.name=tiny_cnn", "runtime.ddp_timeout=0"])
