@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from configs.errors import ConfigError
+from helpers import run_in_process
 from trainer.assemble.process_group import (Peer, group_kwargs, peer_fault, process_state, speaks_for_the_group,
                                             waited_at)
 from trainer.assemble.run_config import load_config
 from trainer.files.launcher_death import is_launcher_command
+from trainer.fit.signals import StopSignals
 
 REPO = Path(__file__).resolve().parents[2]
 # A rank as launch/train.py starts: its parent read first, then the request to die with it.
@@ -199,3 +201,55 @@ def test_the_timeout_is_a_config_key_with_a_default_far_below_torchs(tmp_path):
     assert 0 < cfg.runtime.ddp_timeout <= 600
     with pytest.raises(ConfigError, match="runtime.ddp_timeout must be a positive number of seconds"):
         load_config(None, [f"data.root={tmp_path}", "model.name=tiny_cnn", "runtime.ddp_timeout=0"])
+
+
+# ---- Ctrl-C, once and twice (trainer/fit/signals.py)
+
+class _OneProcess:
+    num_processes = 1
+
+
+@pytest.mark.parametrize("newest", ["step-00000006", None])
+def test_each_ctrl_c_says_what_it_does_and_the_second_what_is_kept(newest, tmp_path, capfd):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    if newest:
+        (checkpoints / "latest").write_text(newest + "\n")
+    signals = StopSignals(_OneProcess(), checkpoints)
+    signals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.agreed(1, last_of_epoch=False)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signals.close()
+    kept = (f"run.resume=auto continues from the newest complete checkpoint, {checkpoints / newest}" if newest
+            else "no checkpoint was complete yet: run.resume=auto starts the run over")
+    assert capfd.readouterr().err.split("\n") == [
+        "", "SIGINT: finishing this step and writing a checkpoint (Ctrl-C again stops at once, without one)",
+        "", f"second Ctrl-C: stopping now, without a checkpoint; {kept}", ""]
+
+
+def test_a_second_ctrl_c_ends_the_run_with_exit_130_and_its_line(image_folder, tmp_path, monkeypatch):
+    # The whole path, in-process: both Ctrl-Cs arrive in the second step; run_main turns the
+    # KeyboardInterrupt into exit 130 and the line is the last on stderr, without a traceback.
+    from trainer.fit import loop
+
+    real_step, steps = loop.train_step, []
+
+    def interrupted_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", interrupted_step)
+    r = run_in_process("train.py", f"data.root={image_folder}", f"run.dir={tmp_path / 'run'}", "model.name=tiny_cnn",
+                       "data.image_size=16", "data.num_workers=0", "data.batch_size=4", "runtime.device=cpu",
+                       cwd=tmp_path)
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert r.stderr.rstrip().splitlines()[-1] == ("second Ctrl-C: stopping now, without a checkpoint; no checkpoint "
+                                                  "was complete yet: run.resume=auto starts the run over")
