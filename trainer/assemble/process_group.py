@@ -11,17 +11,25 @@ rank and pid, and what to do.
 
 With NCCL, torch's watchdog may end a process at the timeout before Python sees an error; its own
 log lines then say so.
+
+Where the main process works alone by design (the first audit of a large dataset, filling the
+feature cache) the others wait with `main_process_first` / `wait_for_the_main_process`, in a gloo
+group of its own whose timeout is SOLO_WORK_TIMEOUT: hours of legitimate work are not a stuck peer.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object
 
@@ -40,8 +48,11 @@ class Peer:
     pid: int
 
 
+SOLO_WORK_TIMEOUT = datetime.timedelta(hours=4)
+
 _peers: list[Peer] = []
 _timeout_s: float = 0.0
+_solo_group = None  # the group the others wait in while the main process works alone
 
 
 def group_kwargs(timeout_s: float) -> InitProcessGroupKwargs:
@@ -58,12 +69,33 @@ def group_kwargs(timeout_s: float) -> InitProcessGroupKwargs:
 
 def record_peers(accelerator: Accelerator) -> None:
     """Every process's rank, host and pid, known to every process (a collective: all ranks call it)."""
-    global _peers
+    global _peers, _solo_group
     if accelerator.num_processes == 1:
-        _peers = []
+        _peers, _solo_group = [], None
         return
     me = (accelerator.process_index, socket.gethostname(), os.getpid())
     _peers = [Peer(*facts) for facts in gather_object([me])]
+    _solo_group = dist.new_group(backend="gloo", timeout=max(SOLO_WORK_TIMEOUT,
+                                                             datetime.timedelta(seconds=_timeout_s)))
+
+
+def wait_for_the_main_process(accelerator: Accelerator) -> None:
+    """`accelerator.wait_for_everyone()` where the main process works alone: the others wait up
+    to SOLO_WORK_TIMEOUT, not runtime.ddp_timeout."""
+    if _solo_group is None or accelerator.num_processes == 1:
+        accelerator.wait_for_everyone()
+        return
+    dist.barrier(group=_solo_group)
+
+
+@contextmanager
+def main_process_first(accelerator: Accelerator) -> Iterator[None]:
+    """`accelerator.main_process_first()`, the others waiting with `wait_for_the_main_process`."""
+    if not accelerator.is_main_process:
+        wait_for_the_main_process(accelerator)
+    yield
+    if accelerator.is_main_process:
+        wait_for_the_main_process(accelerator)
 
 
 def process_state(pid: int) -> str | None:
@@ -83,6 +115,8 @@ def peer_fault(error: BaseException, peers: list[Peer] | None = None, timeout_s:
         return None
     text = str(error).lower()
     timed_out, gone = any(w in text for w in _TIMED_OUT), any(w in text for w in _PEER_GONE)
+    said = re.search(r"timed out waiting (\d+)ms", text)  # gloo's own figure: right for every group
+    waited_s = int(said.group(1)) / 1000 if said else timeout_s
     if not peers or not (timed_out or gone):
         return None
     host, me = socket.gethostname(), os.getpid()
@@ -99,7 +133,7 @@ def peer_fault(error: BaseException, peers: list[Peer] | None = None, timeout_s:
         return (f"{start}lost {names}: it ended while the others waited for it{where}; its own output or the "
                 "launcher's says why (killed by the OOM killer, a signal, an error). The last complete checkpoint "
                 "is kept: continue with run.resume=auto")
-    waited = f"waited {timeout_s:g} s for the other processes{where}" if timed_out else \
+    waited = f"waited {waited_s:g} s for the other processes{where}" if timed_out else \
         f"lost its connection to another process{where}"
     if stuck:
         p, why = stuck[0]

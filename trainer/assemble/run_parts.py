@@ -36,6 +36,7 @@ from models.finetune import (FinetunePlan, GroupRules, apply_epoch, batchnorm_tr
 from trainer.assemble.batch_size import resolve_batch_size, step_probe
 from trainer.assemble.feature_cache import cached_head_datasets
 from trainer.assemble.optim import build_optimizer, build_scheduler
+from trainer.assemble.process_group import main_process_first
 from trainer.assemble.size_probe import check_image_size
 from trainer.assemble.accelerator import channels_last_on, decode_on, sync_bn_on, worker_count
 from trainer.task.task import task_for
@@ -97,7 +98,7 @@ def _audit(cfg: Config, source: Source, accelerator: Accelerator | None, backbon
     if accelerator is None:
         prepared = source.training_data(True, say)
     else:
-        with accelerator.main_process_first():
+        with main_process_first(accelerator):  # the others wait for hours, not runtime.ddp_timeout
             prepared = source.training_data(is_main, say)
     d = cfg.data
     mean, std = resolve_normalization(d.normalize, *backbone_stats, prepared.mean or d.mean, prepared.std or d.std)
