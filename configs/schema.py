@@ -49,13 +49,16 @@ class DataConfig:
     root: str = _doc("", "image folder: split folders train/ val/ (test/) or one folder of class folders")
     val_fraction: float = _doc(0.2, "validation share when the root has no val/ folder")
     seed: int = _doc(0, "seed of the stratified train/validation split")
-    image_size: int = _doc(224, "side of the square crop the model sees (8 to 4096; checked against the model "
-                                "by one forward and backward before the run starts)")
+    image_size: int = _doc(224, "side of the square crop the model sees (8 to 4096; one image goes through the "
+                                "model on the device before anything is written: a size it cannot take is "
+                                "one line naming the smallest that works)")
     crop_pct: float = _doc(0.875, "eval resizes to image_size / crop_pct, then center-crops")
     batch_size: int | str = _doc(32, "images per process per step; auto: on CUDA the largest that fits with a "
                                      "margin (trainer/assemble/batch_size.py), 32 on CPU; config.toml records the number")
     num_workers: int | str = _doc("auto", "DataLoader worker processes per training process (auto: this "
-                                          "machine's cores / processes on it, less one for the trainer)")
+                                          "machine's cores / processes on it, less one for the trainer; a "
+                                          "number: at most the cores and what free memory holds at 512 MiB "
+                                          "each, capped with a note)")
     prefetch_factor: int = _doc(4, "batches each worker keeps ready ahead of training")
     decode: str = _choice("auto", ("auto", "cpu", "cuda"),
                           "where training JPEGs are decoded: cpu (workers, at reduced DCT scale), cuda (nvjpeg, "
@@ -197,8 +200,9 @@ class RuntimeConfig:
     compile: bool = _doc(False, "torch.compile the model (inductor); slow first steps")
     ddp_timeout: float = _doc(300.0, "seconds a process waits for the others at a collective (gradient "
                                      "all-reduce, barrier) before the run ends in one line naming the rank that "
-                                     "stopped answering (torch's own: 30 min over gloo); raise it when the main "
-                                     "process works alone longer (a first audit of a very large dataset)")
+                                     "stopped answering (torch's own: 30 min over gloo); raise it for a "
+                                     "process that is slow, not stuck (torch.compile's first steps of a large "
+                                     "model, checkpoints on a slow disk)")
     grad_checkpointing: bool = _doc(False, "recompute activations in the backward pass (timm models' "
                                            "set_grad_checkpointing): less activation memory, one more forward "
                                            "pass of the blocks per step")

@@ -155,8 +155,8 @@ def test_a_dead_rank_is_named_by_the_survivor(error):
 def test_a_rank_on_another_host_is_pointed_at():
     assert peer_fault(GLOO_TIMEOUT, _peers(1, "node-7"), 300) == (
         "rank 0 waited 3 s for the other processes; no process on this host is stopped or gone; check the ranks "
-        "on node-7. If one process works alone that long (a first audit of a large dataset, a checkpoint written "
-        "to a slow disk), raise runtime.ddp_timeout (now 300 s); then continue with run.resume=auto")
+        "on node-7. If a process is only slow (torch.compile's first steps of a large model, a checkpoint "
+        "written to a slow disk), raise runtime.ddp_timeout (now 300 s); then continue with run.resume=auto")
 
 
 def test_other_errors_keep_their_traceback():

@@ -141,8 +141,8 @@ def peer_fault(error: BaseException, peers: list[Peer] | None = None, timeout_s:
                 f"{p.pid}) or end the run and continue with run.resume=auto. A rank that is only slow needs a "
                 f"longer runtime.ddp_timeout (now {timeout_s:g} s)")
     elsewhere = f"; check the ranks on {', '.join(remote)}" if remote else ""
-    return (f"{start}{waited}; no process on this host is stopped or gone{elsewhere}. If one process works alone "
-            f"that long (a first audit of a large dataset, a checkpoint written to a slow disk), raise "
+    return (f"{start}{waited}; no process on this host is stopped or gone{elsewhere}. If a process is only slow "
+            f"(torch.compile's first steps of a large model, a checkpoint written to a slow disk), raise "
             f"runtime.ddp_timeout (now {timeout_s:g} s); then continue with run.resume=auto")
 
 
