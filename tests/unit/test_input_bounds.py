@@ -41,6 +41,9 @@ def test_too_many_workers_are_capped_with_one_note(monkeypatch):
     assert acc.worker_count(2) == (2, None)
     assert acc.worker_count(0) == (0, None)
     assert acc.worker_count("auto") == (1, None)
+    monkeypatch.setattr(acc, "available_cores", lambda: 64)
+    monkeypatch.setattr(acc, "available_memory", lambda: 4 * GiB)
+    assert acc.worker_count("auto") == (8, None)  # the memory's bound, not 63
 
 
 def test_image_size_has_a_maximum(tmp_path):

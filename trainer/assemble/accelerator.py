@@ -117,15 +117,15 @@ WORKER_MEMORY = 512 * 2**20
 
 def worker_count(configured: int | str) -> tuple[int, str | None]:
     """(data.num_workers to use, note for the user or None). "auto" gives each process on this machine
-    its share of the cores, less one for the process itself (16 cores, 1 GPU: 15 workers; 2 cores: 1).
-    A number is kept up to what the machine allows (worker_limit), and capped there with a note:
+    its share of the cores, less one for the process itself (16 cores, 1 GPU: 15 workers; 2 cores: 1),
+    and no more than the free memory holds. A number is kept up to what the machine allows (worker_limit), and capped there with a note:
     1000 workers would fork until the kernel's OOM killer ends the trainer and leaves workers behind.
     PyTorch's DataLoader warns from the same bound (its cores) but starts them all."""
     cores, local = available_cores(), local_process_count()
-    if configured == "auto":
-        return max(1, cores // local - 1), None
     memory = available_memory()
     limit = worker_limit(cores, memory, local)
+    if configured == "auto":  # within what the memory holds too, without a note: nothing asked was refused
+        return min(max(1, cores // local - 1), max(1, limit)), None
     if configured <= limit:
         return configured, None
     free = f", {memory / 2**30:.1f} GiB of memory free" if memory is not None else ""
