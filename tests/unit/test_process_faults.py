@@ -159,6 +159,12 @@ def test_a_rank_on_another_host_is_pointed_at():
         "written to a slow disk), raise runtime.ddp_timeout (now 300 s); then continue with run.resume=auto")
 
 
+def test_a_lost_connection_to_another_host_points_there():
+    assert peer_fault(GLOO_PEER_GONE, _peers(1, "node-7"), 300) == (
+        "rank 0 lost its connection to another process: one on node-7 ended or its network failed; its own "
+        "output or the launcher's says why. Continue with run.resume=auto")
+
+
 def test_other_errors_keep_their_traceback():
     assert peer_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), _peers(1), 300) is None
     assert peer_fault(GLOO_TIMEOUT, [], 300) is None  # one process: no peers to blame

@@ -133,8 +133,11 @@ def peer_fault(error: BaseException, peers: list[Peer] | None = None, timeout_s:
         return (f"{start}lost {names}: it ended while the others waited for it{where}; its own output or the "
                 "launcher's says why (killed by the OOM killer, a signal, an error). The last complete checkpoint "
                 "is kept: continue with run.resume=auto")
-    waited = f"waited {waited_s:g} s for the other processes{where}" if timed_out else \
-        f"lost its connection to another process{where}"
+    if not timed_out:
+        hosts = ", ".join(remote) or "this host"
+        return (f"{start}lost its connection to another process{where}: one on {hosts} ended or its network "
+                "failed; its own output or the launcher's says why. Continue with run.resume=auto")
+    waited = f"waited {waited_s:g} s for the other processes{where}"
     if stuck:
         p, why = stuck[0]
         return (f"{start}{waited}, and rank {p.rank} (pid {p.pid}, this host) is {why}: resume it (kill -CONT "
