@@ -31,9 +31,15 @@ command with run.resume=auto to continue.
 
 from __future__ import annotations
 
-import argparse
+import os
 
-from cli import config_parser, parse_config_args, run_main
+# The first instruction: a launcher killed while this rank starts is noticed (see die_with_launcher).
+FIRST_PARENT = os.getppid()
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from cli import config_parser, parse_config_args, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> int:
+    from trainer.files.launcher_death import die_with_launcher
+
+    # Before torch is imported and the process group is up: a rank never outlives its launcher.
+    die_with_launcher(FIRST_PARENT)
     # Parsed first, torch imported last: --help, --keys, --print-config and bad input answer at once.
     args = parse_args()
     if args.keys:
@@ -59,8 +69,25 @@ def main() -> int:
         return 0
     from trainer.fit.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except RuntimeError as e:
+        raise _peer_fault(e) or e
     return 0
+
+
+def _peer_fault(error: RuntimeError) -> Exception | None:
+    """A collective that failed because another process stopped answering or died: one line, said
+    by one process (the lowest rank still answering), instead of a torch traceback from each."""
+    from configs.errors import TrainingFailed
+    from trainer.assemble.process_group import peer_fault, speaks_for_the_group
+
+    line = peer_fault(error)
+    if line is None:
+        return None
+    if speaks_for_the_group() and os.environ.get("RANK", "0") != "0":  # run_main prints rank 0's
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    return TrainingFailed(line)
 
 
 if __name__ == "__main__":

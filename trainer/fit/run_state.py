@@ -34,7 +34,7 @@ class RunState:
         self.root = run_dir / "checkpoints"
         self.at = Position()
         self.history = RunHistory(best_metric_of(cfg))
-        self.signals = StopSignals(accelerator)
+        self.signals = StopSignals(accelerator, self.root)
         self.epoch_start_lrs: list[float] = []  # learning rates when the current epoch started, per group
         self._damaged: list[Path] = []
         self._found = find_checkpoint(cfg.run.resume, self.root, self.warn, self._damaged)
