@@ -32,6 +32,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Above this side one image is 200 MB as float32 before the model's first layer.
 MAX_IMAGE_SIZE = 4096
+# The longest string value a key takes: a path is no longer on Linux (PATH_MAX) and a name far
+# shorter. A longer one is a mistake (a file's content pasted by `$(cat ...)`) that would be
+# copied into config.toml, state.json and every model file's header. Free text gets more room.
+MAX_STRING_CHARS = 4096
+LONG_STRING_KEYS = {"wandb.notes": 65_536}  # a run's description, shown on its W&B page
 
 
 def _choice(default: Any, choices: tuple, doc: str = "") -> Any:
@@ -384,11 +389,24 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
         raise ConfigError(f"unknown key '{dotted}' in {source}{_suggest(dotted, all_keys())}")
     tp = _field_type(sections[section], key)
     value = _coerce(dotted, value, tp)
+    _check_length(dotted, value)
     choices = fields[key].metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{dotted} = {value!r} is not one of: {', '.join(map(repr, choices))}"
                           f"{_suggest(str(value), list(choices))}")
     setattr(getattr(cfg, section), key, value)
+
+
+def _check_length(key: str, value: Any) -> None:
+    """Refuse a string (or a list's string item) longer than the key takes, naming the key and
+    the limit and showing only the value's start."""
+    limit = LONG_STRING_KEYS.get(key, MAX_STRING_CHARS)
+    for i, item in enumerate(value if isinstance(value, list) else [value]):
+        if isinstance(item, str) and len(item) > limit:
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            fix = "shorten it" if key in LONG_STRING_KEYS else "give a path or a name, not a file's content"
+            raise ConfigError(f"{where} is {len(item):,} characters long (it starts {item[:40]!r}); {key} takes at "
+                              f"most {limit:,}: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
