@@ -3,7 +3,7 @@ training and the end says what best.safetensors holds; one name per metric; the 
 rate the epoch trained with; time lines say what they measure and advice fires only where it means
 something; data messages name the fix; old runs resume without hand-set keys and a changed meaning
 is noted; recipes leave the machine's choices on auto and the README's launch commands pass what
-Accelerate needs."""
+Accelerate needs (and so do those in docs/ and the launch/ scripts' docstrings)."""
 
 from __future__ import annotations
 
