@@ -42,7 +42,8 @@ line; `configs/` holds complete examples (one per [recipe](fine-tuning.md#recipe
 python launch/train.py --keys                          # this table as plain text
 python launch/train.py --config C.toml --print-config  # the resolved config, then exit
 accelerate launch --multi_gpu --num_machines 1 --num_processes 2 --mixed_precision no --dynamo_backend no \\
-    launch/train.py --config C.toml train.epochs=3 model.name=timm/resnet18 'data.augment_ops=["random_erasing(p=0.25)"]'
+    launch/train.py --config C.toml train.epochs=3 model.name=timm/resnet18 \\
+    'data.augment_ops=["random_erasing(p=0.25)"]'
 ```
 
 - Every key is checked once, up front, before anything is written. An unknown key is refused

@@ -65,5 +65,5 @@ def listed_images(d, split: str | None = None, labelled: bool = True) -> ListedI
 
 
 __all__ = ["FILES", "Feed", "ImageStore", "ListedImages", "SOURCES", "SUBMISSION_COLUMNS", "Source", "TrainingImages",
-           "audited_splits", "describe_source", "file_ids", "label_names", "listed_images", "load_splits", "open_hf_dataset", "open_listing",
-           "open_source", "read_csv_rows", "register", "source_reads"]
+           "audited_splits", "describe_source", "file_ids", "label_names", "listed_images", "load_splits",
+           "open_hf_dataset", "open_listing", "open_source", "read_csv_rows", "register", "source_reads"]
