@@ -3,18 +3,20 @@
     # CPU or one GPU, one process
     python launch/train.py --config configs/demo.toml
     # any config, any key overridden on the command line (typed by the schema)
-    accelerate launch launch/train.py --config configs/regnet.toml data.root=/path/to/images train.epochs=3
+    python launch/train.py --config configs/regnet.toml data.root=/path/to/images train.epochs=3
     # several CPU processes on one machine: real DDP over gloo. Use --multi_gpu even without a GPU
     # (the trainer tells Accelerate cpu=True); `accelerate launch --cpu --num_processes 2` starts only one.
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         launch/train.py --config configs/demo.toml
     # several GPUs on one machine (DDP)
-    accelerate launch --multi_gpu --num_processes 4 launch/train.py --config configs/regnet.toml data.root=...
+    accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+        launch/train.py --config configs/regnet.toml data.root=...
     # mixed precision from the launcher (or train.precision=bf16|fp16 in the config)
-    accelerate launch --mixed_precision bf16 launch/train.py --config configs/regnet.toml data.root=...
+    accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \\
+        launch/train.py --config configs/regnet.toml data.root=...
     # several machines: run on each, with its own --machine_rank
-    accelerate launch --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 \\
-        --num_processes 8 launch/train.py --config configs/regnet.toml data.root=...
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 \\
+        --num_processes 8 --mixed_precision no --dynamo_backend no launch/train.py --config configs/regnet.toml data.root=...
     # several machines under SLURM (see the script's header)
     sbatch launch/slurm_train.sbatch configs/regnet.toml data.root=/shared/images run.dir=/shared/runs/r1
     # one process driving all visible GPUs with nn.DataParallel

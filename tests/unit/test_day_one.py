@@ -345,17 +345,6 @@ def _launches(text: str) -> list[list[str]]:
 
 LAUNCHES = [(page, argv) for page, text in _pages_with_commands().items() for argv in _launches(text)]
 
-# launch/train.py belongs to another change; its docstring's commands that still leave flags out.
-# Once they pass the four flags (and --multi_gpu with several processes) these no longer match.
-_TRAIN_PY_PENDING = {
-    "launch/train.py --config configs/regnet.toml data.root=/path/to/images train.epochs=3",
-    "--multi_gpu --num_processes 4 launch/train.py --config configs/regnet.toml data.root=...",
-    "--mixed_precision bf16 launch/train.py --config configs/regnet.toml data.root=...",
-    "--num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 "
-    "--num_processes 8 launch/train.py --config configs/regnet.toml data.root=...",
-}
-
-
 def _validate(argv: list[str], caplog) -> str:
     """Accelerate 1.15's own check (`_validate_launch_command`): its warning text for `argv`."""
     from accelerate.commands import launch
@@ -378,12 +367,8 @@ def two_gpu_launcher(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
 
 
-_PENDING = pytest.mark.xfail(strict=True, reason="launch/train.py's docstring: its owner adds the flags")
-
-
 @pytest.mark.parametrize("page, argv", [
-    pytest.param(page, argv, id=f"{page}:{' '.join(argv)[:60]}",
-                 marks=_PENDING if " ".join(argv) in _TRAIN_PY_PENDING else ())
+    pytest.param(page, argv, id=f"{page}:{' '.join(argv)[:60]}")
     for page, argv in LAUNCHES])
 def test_launch_commands_pass_what_accelerate_would_default(page, argv, two_gpu_launcher, caplog):
     """Accelerate prints "values were not passed" for each of num_processes, num_machines,
