@@ -190,13 +190,13 @@ def wait_until_free(run_dir: Path, timeout: float = 120.0) -> None:
 
 
 def stop(child: subprocess.Popen, launcher: bool) -> None:
-    """SIGTERM to the processes that train (the run itself, or the ranks, which are the launcher's
-    children) and to the launcher, and to nothing deeper: a DataLoader worker that gets SIGTERM from
-    anyone but its parent dies and takes the run's clean stop with it ("DataLoader worker is killed
-    by signal"). The launcher is told with its ranks: told nothing, torch elastic answers the first
-    rank that exits (75) with SIGTERM to the others, which by then have left their stop handler
-    (rank 0 finishing W&B dies of it). Told, it waits for them: 30 s at most, then SIGKILL."""
-    for pid in [*(children_of(child.pid) if launcher else []), child.pid]:
+    """SIGTERM to the processes that train, and to nothing else: the run itself, or the ranks (the
+    launcher's children). A DataLoader worker that gets SIGTERM from anyone but its parent dies and
+    takes its run's clean stop with it ("DataLoader worker is killed by signal"), and so does
+    SIGTERM to `accelerate launch`: torch elastic passes it on to each rank's whole process group,
+    workers included. Left alone, the launcher ends when its ranks have (after their checkpoint)."""
+    ranks = children_of(child.pid) if launcher else []
+    for pid in ranks or [child.pid]:  # a launcher with no ranks yet has nothing to save: it stops itself
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
