@@ -1,8 +1,10 @@
 """launch/search.py end to end: real drivers starting real `launch/train.py` trials.
 
 Two tests, each as few launches as the cases allow (tiny_cnn, 16 px, 48 training images):
-- two drivers at once on one study, one of them running its trials as 2-process CPU DDP runs:
-  the study's total is exact, no trial runs twice;
+- two drivers at once on one study, one of them running its trials as 2-process CPU DDP runs
+  that its pruner stops at their first epoch: the study's total is exact, no trial runs twice, a
+  pruned DDP trial stops through the run's own clean stop with no rank left and resumes; with W&B
+  on (offline), every trial is a run in one group named after the study;
 - a driver SIGKILLed mid-trial and started again: the trial resumes from its checkpoint in its
   own folder and is counted once; then a trial whose loss is not finite fails with its one-line
   reason and the search still finishes.
