@@ -352,7 +352,8 @@ def test_a_relative_out_is_written_absolute(tmp_path, image_folder, monkeypatch)
                                  distributions={"optim.lr": LR}))
     (out / "trial-0000").mkdir()
     (out / "trial-0000" / "config.toml").write_text('[optim]\nlr = 0.004\n\n[run]\ndir = "study/trial-0000"\n')
-    space = write_space(tmp_path, 'metric = "val_acc"\n[params]\n"optim.lr" = { low = 1e-4, high = 1e-1, log = true }\n')
+    space = write_space(tmp_path, 'metric = "val_acc"\n'
+                                  '[params]\n"optim.lr" = { low = 1e-4, high = 1e-1, log = true }\n')
     monkeypatch.chdir(tmp_path)
     # --trials 0: no trial runs; the results are written from the study
     assert search(SearchOptions(config=None, space="space.toml", trials=0, out_dir=Path("study"),

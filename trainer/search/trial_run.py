@@ -7,7 +7,9 @@ clean stop (checkpoint, exit 75), so it can be resumed or extended later.
 Every rank of a multi-process trial gets the same parameters: they are on its command line.
 The child runs in its own session (a Ctrl-C at the driver's terminal is the driver's to handle)
 and asks the kernel for SIGTERM when the driver dies, so a killed driver's trial still stops
-cleanly at its next step.
+cleanly at its next step. (A multi-process trial's launcher gets that SIGTERM, and torch elastic
+passes it to each rank's whole process group: ranks with DataLoader workers then fail instead, and
+the retry resumes from the checkpoint before.)
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def run_trial(trial, reports: EpochReports, command: list[str], run_dir: Path, l
     log_path.parent.mkdir(parents=True, exist_ok=True)
     wait_until_free(run_dir)
     tail = MetricsTail(run_dir / "metrics.jsonl")
-    pruned = False
+    pruned, launcher = False, is_launcher(command)
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())
         log.flush()
@@ -155,13 +157,13 @@ def run_trial(trial, reports: EpochReports, command: list[str], run_dir: Path, l
                 for record in tail.new_records():
                     if reports.add(record) and not pruned and not _last_epoch(run_dir, record):
                         pruned = True
-                        stop(child, is_launcher(command))
+                        stop(child, launcher)
                 if code is not None:
                     return code, pruned
                 heartbeat()
                 time.sleep(POLL_S)
         except BaseException:
-            stop(child, is_launcher(command))  # the driver is stopping (Ctrl-C, SIGTERM): the trial stops cleanly first
+            stop(child, launcher)  # the driver is stopping (Ctrl-C, SIGTERM): the trial stops cleanly first
             child.wait()
             raise
 
