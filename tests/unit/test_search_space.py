@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -89,6 +90,20 @@ def test_the_issue_space_file_reads_and_checks(tmp_path, image_folder):
     check_space(space, None, [f"data.root={image_folder}", "model.name=tiny_cnn"])
 
 
+@pytest.mark.parametrize("metric, side", [("val_acc", "_lower"), ("val_loss", "_upper")])
+def test_the_worse_than_pruner_prunes_on_the_metrics_bad_side(tmp_path, metric, side):
+    space = read_space(write_space(tmp_path, f'metric = "{metric}"\npruner = {{ worse_than = 0.5 }}\n'
+                                             '[params]\n"optim.lr" = { low = 1e-3, high = 1e-2 }\n'), "single", "val_loss")
+    assert (space.pruner, space.worse_than, space.pruner_text) == ("threshold", 0.5, "worse_than 0.5")
+    pruner = studies.make_pruner(space, startup_trials=3)
+    assert isinstance(pruner, optuna.pruners.ThresholdPruner) and getattr(pruner, side) == 0.5
+    # it judges the very first trial at its first epoch: no other trial needed
+    study = optuna.create_study(direction="maximize" if metric == "val_acc" else "minimize", pruner=pruner)
+    trial = study.ask()
+    trial.report(0.4 if metric == "val_acc" else 0.6, 1)
+    assert trial.should_prune()
+
+
 def test_metric_defaults_to_the_configs_best_metric(tmp_path):
     space = read_space(write_space(tmp_path, '[params]\n"optim.lr" = { low = 1e-3, high = 1e-2 }\n'),
                        "single", "val_loss")
@@ -99,6 +114,8 @@ def test_metric_defaults_to_the_configs_best_metric(tmp_path):
     ('metrc = "val_acc"\n[params]\n"optim.lr" = {low = 1e-3, high = 1e-2}\n', "unknown key 'metrc'"),
     ('metric = "val_acc"\n', "has no [params] table"),
     ('pruner = "asha"\n[params]\n"optim.lr" = {low = 1e-3, high = 1e-2}\n', "is not one of: 'median', 'hyperband', 'none'"),
+    ('pruner = { below = 0.2 }\n[params]\n"optim.lr" = {low = 1e-3, high = 1e-2}\n', "the table form is { worse_than"),
+    ('pruner = { worse_than = "a" }\n[params]\n"optim.lr" = {low = 1e-3, high = 1e-2}\n', "the table form is"),
     ('metric = "val_map"\n[params]\n"optim.lr" = {low = 1e-3, high = 1e-2}\n', "not a metric of data.task = single"),
     ('[params\n', "is not valid TOML"),
 ])
@@ -255,7 +272,7 @@ def test_trial_commands():
     command = launch.command({"optim.lr": 0.01, "data.augment": "crop"}, Path("/s/trial-0003"), resume=True)
     assert command[0] == sys.executable and command[1].endswith("launch/train.py")
     assert command[2:] == ["--config", "c.toml", "data.root=d", "optim.lr=0.01", "data.augment=crop",
-                           "run.dir=/s/trial-0003", "run.resume=auto"]
+                           "run.dir=/s/trial-0003", "run.resume=auto", "wandb.name=trial-0003"]
     ddp = TrialLaunch(None, [], parse_launch("accelerate launch --multi_gpu --num_processes 2"), wandb_group="s")
     command = ddp.command({}, Path("/s/trial-0000"), resume=False)
     assert command[1:4] == ["launch", "--multi_gpu", "--num_processes"] and "--main_process_port" in command
@@ -295,3 +312,118 @@ def test_trials_csv_and_best_toml(tmp_path):
     table = LiveTable(["optim.lr"], "val_acc")
     assert "optim.lr" in table.header()
     assert "the loss is not finite" in table.row(study.trials[3], 0.9)
+
+
+def test_a_retry_best_toml_is_the_trials_config_not_the_retrys(tmp_path, image_folder):
+    """The best trial is a retry (its driver was killed): its folder's config.toml is the one the
+    resumed run wrote, with the retry's run.resume=auto. best.toml must still load to the config the
+    trial was started with, but for its own run folder."""
+    from trainer.assemble.run_config import load_config
+
+    launch = TrialLaunch(None, [f"data.root={image_folder}", "model.name=tiny_cnn"], wandb_group="study")
+    folder, params = tmp_path / "trial-0000", {"optim.lr": 0.004}
+    first = load_config(None, launch.command(params, folder, resume=False)[2:])
+    retried = load_config(None, launch.command(params, folder, resume=True)[2:])
+    assert retried.run.resume == "auto"
+    folder.mkdir()
+    (folder / "config.toml").write_text(retried.to_toml())  # what the resumed run wrote over the first
+
+    study = optuna.create_study(direction="maximize")
+    add(study, TrialState.FAIL, number_lr=0.004)                              # 0: its driver was killed
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.9, params=params, distributions={"optim.lr": LR},
+                                 system_attrs={studies.RETRIED: 0}))         # 1: the retry, in trial-0000
+    write_best_config(tmp_path / "best.toml", study.best_trial, tmp_path, "val_acc")
+    best = load_config(tmp_path / "best.toml")
+    expected = first.to_dict()
+    expected["run"] = {"dir": str(tmp_path / "best"), "resume": ""}
+    expected["wandb"]["name"] = ""
+    assert best.to_dict() == expected
+    assert "trial 1 (continuing trial 0 in its folder)" in (tmp_path / "best.toml").read_text()
+
+
+def test_a_relative_out_is_written_absolute(tmp_path, image_folder, monkeypatch):
+    """--out runs/x: trials.csv and best.toml name absolute folders, so they work from anywhere."""
+    from trainer.search.driver import SearchOptions, search
+
+    out = tmp_path / "study"
+    storage = studies.open_storage(out, None)
+    study = optuna.create_study(storage=storage, study_name="study", direction="maximize")
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.9, params={"optim.lr": 0.004},
+                                 distributions={"optim.lr": LR}))
+    (out / "trial-0000").mkdir()
+    (out / "trial-0000" / "config.toml").write_text('[optim]\nlr = 0.004\n\n[run]\ndir = "study/trial-0000"\n')
+    space = write_space(tmp_path, 'metric = "val_acc"\n'
+                                  '[params]\n"optim.lr" = { low = 1e-4, high = 1e-1, log = true }\n')
+    monkeypatch.chdir(tmp_path)
+    # --trials 0: no trial runs; the results are written from the study
+    assert search(SearchOptions(config=None, space="space.toml", trials=0, out_dir=Path("study"),
+                                overrides=[f"data.root={image_folder}", "model.name=tiny_cnn"])) == 0
+    (row,) = csv.DictReader(open(out / "trials.csv"))
+    assert row["run_dir"] == str(out / "trial-0000")
+    assert tomllib.loads((out / "best.toml").read_text())["run"]["dir"] == str(out / "best")
+    assert space.is_file()
+
+
+# ---- stopping a trial: its training processes, nothing else ----
+
+TREE = '''
+import os, signal, subprocess, sys, time
+from pathlib import Path
+out, role = Path(sys.argv[1]), sys.argv[2]
+def mark(signum, frame):
+    (out / f"{role}-{os.getpid()}").write_text("")
+    if role != "launcher":  # a launcher told to stop waits for its ranks
+        sys.exit(75 if role != "worker" else 0)
+signal.signal(signal.SIGTERM, mark)
+if role == "launcher":
+    # two ranks, each with a worker; it ends when they do
+    ranks = [subprocess.Popen([sys.executable, __file__, str(out), "rank"]) for _ in range(2)]
+    sys.exit(max(r.wait() for r in ranks))
+if role in ("rank", "run"):
+    subprocess.Popen([sys.executable, __file__, str(out), "worker"])
+(out / f"ready-{role}-{os.getpid()}").write_text("")
+time.sleep(60)
+'''
+
+
+def start_tree(tmp_path: Path, role: str, ready: int) -> subprocess.Popen:
+    script = tmp_path / "tree.py"
+    script.write_text(TREE)
+    child = subprocess.Popen([sys.executable, str(script), str(tmp_path), role], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("ready-*"))) < ready:
+        assert time.monotonic() < deadline, "the process tree did not start"
+        time.sleep(0.05)
+    return child
+
+
+def signalled(tmp_path: Path) -> list[str]:
+    return sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.split("-")[0] in
+                  ("launcher", "rank", "run", "worker"))
+
+
+def test_stop_signals_the_ranks_not_the_launcher_nor_their_workers(tmp_path):
+    import signal as signals
+
+    from trainer.search.trial_run import stop
+
+    child = start_tree(tmp_path, "launcher", ready=4)  # 2 ranks, 2 workers
+    stop(child, launcher=True)
+    assert child.wait(timeout=30) == 75  # the launcher ended because its ranks did
+    assert signalled(tmp_path) == ["rank", "rank"]
+    for worker in tmp_path.glob("ready-worker-*"):  # the workers were left to their parents
+        os.kill(int(worker.name.split("-")[-1]), signals.SIGKILL)
+
+
+def test_stop_signals_a_plain_run_and_not_its_workers(tmp_path):
+    import signal as signals
+
+    from trainer.search.trial_run import is_launcher, stop
+
+    child = start_tree(tmp_path, "run", ready=2)
+    stop(child, launcher=False)
+    assert child.wait(timeout=30) == 75 and signalled(tmp_path) == ["run"]
+    for worker in tmp_path.glob("ready-worker-*"):
+        os.kill(int(worker.name.split("-")[-1]), signals.SIGKILL)
+    assert is_launcher(TrialLaunch(None, [], ["--num_processes", "2"]).command({}, tmp_path, False))
+    assert not is_launcher(TrialLaunch(None, []).command({}, tmp_path, False))

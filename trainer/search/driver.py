@@ -10,6 +10,7 @@ reads their files.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass, field
@@ -68,20 +69,24 @@ def search(opts: SearchOptions) -> int:
     check_space(space, opts.config, opts.overrides)
 
     # ---- the study ----
+    # Absolute once: trials.csv, best.toml and every trial's run.dir then work from any folder.
+    opts = dataclasses.replace(opts, out_dir=opts.out_dir.expanduser().resolve())
     opts.out_dir.mkdir(parents=True, exist_ok=True)
-    name = opts.study_name or opts.out_dir.resolve().name
+    name = opts.study_name or opts.out_dir.name
     storage = studies.open_storage(opts.out_dir, opts.storage)
-    pruner = studies.make_pruner(space.pruner, opts.startup_trials)
+    pruner = studies.make_pruner(space, opts.startup_trials)
     study = studies.load_or_create(storage, name, space.metric.higher_is_better, studies.make_sampler(opts.seed),
                                    pruner)
     if opts.seed is not None:  # a restarted driver must not replay the draws of its first life
         study.sampler = studies.make_sampler(opts.seed + len(study.get_trials(deepcopy=False)))
-    group = name if base.wandb.mode != "disabled" and not base.wandb.group else ""
+    # Always, not only when wandb.mode says so: WANDB_MODE in the environment can turn W&B on too
+    # (the run decides), and a group is inert on a run without W&B. A group the user set is theirs.
+    group = "" if base.wandb.group else name
     run = Search(opts, space, study, storage, TrialLaunch(opts.config, opts.overrides, opts.launch_args, group),
                  LiveTable(space.keys, space.metric.key))
     print(f"study {name!r} in {opts.storage or opts.out_dir / studies.STUDY_FILE}: {space.metric.key} "
           f"({'higher' if space.metric.higher_is_better else 'lower'} is better), {opts.trials} trials in all, "
-          f"pruner {space.pruner}", flush=True)
+          f"pruner {space.pruner_text}", flush=True)
     for number in studies.retry_orphans(study, storage, opts.stale_after):
         print(f"trial {number}: its driver stopped; a retry resumes it from its checkpoint", flush=True)
 

@@ -64,13 +64,16 @@ def write_trials_csv(path: Path, trials: list[FrozenTrial], keys: list[str], out
 
 def write_best_config(path: Path, best: FrozenTrial, out_dir: Path, metric: str) -> Path:
     """The best trial's resolved config.toml, with a run folder of its own: training from it gives
-    the trial's result again (same config, same seed) without touching the trial's folder."""
+    the trial's result again (same config, same seed) without touching the trial's folder. For a
+    retry, the folder's config.toml is the resumed run's: what the retry adds (run.resume) is reset."""
     source = run_folder(out_dir, best) / "config.toml"
     tables = tomllib.loads(source.read_text(encoding="utf-8"))
     tables["run"].update({"dir": str(out_dir / "best"), "resume": ""})
     if "wandb" in tables:
         tables["wandb"]["name"] = ""
-    header = (f"# The best trial of the search in {out_dir}: trial {best.number}, {metric} {best.value:.6g}\n"
+    continued = first_number(best)
+    retry = f" (continuing trial {continued} in its folder)" if continued != best.number else ""
+    header = (f"# The best trial of the search in {out_dir}: trial {best.number}{retry}, {metric} {best.value:.6g}\n"
               f"# (resolved config of {source}; run.dir changed so a new run does not touch the trial's folder)\n"
               f"#   python launch/train.py --config {path}\n")
     return atomic_write_text(path, header + dump_toml(tables))

@@ -1,7 +1,8 @@
 """The search space file: which config keys a search varies, over which values, judged by which metric.
 
     metric = "val_acc"          # optional: default the config's train.best_metric and its direction
-    pruner = "median"           # optional: median (default), hyperband or none
+    pruner = "median"           # optional: median (default), hyperband or none,
+                                # or { worse_than = 0.2 }: stop any trial whose metric is worse at an epoch
     [params]
     "optim.lr" = { low = 1e-4, high = 3e-2, log = true }
     "train.epochs" = { low = 2, high = 6 }              # ints when both ends are ints
@@ -69,12 +70,17 @@ class SearchSpace:
     params: list[Param]
     metric: BestMetric
     pruner: str = "median"
+    worse_than: float | None = None  # pruner "threshold": the metric value a trial's epochs must beat
     source: str = ""
     notes: list[str] = field(default_factory=list)
 
     @property
     def keys(self) -> list[str]:
         return [p.key for p in self.params]
+
+    @property
+    def pruner_text(self) -> str:
+        return f"worse_than {self.worse_than:g}" if self.pruner == "threshold" else self.pruner
 
 
 def override_text(key: str, value: Any) -> str:
@@ -102,9 +108,7 @@ def read_space(path: str | Path, task: str, default_metric: str) -> SearchSpace:
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{path} has no [params] table of keys to vary, e.g. "
                           '[params] "optim.lr" = { low = 1e-4, high = 3e-2, log = true }')
-    pruner = tables.get("pruner", "median")
-    if pruner not in PRUNERS:
-        raise ConfigError(f"pruner = {pruner!r} in {path} is not one of: {', '.join(map(repr, PRUNERS))}")
+    pruner, worse_than = read_pruner(tables.get("pruner", "median"), path)
     metric_name = tables.get("metric", default_metric)
     if not isinstance(metric_name, str):
         raise ConfigError(f"metric in {path} must be a metric name such as \"val_acc\", got {metric_name!r}")
@@ -112,7 +116,23 @@ def read_space(path: str | Path, task: str, default_metric: str) -> SearchSpace:
         metric = best_metric(task, metric_name)
     except ConfigError as e:
         raise ConfigError(f"metric in {path}: {e}") from None
-    return SearchSpace([parse_param(key, spec, path) for key, spec in params.items()], metric, pruner, str(path))
+    return SearchSpace([parse_param(key, spec, path) for key, spec in params.items()], metric, pruner, worse_than,
+                       str(path))
+
+
+def read_pruner(value: Any, path: Path) -> tuple[str, float | None]:
+    """`pruner = "median"` (or another of PRUNERS), or `{ worse_than = x }`: ("threshold", x)."""
+    if isinstance(value, dict):
+        bound = value.get("worse_than")
+        if set(value) != {"worse_than"} or isinstance(bound, bool) or not isinstance(bound, (int, float)) \
+                or not math.isfinite(bound):
+            raise ConfigError(f"pruner = {value!r} in {path}: the table form is {{ worse_than = <a value of the "
+                              "metric> }, e.g. pruner = { worse_than = 0.2 }")
+        return "threshold", float(bound)
+    if value not in PRUNERS:
+        raise ConfigError(f"pruner = {value!r} in {path} is not one of: {', '.join(map(repr, PRUNERS))} "
+                          "(or { worse_than = <a value of the metric> })")
+    return value, None
 
 
 def parse_param(key: str, spec: Any, path: str | Path = "the space file") -> Param:

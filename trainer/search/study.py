@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from configs.errors import UsageError
+from trainer.search.space import SearchSpace
 
 STUDY_FILE = "study.journal"
 HEARTBEAT_EVERY_S = 20.0
@@ -68,11 +69,14 @@ def make_sampler(seed: int | None):
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=4)
 
 
-def make_pruner(kind: str, startup_trials: int):
-    if kind == "hyperband":
+def make_pruner(space: SearchSpace, startup_trials: int):
+    if space.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
-    if kind == "median":
+    if space.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=1)
+    if space.pruner == "threshold":  # judges every trial from its first epoch, with no other trial needed
+        side = "lower" if space.metric.higher_is_better else "upper"
+        return optuna.pruners.ThresholdPruner(**{side: space.worse_than})
     return optuna.pruners.NopPruner()
 
 

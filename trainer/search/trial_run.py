@@ -1,13 +1,15 @@
 """One trial as a real run: `launch/train.py` (or `accelerate launch ... launch/train.py`) as a child
 process with the trial's parameters as overrides and its own run.dir; followed through the
 metrics.jsonl lines the run writes (one per epoch, flushed), each reported to Optuna's pruner; a
-pruned trial is stopped by SIGTERM, the run's own clean stop (checkpoint, exit 75), so it can be
-resumed or extended later.
+pruned trial is stopped by SIGTERM to its training processes (the run, or each rank), the run's own
+clean stop (checkpoint, exit 75), so it can be resumed or extended later.
 
 Every rank of a multi-process trial gets the same parameters: they are on its command line.
 The child runs in its own session (a Ctrl-C at the driver's terminal is the driver's to handle)
 and asks the kernel for SIGTERM when the driver dies, so a killed driver's trial still stops
-cleanly at its next step.
+cleanly at its next step. (A multi-process trial's launcher gets that SIGTERM, and torch elastic
+passes it to each rank's whole process group: ranks with DataLoader workers then fail instead, and
+the retry resumes from the checkpoint before.)
 """
 
 from __future__ import annotations
@@ -42,14 +44,13 @@ class TrialLaunch:
     config: str | None
     overrides: list[str]
     launch_args: list[str] = field(default_factory=list)
-    wandb_group: str = ""  # the study's name when W&B is on, else ""
+    wandb_group: str = ""  # the study's name, else "" (the user's overrides name a group of their own)
 
     def command(self, params: dict, run_dir: Path, resume: bool) -> list[str]:
         args = [*(["--config", self.config] if self.config else []), *self.overrides,
                 *(override_text(k, v) for k, v in params.items()), f"run.dir={run_dir}",
                 *(["run.resume=auto"] if resume else [])]
-        if self.wandb_group:
-            args += [f"wandb.group={self.wandb_group}", f"wandb.name={run_dir.name}"]
+        args += [*([f"wandb.group={self.wandb_group}"] if self.wandb_group else []), f"wandb.name={run_dir.name}"]
         if not self.launch_args:
             return [sys.executable, str(TRAIN_SCRIPT), *args]
         return [accelerate_executable(), "launch", *self._with_port(), str(TRAIN_SCRIPT), *args]
@@ -144,7 +145,7 @@ def run_trial(trial, reports: EpochReports, command: list[str], run_dir: Path, l
     log_path.parent.mkdir(parents=True, exist_ok=True)
     wait_until_free(run_dir)
     tail = MetricsTail(run_dir / "metrics.jsonl")
-    pruned = False
+    pruned, launcher = False, is_launcher(command)
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())
         log.flush()
@@ -156,13 +157,13 @@ def run_trial(trial, reports: EpochReports, command: list[str], run_dir: Path, l
                 for record in tail.new_records():
                     if reports.add(record) and not pruned and not _last_epoch(run_dir, record):
                         pruned = True
-                        stop(child)
+                        stop(child, launcher)
                 if code is not None:
                     return code, pruned
                 heartbeat()
                 time.sleep(POLL_S)
         except BaseException:
-            stop(child)  # the driver is stopping (Ctrl-C, SIGTERM): the trial stops cleanly first
+            stop(child, launcher)  # the driver is stopping (Ctrl-C, SIGTERM): the trial stops cleanly first
             child.wait()
             raise
 
@@ -190,12 +191,36 @@ def wait_until_free(run_dir: Path, timeout: float = 120.0) -> None:
             os.close(fd)
 
 
-def stop(child: subprocess.Popen) -> None:
-    """SIGTERM to every process of the trial (the launcher and its ranks): the run's clean stop."""
-    try:
-        os.killpg(child.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+def stop(child: subprocess.Popen, launcher: bool) -> None:
+    """SIGTERM to the processes that train, and to nothing else: the run itself, or the ranks (the
+    launcher's children). A DataLoader worker that gets SIGTERM from anyone but its parent dies and
+    takes its run's clean stop with it ("DataLoader worker is killed by signal"), and so does
+    SIGTERM to `accelerate launch`: torch elastic passes it on to each rank's whole process group,
+    workers included. Left alone, the launcher ends when its ranks have (after their checkpoint)."""
+    ranks = children_of(child.pid) if launcher else []
+    for pid in ranks or [child.pid]:  # a launcher with no ranks yet has nothing to save: it stops itself
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def is_launcher(command: list[str]) -> bool:
+    """Whether TrialLaunch.command started `accelerate launch` (else the run itself)."""
+    return command[1:2] == ["launch"]
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc; elsewhere none, so the caller signals `pid`)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended while we looked
+        if int(text[text.rindex(")") + 2:].split()[1]) == pid:  # the field after the state: the parent
+            children.append(int(stat.parent.name))
+    return children
 
 
 def _term_with_parent() -> None:
