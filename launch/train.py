@@ -39,6 +39,7 @@ import os
 FIRST_PARENT = os.getppid()
 
 import argparse  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 
 from cli import config_parser, parse_config_args, run_main  # noqa: E402
@@ -70,9 +71,15 @@ def main() -> int:
         print(cfg.to_toml())
         return 0
     from trainer.fit.loop import train
+    from trainer.fit.signals import Preempted
 
     try:
         train(cfg)
+    except Preempted:
+        # The checkpoint is complete; what is left is exiting. Another SIGTERM now (torch elastic
+        # sends one to every rank once the first has exited) would turn exit 75 into a kill.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
     except RuntimeError as e:
         raise _peer_fault(e) or e
     return 0

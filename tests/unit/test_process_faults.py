@@ -259,3 +259,39 @@ def test_a_second_ctrl_c_ends_the_run_with_exit_130_and_its_line(image_folder, t
     assert "Traceback" not in r.stderr
     assert r.stderr.rstrip().splitlines()[-1] == ("second Ctrl-C: stopping now, without a checkpoint; no checkpoint "
                                                   "was complete yet: run.resume=auto starts the run over")
+
+
+def test_a_preempted_run_outlives_a_second_sigterm_while_it_finishes(image_folder, tmp_path, monkeypatch):
+    # A pruned or preempted DDP trial: once one rank has exited 75, torch elastic sends SIGTERM to the
+    # others, which may be finishing W&B or unwinding. They must still exit 75 with their checkpoint.
+    # Here the second SIGTERM arrives inside end_training and again after; a recorder stands in for
+    # the default handler, so a regression is a recorded kill instead of a killed test worker.
+    from accelerate import Accelerator
+
+    from trainer.fit import loop
+
+    real_step, real_end, steps, kills = loop.train_step, Accelerator.end_training, [], []
+
+    def preempted_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    def end_training_under_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_end(self)
+
+    monkeypatch.setattr(loop, "train_step", preempted_step)
+    monkeypatch.setattr(Accelerator, "end_training", end_training_under_sigterm)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: kills.append(signum))
+    try:
+        r = run_in_process("train.py", f"data.root={image_folder}", f"run.dir={tmp_path / 'run'}",
+                           "model.name=tiny_cnn", "data.image_size=16", "data.num_workers=0", "data.batch_size=4",
+                           "runtime.device=cpu", cwd=tmp_path)
+        os.kill(os.getpid(), signal.SIGTERM)  # after the run: the test's own handler is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert r.returncode == 75, r.stderr[-2000:]
+    assert "stopped by signal SIGTERM after step 2" in r.stdout + r.stderr
+    assert kills == [signal.SIGTERM]  # only the test's own, after the run
