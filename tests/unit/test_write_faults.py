@@ -273,7 +273,20 @@ def test_a_huge_config_value_is_not_echoed_whole(tmp_path):
     result = run_in_process("train.py", "data.root=/x", f"data.augment={huge}", "--print-config", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: ") and len(result.stderr) < 3000
-    assert "characters left out" in result.stderr
+    assert "data.augment takes at most 4,096" in result.stderr  # the schema refuses it by its length
+
+
+def test_an_error_line_quoting_a_huge_text_is_cut_in_the_middle(monkeypatch):
+    # The last net for any other message that quotes a file or value whole.
+    from helpers import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "launch"))
+    from cli import ECHO_LIMIT, capped
+
+    line = capped("error: bad value " + "x" * 10_000_000 + " (fix it)")
+    assert len(line) < ECHO_LIMIT + 100 and "characters left out" in line
+    assert line.startswith("error: bad value x") and line.endswith("(fix it)")
+    assert capped("error: short") == "error: short"
 
 
 def test_a_refused_write_no_writer_caught_is_still_one_line(capsys, monkeypatch):
