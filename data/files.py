@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from configs.errors import ProjectError
+from data.processes import pid_runs
 
 
 class WriteFailed(ProjectError):
@@ -126,16 +127,6 @@ def append_line(path: str | Path, line: str, *, durable: bool = False) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
 def remove_dead_leftovers(path: Path) -> list[Path]:
     """Remove what killed writers of `path` left beside it: `.NAME.tmp-PID` files and folders (the
     names atomic_output and atomic_folder give) whose process PID no longer exists on this machine.
@@ -152,7 +143,7 @@ def remove_dead_leftovers(path: Path) -> list[Path]:
         digits = leftover.name[len(prefix):]
         if path.suffix and digits.endswith(path.suffix):
             digits = digits[: -len(path.suffix)]
-        if not digits.isdigit() or int(digits) == os.getpid() or _alive(int(digits)):
+        if not digits.isdigit() or int(digits) == os.getpid() or pid_runs(int(digits)):
             continue
         if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)

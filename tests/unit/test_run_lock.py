@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from configs.errors import UsageError
+from data.processes import process_start
 from trainer.files import run_lock
 from trainer.files.run_lock import LOCK_NAME, RunLock
 
@@ -182,7 +183,7 @@ def test_without_flock_a_dead_runs_or_a_reused_pids_lock_is_taken(tmp_path, monk
 def test_without_flock_a_live_run_is_refused_and_an_unverifiable_pid_says_how_to_check(tmp_path, monkeypatch):
     _no_flock(monkeypatch)
     parent = os.getppid()
-    _leave_lock(tmp_path, parent, pid_started=run_lock.process_start(parent))  # that very process: a live run
+    _leave_lock(tmp_path, parent, pid_started=process_start(parent))  # that very process: a live run
     with pytest.raises(UsageError, match=rf"pid {parent}, started 2024-01-01 00:00:00\): choose another run.dir, "
                                          rf"or wait for that run to end$"):
         with RunLock(tmp_path, MAIN):

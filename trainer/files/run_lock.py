@@ -48,6 +48,7 @@ from accelerate.utils import broadcast_object_list
 
 from configs.errors import UsageError
 from data.files import atomic_write_json
+from data.processes import command_of, process_start, same_process_runs
 from trainer.files.launcher_death import die_with_launcher
 
 try:
@@ -313,31 +314,7 @@ def _running(holder: dict) -> bool:
         return False
     if pid == os.getpid():
         return False  # our own pid, yet we hold no lock: a pid reused after a restart
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    started = holder.get("pid_started")
-    return started is None or process_start(pid) in (None, started)
-
-
-def command_of(pid: int) -> str | None:
-    try:
-        parts = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    except OSError:
-        return None
-    return shlex.join(p.decode(errors="replace") for p in parts)
-
-
-def process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot: a reused pid has another."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    return same_process_runs(pid, holder.get("pid_started"))
 
 
 @contextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import tomllib
 import warnings
 from pathlib import Path
@@ -17,20 +16,12 @@ from pathlib import Path
 from optuna.trial import FrozenTrial, TrialState
 
 from configs.schema import dump_toml
+from data.files import atomic_output, atomic_write_text
 from trainer.search.study import REASON, counted, first_number
 
 STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
           TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Replace `path` whole: several drivers may write the study's files at the same moment.
-    (data.files has the same, but importing the data package imports torch.)"""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def run_folder(out_dir: Path, trial: FrozenTrial) -> Path:
@@ -133,9 +124,8 @@ def write_plots(study, out_dir: Path) -> tuple[list[Path], list[str]]:
             figure.set_size_inches(9, 6)
             figure.tight_layout()
             path = out_dir / f"{name}.png"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-            figure.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, path)
+            with atomic_output(path) as tmp:  # several drivers may draw them at the same moment
+                figure.savefig(tmp, format="png", dpi=100)
             plt.close(figure)
             written.append(path)
         except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few finished trials to draw it

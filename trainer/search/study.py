@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from configs.errors import UsageError
+from data.processes import process_start, same_process_runs
 from trainer.search.space import SearchSpace
 
 STUDY_FILE = "study.journal"
@@ -125,15 +126,6 @@ def driver_identity() -> dict:
     return {"host": socket.gethostname(), "pid": pid, "pid_started": process_start(pid)}
 
 
-def process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot: a reused pid has another."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def driver_alive(trial: FrozenTrial, stale_after: float) -> bool:
     """Whether a running trial's driver still runs: asked of the kernel on this host, else judged by
     the trial's heartbeat (or, before its first, its start: a driver that has just asked for it
@@ -151,13 +143,7 @@ def _running(driver: dict) -> bool:
     pid = driver.get("pid")
     if pid == os.getpid():
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return process_start(pid) in (None, driver.get("pid_started"))
+    return same_process_runs(pid, driver.get("pid_started"))
 
 
 def retry_orphans(study: optuna.Study, storage, stale_after: float) -> list[int]:
