@@ -76,10 +76,11 @@ def run_env(**extra: str) -> dict[str, str]:
     """The environment of every subprocess test: CPU only, by environment rather than by luck. On
     a machine with GPUs, a 2-process CPU-DDP launch would otherwise put its ranks on cuda:0 and
     cuda:1 ("invalid device ordinal" with one GPU), and exact comparisons would meet TF32 and
-    cuDNN's nondeterminism. Tests that need CUDA run in-process and skip without it."""
+    cuDNN's nondeterminism. Tests that need CUDA run in-process and skip without it. Idle OpenMP
+    threads sleep (OMP_WAIT_POLICY): a run's threads otherwise spin on cores the other tests need."""
     env = dict(os.environ)
     env.update({"CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
                 # Keep accelerate from reading a user's `accelerate config` file.
                 "HF_HOME": env.get("HF_HOME_TESTS", "/tmp/imgtrain-tests-hf")})
     env.update(extra)
