@@ -94,6 +94,24 @@ def run_script(script: str, *args: str, cwd: Path, launcher: tuple[str, ...] = (
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or run_env())
 
 
+def start_script(script: str, *args: str, cwd: Path, launcher: tuple[str, ...] = (),
+                 env: dict | None = None) -> subprocess.Popen:
+    """run_script started and not waited for: a reference run trains while the runs compared with it do
+    (the suite's two workers leave a core idle whenever one waits on a single-threaded run)."""
+    cmd = [*(launcher or (PYTHON,)), str(REPO / "launch" / script), *args]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or run_env())
+
+
+def finish_script(process: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now: each multi-process launch gets its own rendezvous port, so
     launches of tests running side by side (pytest -n 2) never meet on accelerate's default 29500."""
