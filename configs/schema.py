@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from configs.errors import ConfigError
 
@@ -77,7 +77,8 @@ class DataConfig:
     audit_dir: str = _doc("", "where audit caches and reports live; empty: ~/.cache/imgtrain/audit")
     min_image_side: int = _doc(0, "audit: images with a side under this many pixels are left out; 0: only degenerate "
                                   "ones (a side under 8 px). Slivers (one side over 25x the other) are always left "
-                                  "out; small images are kept and upsampled to data.image_size")
+                                  "out; small images are kept and upsampled to data.image_size. (0 meant "
+                                  "data.image_size // 4 before; an older config.toml or checkpoint gets a note)")
     max_image_pixels: int = _doc(89_478_485, "audit and loading: images with more pixels are decompression bombs "
                                              "(0: no limit)")
     leakage: str = _choice("warn", ("warn", "error"), "identical images in train and validation: warn or stop")
@@ -226,6 +227,9 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # What reading the file noticed (a key whose meaning changed since the file was written), for the
+    # start summary; not a key: to_dict, config.toml and checkpoints leave it out.
+    read_notes: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -418,7 +422,57 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             value = raw  # _set reports the unknown key with a suggestion
         _set(cfg, section, key, value, "overrides")
     validate(cfg)
+    if path is not None:
+        cfg.read_notes = tuple(changed_meaning_notes(tables, str(path), cfg))
     return cfg
+
+
+@dataclass(frozen=True)
+class ChangedMeaning:
+    """A value of a key that meant something else in an earlier version."""
+
+    key: str  # section.key
+    value: Any  # the value whose meaning changed
+    before: str  # what it meant, formatted with the file's [data] table
+    now: str  # what it means now
+    same_as_before: str  # the setting that keeps the old meaning, formatted like `before`
+    added_since: tuple[str, ...]  # every key the schema gained after the change
+
+
+# A run writes every key of its version into config.toml and its checkpoints, so a file that holds
+# every key the schema had at the change and none of those added since was written before it. (A
+# hand-written file naming few keys is not taken for one.)
+CHANGED_MEANINGS = (
+    ChangedMeaning(
+        "data.min_image_side", 0,
+        before="images with a side under data.image_size // 4 ({quarter} px) were left out",
+        now="only degenerate images (a side under 8 px) are left out; smaller ones are upsampled",
+        same_as_before="data.min_image_side={quarter}",
+        added_since=("data.csv", "data.csv_file_column", "data.csv_label_column", "data.csv_split_column",
+                     "data.hf_image_column", "data.hf_label_column", "data.shuffle_buffer", "data.source",
+                     "data.task", "model.bn", "model.drop_path_rate", "optim.layer_decay",
+                     "optim.no_decay_norm_bias", "runtime.grad_checkpointing", "train.ema_decay", "train.ema_warmup",
+                     "train.global_batch_size", "train.progress_every_seconds")),
+)
+
+
+def changed_meaning_notes(tables: dict, where: str, now: Config) -> list[str]:
+    """A note for each key of `tables` (a config file's tables, or a checkpoint's recorded config)
+    that an earlier version wrote with a value whose meaning has changed since, and that `now` (the
+    run's config, overrides applied) still holds."""
+    present = {f"{section}.{key}" for section, table in tables.items() if isinstance(table, dict) for key in table}
+    notes = []
+    for change in CHANGED_MEANINGS:
+        section, key = change.key.split(".")
+        at_change = set(all_keys()) - set(change.added_since)
+        if (present & set(change.added_since) or not at_change <= present or tables[section][key] != change.value
+                or getattr(getattr(now, section), key) != change.value):
+            continue
+        quarter = int(tables.get("data", {}).get("image_size", 224)) // 4
+        notes.append(f"{where} was written by an earlier version, where {change.key} = {change.value!r} meant: "
+                     f"{change.before.format(quarter=quarter)}; now {change.now}. To train on the same images as "
+                     f"then, set {change.same_as_before.format(quarter=quarter)}")
+    return notes
 
 
 def config_from_dict(tables: dict) -> Config:

@@ -5,6 +5,10 @@ Everything for one data root sits in one folder (by default under ~/.cache/imgtr
 last audit's problems, keyed by everything they depend on), `report.json` / `report.csv` (the last
 audit's problems) and `stats.json` (the training split's mean and std). Nothing is written into
 the data root itself, which may be read-only or shared.
+
+Everything here can be measured again, so a write the machine refuses (a full disk, a read-only
+or unwritable folder) is one warning and the run goes on without the file (`write_audit_file`).
+Under a read-only home the default location moves to the temporary folder, with a note.
 """
 
 from __future__ import annotations
@@ -12,18 +16,70 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import tempfile
 from pathlib import Path
 
-from data.files import atomic_write_json
+from data.files import atomic_write_json, is_write_fault, write_failed
 
 CACHE_VERSION = 1
+
+
+_said: set[str] = set()  # warnings and notes already given by this process
+
+
+def _say_once(message: str) -> None:
+    if message not in _said and os.environ.get("RANK", "0") == "0":  # every rank would say the same
+        _said.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def default_cache_root() -> Path:
     if os.environ.get("IMGTRAIN_AUDIT_DIR"):  # tests and shared machines point this elsewhere
         return Path(os.environ["IMGTRAIN_AUDIT_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "imgtrain" / "audit"
+    home = Path(base) / "imgtrain" / "audit"
+    if _writable(home):
+        return home
+    # A read-only home (containers, some clusters): this user's own folder in the temporary folder.
+    fallback = Path(tempfile.gettempdir()) / f"imgtrain-audit-{os.getuid()}"
+    try:
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        mine = not fallback.is_symlink() and fallback.stat().st_uid == os.getuid()
+    except OSError:
+        mine = False
+    if not mine:  # someone else's: the writes to `home` will warn instead
+        return home
+    _say_once(f"note: {home} cannot be written (a read-only home?): audit caches and reports go to {fallback}; "
+              f"set data.audit_dir (or IMGTRAIN_AUDIT_DIR) to keep them elsewhere")
+    return fallback
+
+
+def _writable(folder: Path) -> bool:
+    """Whether `folder` could be created and written (its nearest existing parent's permission)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
+def write_audit_file(path: Path, obj, *, indent: int | None = None) -> bool:
+    """Write one of the audit folder's JSON files; False, with one warning per folder, when the
+    machine refuses (what is cached is measured again next time, so that never ends a run)."""
+    try:
+        atomic_write_json(path, obj, indent=indent)
+        return True
+    except OSError as e:
+        if not is_write_fault(e):
+            raise
+        warn_unwritable(path.parent, e)
+        return False
+
+
+def warn_unwritable(folder: Path, error: OSError) -> None:
+    fault = write_failed(folder, error, "the audit goes on without its cache and report (every file is measured "
+                                        "again next time): {remedy}, or set data.audit_dir (--audit-dir for "
+                                        "launch/audit.py) to another folder")
+    _say_once(f"warning: {fault}")
 
 
 def audit_dir_for(root: Path, audit_dir: str = "") -> Path:
@@ -62,7 +118,7 @@ class MeasurementCache:
         if not self.enabled:
             return
         self._entries = measurements
-        atomic_write_json(self.path, {"version": CACHE_VERSION, "files": measurements})
+        write_audit_file(self.path, {"version": CACHE_VERSION, "files": measurements})
 
 
 class VerdictCache:
@@ -83,7 +139,7 @@ class VerdictCache:
 
     def save(self, key: str, problems: list[dict]) -> None:
         if self.enabled:
-            atomic_write_json(self.path, {"version": CACHE_VERSION, "verdict": {"key": key, "problems": problems}})
+            write_audit_file(self.path, {"version": CACHE_VERSION, "verdict": {"key": key, "problems": problems}})
 
 
 def verdict_key(files: list[tuple[str, str, str, int, int]], settings: dict) -> str:
@@ -134,5 +190,5 @@ class DigestCache:
 
     def save(self) -> None:
         if self.enabled and self._changed:
-            atomic_write_json(self.path, {"version": CACHE_VERSION, "files": self.entries})
+            write_audit_file(self.path, {"version": CACHE_VERSION, "files": self.entries})
             self._changed = False

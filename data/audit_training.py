@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from data.audit import DEGENERATE_SIDE, MAX_ASPECT, AuditResult, audit_splits
+from data.audit_cache import warn_unwritable
+from data.files import is_write_fault
 from data.folders import Splits
 from data.stats import training_stats
 from configs.errors import UsageError
@@ -54,7 +56,7 @@ def prepare_training_data(splits: Splits, data_cfg, is_main: bool, say: Callable
     if d.audit == "on":
         report_path = result.folder / "report.json"
         if is_main:
-            result.write_report(report_path)
+            _write_report(result, report_path)
         splits = _apply(result, splits, d, report_path, say)
     mean = std = ()
     if d.normalize == "dataset":
@@ -62,6 +64,16 @@ def prepare_training_data(splits: Splits, data_cfg, is_main: bool, say: Callable
         say(f"data     normalize with the training split's mean {_fmt(mean)} std {_fmt(std)} "
             f"(cached in {result.folder / 'stats.json'})")
     return TrainingData(splits, result, report_path, tuple(mean), tuple(std))
+
+
+def _write_report(result: AuditResult, path: Path) -> None:
+    """The audit's report; on a full disk or an unwritable folder one warning, and training goes on."""
+    try:
+        result.write_report(path)
+    except OSError as e:
+        if not is_write_fault(e):
+            raise
+        warn_unwritable(path.parent, e)
 
 
 def _say_source_problems(splits: Splits, say: Callable[[str], None], reported: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class Splits:
     # Entries a source left out before the audit (a CSV row naming a missing file, a duplicate):
     # dicts of data.audit.Problem's fields, reported with the audit's own problems.
     source_problems: list[dict] = field(default_factory=list)
+    # What finding the images noticed that may not be what the user meant (class folders named like
+    # batches of one class), for the start summary.
+    warnings: list[str] = field(default_factory=list)
 
     def class_counts(self, split: str = "train") -> dict[str, int]:
         counts = dict.fromkeys(self.classes, 0)
@@ -92,9 +96,65 @@ def _class_folders(split_dir: Path) -> dict[str, list[str]]:
             if d.is_dir() and not d.name.startswith(".")}
 
 
+# Archives people point data.root at before unpacking them, and the command that unpacks each (tar
+# finds the compression itself).
+_TAR = "mkdir -p {folder} && tar -xf {path} -C {folder}"
+_ARCHIVES = {".zip": "unzip {path} -d {folder}", ".7z": "7z x {path} -o{folder}", ".rar": "unrar x {path} {folder}/",
+             **dict.fromkeys((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"), _TAR)}
+
+
+def not_a_folder(root: Path) -> str:
+    """Why data.root `root` (an existing file) cannot be read as a folder, and what to do instead."""
+    suffix = next((s for s in sorted(_ARCHIVES, key=len, reverse=True) if root.name.lower().endswith(s)), None)
+    if suffix is None:
+        return (f"data.root is a file, not a folder: {root}; point it at the folder of images (a CSV goes in "
+                f"data.csv with data.source=csv)")
+    folder = root.with_name(root.name[:-len(suffix)])
+    command = _ARCHIVES[suffix].format(path=root, folder=folder)
+    return (f"data.root is a {suffix[1:]} archive, not a folder: {root}; unpack it first ({command}) and point "
+            f"data.root at the unpacked folder of class folders")
+
+
+def _no_class_folders(where: Path) -> str:
+    loose = _images_directly_in(where)
+    if not loose:
+        return (f"no class folders in {where}: expected one folder per class, each holding images "
+                f"({where}/CLASS/*.jpg), or train/ and val/ folders of class folders")
+    return (f"no class folders in {where}, only {len(loose)} image files directly in it: classes come from "
+            f"folder names ({where}/CLASS/*.jpg). If these images are one class, put it beside the other "
+            f"classes' folders and point data.root at the folder above ({where.parent}); if a CSV lists their "
+            f"labels, use data.source=csv data.csv=FILE (data.csv_file_column, data.csv_label_column)")
+
+
+def _images_directly_in(folder: Path) -> list[str]:
+    """Image files directly in `folder` (not in its sub-folders)."""
+    return sorted(e.path for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")
+                  and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+
+
+# Class folder names that are the parts of one collection rather than classes: a word for a part
+# followed by its number (batch1, Batch_02, part-3). Names that are only numbers (digits 0-9) or
+# other words with numbers (c0..c9, class_1) are real classes in common datasets, so they do not count.
+_PART_NAME = re.compile(r"(batch|part|chunk|shard|subset|set|split|folder|dir|directory|page|vol|volume|"
+                        r"group|round|session|day|week|run)[ _\-]?\d+", re.IGNORECASE)
+
+
+def batch_like_classes(where: Path, names: list[str]) -> list[str]:
+    """A warning when every class folder of `where` is named like a part of a collection (_PART_NAME):
+    data.root then most likely points at one class's folder, and the run would learn to tell its
+    batches apart."""
+    if len(names) < 2 or not all(_PART_NAME.fullmatch(n) for n in names):
+        return []
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return [f"the class folders of {where} ({shown}) are named like batches or parts of one collection, not "
+            f"like classes: training will learn to tell them apart. If {where.name} is one class, point "
+            f"data.root at the folder above ({where.parent}), whose sub-folders are the classes (each class "
+            f"folder may keep its batch folders: images are found at any depth)"]
+
+
 def _check_classes(where: Path, folders: dict[str, list[str]], recorded: list[str] | None = None) -> list[str]:
     if not folders:
-        raise UsageError(f"no class folders in {where}: expected one folder per class, each holding images")
+        raise UsageError(_no_class_folders(where))
     empty = [name for name, files in folders.items() if not files]
     if empty:
         raise UsageError(f"class folder {where / empty[0]} has no images ({len(empty)} empty in all); "
@@ -134,7 +194,7 @@ def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0, classes
     if not root.exists():
         raise UsageError(f"data.root does not exist: {root}")
     if not root.is_dir():
-        raise UsageError(f"data.root is not a folder: {root}")
+        raise UsageError(not_a_folder(root))
     _check_not_package(root)
 
     train_dir = _child_named(root, TRAIN_NAMES)
@@ -148,24 +208,27 @@ def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0, classes
         folders = _class_folders(root)
         order = _check_classes(root, folders, classes)
         train, val = stratified_split(folders, order, val_fraction, seed)
-        return Splits(root, order, train, val, test, layout="class-folders")
+        return Splits(root, order, train, val, test, layout="class-folders",
+                      warnings=batch_like_classes(root, order))
 
     folders = _class_folders(train_dir)
     order = _check_classes(train_dir, folders, classes)
+    warnings = batch_like_classes(train_dir, order)
     if val_dir is None:
         train, val = stratified_split(folders, order, val_fraction, seed)
-        return Splits(root, order, train, val, test, layout="train-folder")
+        return Splits(root, order, train, val, test, layout="train-folder", warnings=warnings)
     val_folders = _class_folders(val_dir)
     missing = [c for c in order if c not in val_folders]
     extra = [c for c in val_folders if c not in folders]
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing from {val_dir.name}/: {', '.join(missing[:5])}")
+            parts.append(f"missing from {val_dir.name}/: {', '.join(missing[:5])}; a class without validation "
+                         f"images may have an empty folder there ({val_dir.name}/{missing[0]}/)")
         if extra:
             parts.append(f"not in {train_dir.name}/: {', '.join(extra[:5])}")
         raise UsageError(f"class folders differ between {train_dir.name}/ and {val_dir.name}/ ({'; '.join(parts)}); "
                          f"both splits need the same classes")
     train = [(p, i) for i, c in enumerate(order) for p in folders[c]]
     val = [(p, i) for i, c in enumerate(order) for p in val_folders[c]]
-    return Splits(root, order, train, val, test, layout="split-folders")
+    return Splits(root, order, train, val, test, layout="split-folders", warnings=warnings)

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from configs.errors import UsageError
 from data.audit_cache import DigestCache, audit_dir_for
 from data.dataset import ImageListDataset, Loading
-from data.files import atomic_folder, sha256_file
+from data.files import atomic_folder, is_write_fault, sha256_file, write_failed
 from data.folders import Splits
 from data.sampling import _AUGMENT, _WORKERS, FinishedBatches, SeededCollate, derived_seeds, seeded_call
 
@@ -143,6 +143,24 @@ def write_shards(splits: Splits, out: str | Path, target_bytes: int, stats: tupl
     for split in SPLITS:
         if not getattr(splits, split):
             raise UsageError(f"the {split} split of {splits.root} is empty after the audit: nothing to write")
+    try:
+        return _write_folder(splits, out, target_bytes, stats, source, seed, say)
+    except OSError as e:  # reads are UsageErrors of their own (_source_bytes): this is a write
+        if not is_write_fault(e):
+            raise
+        raise write_failed(out, e, "nothing was left behind; {remedy} (or choose another --out) and run "
+                                   "again") from None
+
+
+def _source_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror or e}); fix its permissions or leave it out") from None
+
+
+def _write_folder(splits: Splits, out: Path, target_bytes: int, stats: tuple, source: dict, seed: int,
+                  say) -> dict:
     started, digest = time.perf_counter(), hashlib.sha256()
     with atomic_folder(out) as tmp:
         index = {"format": FORMAT, "version": VERSION, "classes": list(splits.classes), "shuffle_seed": seed,
@@ -154,7 +172,7 @@ def write_shards(splits: Splits, out: str | Path, target_bytes: int, stats: tupl
             if split == "train":
                 samples = [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))]
             for path, label in samples:
-                data = Path(path).read_bytes()
+                data = _source_bytes(path)
                 rel = os.path.relpath(path, splits.root) if Path(path).is_absolute() else str(path)
                 digest.update(f"{split}\t{rel}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}\n".encode())
                 writer.add(data, _extension(path), label)
@@ -219,6 +237,8 @@ def read_index(root: str | Path) -> ShardIndex:
                          f"`python launch/make_shards.py --config C.toml --out {root}`")
     try:
         raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
         if raw.get("format") != FORMAT:
             raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
         if raw.get("version") != VERSION:
@@ -226,9 +246,10 @@ def read_index(root: str | Path) -> ShardIndex:
         index = ShardIndex(root, list(raw["classes"]), tuple(raw["mean"]), tuple(raw["std"]),
                            {split: raw["splits"][split] for split in SPLITS})
         for split in SPLITS:
+            _check_split(index.splits[split], split)
             for shard in index.shards(split):
                 _check_entry(shard, len(index.classes))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"{path} is not a readable shards index ({type(e).__name__}: {e}); write the folder "
                          f"again with launch/make_shards.py") from None
     for split in SPLITS:
@@ -246,15 +267,38 @@ def read_index(root: str | Path) -> ShardIndex:
     return index
 
 
+def _check_split(part: dict, split: str) -> None:
+    if not isinstance(part, dict) or not _is_int(part.get("samples")) or not isinstance(part.get("shards"), list):
+        raise ValueError(f"splits.{split} is not an object with a sample count and a list of shards")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_entry(shard: dict, classes: int) -> None:
-    """One shard's entry: a sample count, size and sha256, and per sample an offset, a size and a
-    label that indexes the class list (readers index `classes` with it unchecked)."""
-    _ = shard["file"], shard["first"], shard["bytes"], shard["sha256"]
+    """One shard's entry: a file in the shards folder itself (a name like `../x.tar` or an absolute
+    path is refused before anything opens or hashes it), a sample count, size and sha256, and per
+    sample an offset, a size and a whole-number label that indexes the class list (readers index
+    `classes` with it unchecked)."""
+    if not isinstance(shard, dict):
+        raise ValueError(f"a shard entry is a {type(shard).__name__}, not an object")
+    file = shard["file"]
+    if not (isinstance(file, str) and file.endswith(".tar") and Path(file).name == file
+            and not file.startswith(".") and "\\" not in file):
+        raise ValueError(f"shard file {str(file)[:120]!r} is not the name of a .tar in the shards folder")
+    _ = shard["sha256"]
+    if not all(_is_int(shard[key]) for key in ("first", "bytes", "samples")):
+        raise ValueError(f"{file}: first, bytes and samples must be whole numbers")
     n = shard["samples"]
     if not len(shard["labels"]) == len(shard["offsets"]) == len(shard["sizes"]) == n:
         raise ValueError(f"{shard['file']} lists {n} samples but {len(shard['labels'])} labels, "
                          f"{len(shard['offsets'])} offsets and {len(shard['sizes'])} sizes")
     labels = shard["labels"]
+    for name in ("labels", "offsets", "sizes"):
+        if not set(map(type, shard[name])) <= {int}:  # one C loop; a label 1.0 would pass the bounds below
+            stray = next(v for v in shard[name] if not _is_int(v))
+            raise ValueError(f"{file}: {name} holds {stray!r}, not a whole number")
     if labels and not (0 <= min(labels) and max(labels) < classes):  # min/max: one C loop per shard
         stray = next(j for j, label in enumerate(labels) if not 0 <= label < classes)
         raise ValueError(f"{shard['file']}: the label of sample {shard['first'] + stray} is "
@@ -272,18 +316,42 @@ def verify_shards(index: ShardIndex, splits: tuple[str, ...] = SPLITS, audit_dir
 
     def check(item):
         stat = item[1].stat()  # before reading: a shard rewritten meanwhile is hashed again next time
-        return sha256_file(item[1]), stat
+        return sha256_file(item[1]), stat, _foreign_member(item[1], item[0])
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
         results = list(pool.map(check, todo))
-    for (shard, file), (digest, stat) in zip(todo, results):
-        if digest != shard["sha256"]:
+    for (shard, file), (digest, stat, foreign) in zip(todo, results):
+        if digest != shard["sha256"] or foreign:
             digests.save()  # the shards that did check out stay verified
+            if foreign:
+                raise UsageError(f"{file} is not a shard as make_shards writes it: {foreign}; rewrite the shards "
+                                 f"with launch/make_shards.py")
             raise UsageError(f"{file} is damaged: its sha256 differs from index.json's; "
                              f"copy it again or rewrite the shards")
         digests.record(file, digest, stat)
     digests.save()
     return len(todo)
+
+
+def _foreign_member(path: Path, shard: dict) -> str:
+    """What in the tar `path` is not what index.json says of it ("" when nothing): every member a
+    regular file named `KEY.ext` (no folder, no `../x`, no `/abs`: a WebDataset reader or `tar x`
+    would write those outside the folder), two per sample, the image where the index puts it."""
+    try:
+        with tarfile.open(path, "r:") as tar:  # headers only: the data is seeked over
+            members = tar.getmembers()
+    except (tarfile.TarError, OSError) as e:
+        return f"not a readable tar ({e})"
+    for member in members:
+        key, _, ext = member.name.partition(".")
+        if not (member.isreg() and key.isdigit() and ext.isalnum()):
+            return f"member {member.name[:120]!r} is not a sample file KEY.ext"
+    if len(members) != 2 * shard["samples"]:
+        return f"{len(members)} members for the {shard['samples']} samples index.json lists"
+    for j, member in enumerate(members[::2]):
+        if member.offset != shard["offsets"][j] or member.size != shard["sizes"][j]:
+            return f"sample {shard['first'] + j} is not where index.json puts it"
+    return ""
 
 
 class ShardMembers:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from data.audit import AuditResult, dataset_moments
-from data.files import atomic_write_json
+from data.audit_cache import write_audit_file
 
 
 def training_stats(result: AuditResult, train_paths: list[str], write: bool = True) -> tuple[list, list]:
@@ -28,6 +28,6 @@ def training_stats(result: AuditResult, train_paths: list[str], write: bool = Tr
             pass
     mean, std, n = dataset_moments(result, train_paths)
     if write:
-        atomic_write_json(path, {"mean": mean, "std": std, "images": n, "files_sha256": key,
-                                 "root": str(result.root)}, indent=1)
+        write_audit_file(path, {"mean": mean, "std": std, "images": n, "files_sha256": key,
+                                "root": str(result.root)}, indent=1)
     return mean, std

@@ -27,17 +27,40 @@ def run_main(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except ProjectError as e:
-        # Under several processes every rank fails the same way; one line is enough.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        _tell_torchrun(f"error: {e}")
-        sys.exit(e.exit_code)
+        _fail(e)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         sys.exit(0)
+    except OSError as e:  # a full disk or read-only folder no writer turned into its own line
+        from data.files import is_write_fault, machine_fault  # (data imports torch: only on this path)
+
+        if not is_write_fault(e):
+            raise
+        _fail(machine_fault(e))
     sys.exit(code or 0)
+
+
+def _fail(e: ProjectError) -> None:
+    line = f"error: {capped(str(e))}"
+    # Under several processes every rank fails the same way; one line is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    _tell_torchrun(line)
+    sys.exit(e.exit_code)
+
+
+ECHO_LIMIT = 2000  # characters of an error line; a 10 MB config value is not read back whole
+
+
+def capped(message: str, limit: int = ECHO_LIMIT) -> str:
+    """`message`, its middle left out when it is over `limit` characters (a huge value or file it quotes):
+    the start says what is wrong, the end usually what to do."""
+    if len(message) <= limit:
+        return message
+    head, tail = limit * 2 // 3, limit // 4
+    return f"{message[:head]} ... [{len(message) - head - tail:,} characters left out] ... {message[-tail:]}"
 
 
 def _tell_torchrun(line: str) -> None:

@@ -18,15 +18,23 @@
     # tar shards written by launch/make_shards.py: their val split (or --shards-split train); a
     # shards run's own val shards are also `--split val`
     python launch/evaluate.py --checkpoint RUN/best.safetensors --shards datasets/digits-shards
+    # list the likely label errors of the validation split (and their paths in label_issues.txt),
+    # e.g. to look at them, fix them, or move them away:
+    python launch/evaluate.py --checkpoint RUN/best.safetensors --split val --label-issues
+    xargs -d '\\n' -a RUN/eval-val/label_issues.txt mv -t quarantine/   # after checking them
 
 Images go through the checkpoint's own eval transform, in eval mode and fp32. A folder that holds
 training images of the run (the same files, or copies of them) gets a warning saying how many:
 its accuracy is not a held-out score. Prints accuracy and per-class precision / recall / F1, and
 writes to --out-dir (default: `eval` beside the checkpoint, `eval-val` / `eval-test` for --split)
-metrics.json, confusion_matrix.png and top_losses.png: the images the model got wrong most
-confidently, as it saw them, titled "actual / predicted (probability)". A multi-label checkpoint
-reports mAP, micro / macro F1 and per-class precision / recall / F1 / AP at the per-class
-thresholds it recorded, to metrics.json. A label the CSV or dataset names that the checkpoint
+metrics.json, confusion_matrix.png and what went wrong (trainer/reporting/mistakes.py):
+top_losses.png and top_losses.csv (the images the model got wrong most confidently, as it saw
+them: actual / predicted, probability / loss), most_confused.csv (actual, predicted, count,
+share) and label_issues.csv (cleanlab's likely label errors, image path first; meaningful on
+images the model did not train on). A multi-label checkpoint gets per-class ones (its wrong
+(image, class) decisions; each class's misses and false positives) and reports mAP, micro /
+macro F1 and per-class precision / recall / F1 / AP at the per-class thresholds it recorded, to
+metrics.json. A label the CSV or dataset names that the checkpoint
 does not know is refused; rows without a label or file are left out with a note. Shards must
 have the checkpoint's class list; the shards read are checked against index.json's sha256
 first, and a damaged or missing one is refused (one line, exit code 2, nothing written).
@@ -60,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out-dir", help="the folder the report goes to (default: CHECKPOINT_DIR/eval or "
                                           "eval-SPLIT)")
     parser.add_argument("--top-losses", type=int, default=16, help="images in the top-losses grid")
+    parser.add_argument("--label-issues", action="store_true", help="print the likely label errors (cleanlab) and "
+                                                                    "write their paths to OUT_DIR/label_issues.txt")
     parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--batch-size", type=int, help="default: 64; the run's data.batch_size with --split")
     parser.add_argument("--num-workers", type=int, default=2)
@@ -77,7 +87,8 @@ def main() -> int:
     options = InferenceOptions(args.batch_size, args.num_workers, args.device, args.tta)
     listing = Listing(args.csv, args.hf, args.hf_split, args.shards, args.shards_split, args.data_root)
     evaluate_checkpoint(args.checkpoint, options, folder=args.folder, split=args.split, data_root=args.data_root,
-                        out_dir=args.out_dir, top_loss_count=args.top_losses, listing=listing)
+                        out_dir=args.out_dir, top_loss_count=args.top_losses, listing=listing,
+                        list_label_issues=args.label_issues)
     return 0
 
 

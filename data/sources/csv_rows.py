@@ -167,7 +167,7 @@ def csv_splits(d, recorded: list[str] | None = None) -> Splits:
     if not multilabel:
         return Splits(root, classes, train, val, test, layout="csv", source_problems=problems)
     label_sets = {p: tuple(sorted(index[n] for n in names)) for _, p, names in labelled}
-    splits = MultiLabelSplits(root, classes, train, val, test, "csv", problems, label_sets)
+    splits = MultiLabelSplits(root, classes, train, val, test, "csv", problems, label_sets=label_sets)
     absent = [c for c, n in splits.class_counts("train").items() if n == 0]
     if absent:
         raise UsageError(f"class {absent[0]!r} of {path} is on no training image after the split ({len(absent)} "

@@ -105,7 +105,7 @@ def test_two_process_cpu_ddp_matches_one_process(two_processes, one_process):
     files = sorted(p.name for p in run_dir.iterdir())
     assert files == sorted(p.name for p in one_process.iterdir())
     assert {"best.safetensors", "config.toml", "last.safetensors", "metrics.jsonl"} <= set(files)
-    assert out.count("runtime  device") == 1 and out.count("best epoch") == 1
+    assert out.count("runtime  device") == 1 and out.count("best.safetensors holds") == 1
     assert "2 process(es)" in out and "= 16 global" in out and "ddp (gloo)" in out
     # Two processes on this machine share its cores.
     assert f"{max(1, len(os.sched_getaffinity(0)) // 2)} CPU thread(s) per process" in out

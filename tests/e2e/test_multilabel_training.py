@@ -25,7 +25,7 @@ def test_a_tiny_cnn_learns_multilabel_colors_and_predict_evaluate_use_its_thresh
                         "data.batch_size=auto", f"run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batch size auto: found 32 per process (no CUDA device, the default 32)" in result.stdout
-    assert "val_mAP  val_F1_micro  val_F1_macro" in result.stdout and "train_acc" not in result.stdout
+    assert "val_map  val_f1_micro  val_f1_macro" in result.stdout and "train_acc" not in result.stdout
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 4 and history[-1]["val_map"] > 0.9 and history[-1]["val_f1_macro"] > 0.8
     assert "val_acc" not in history[-1] and set(history[-1]["val_thresholds"]) == set(CLASSES)

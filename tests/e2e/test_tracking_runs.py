@@ -13,7 +13,8 @@ from PIL import Image
 import wandb_records as wr
 from helpers import PYTHON, REPO, accelerate_launch, run_env, run_script
 
-PNGS = ["curves.png", "confusion_matrix.png", "predictions.png", "train_samples.png", "class_distribution.png"]
+PNGS = ["curves.png", "confusion_matrix.png", "predictions.png", "train_samples.png", "class_distribution.png",
+        "top_losses.png"]
 
 
 def closed_port_url() -> str:
@@ -98,6 +99,8 @@ def test_unreachable_online_run_goes_offline_with_one_warning_and_its_files_matc
     assert any("images_per_sec" in s for s in steps)
     (samples,) = [row for row in rows if "media/train_samples/path" in row]  # drawn while training starts
     assert samples["epoch"] == 0 and (folder / "files" / samples["media/train_samples/path"]).is_file()
+    (mistakes,) = [row for row in rows if "media/label_issues/path" in row]  # at the end: the best epoch's
+    assert {"media/top_losses/path", "media/top_losses_table/path", "media/most_confused/path"} <= set(mistakes)
 
     (artifact,) = [a for a in wr.artifacts(records) if a.type == "model"]
     assert "best" in artifact.aliases

@@ -5,6 +5,7 @@ a multi-label run that picks its best epoch by val_map, across a resume."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -74,9 +75,11 @@ def test_each_validation_pass_reports_its_metric_keys(fresh_accelerate_state):
                                          nn.CrossEntropyLoss(), NAMES)
     assert set(stats) == {*SINGLE.val_keys, "val_images"} - {"val_top5"}  # top-5 needs five classes
     assert len(predictions.labels) == 9 and stats["val_images"] == 9
+    assert predictions.probs.shape == (9, 3) and np.allclose(predictions.probs.sum(1), 1)  # what went wrong
     targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]] * 3)
     stats, predictions = MULTI.validate(accelerator, model, _loader(targets), nn.BCEWithLogitsLoss(), NAMES)
-    assert set(stats) == {*MULTI.val_keys, "val_images"} and predictions is None
+    assert set(stats) == {*MULTI.val_keys, "val_images"}
+    assert predictions.labels.shape == predictions.probs.shape == (9, 3) and len(predictions.thresholds) == 3
     assert set(stats["val_thresholds"]) == set(NAMES)
     # The EMA weights' copies of these keys: every key a validation pass reports but the image count.
     assert set(prefixed(stats)) == {f"ema_{k}" for k in MULTI.val_keys}
@@ -194,4 +197,4 @@ def test_a_multilabel_run_keeps_the_epoch_with_the_highest_map_across_a_resume(t
     meta = read_metadata(run_dir / "best.safetensors")
     assert meta["epoch"] == best and meta["metrics"]["val_map"] == max(maps)
     out = capsys.readouterr().out
-    assert "resumed from" in out and f"best epoch {best}: val_map {max(maps):.4f}, val_loss" in out
+    assert "resumed from" in out and f"of epoch {best}, chosen by train.best_metric: val_map {max(maps):.4f}" in out

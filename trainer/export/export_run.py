@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from configs.errors import UsageError
-from data.files import atomic_folder, atomic_write_json, atomic_write_text, sha256_file
+from data.files import (atomic_folder, atomic_write_json, atomic_write_text, sha256_file, write_failed,
+                        write_fault_in)
 from data.images import DEFAULT_MAX_PIXELS
 from data.sources import FILES, ImageStore, open_source
 from configs.schema import config_from_dict
@@ -86,6 +87,23 @@ def export_checkpoint(request: ExportRequest) -> Path:
     record = {"checkpoint": str(Path(request.checkpoint).resolve()), "sha256": sha256_file(request.checkpoint),
               "epoch": meta["epoch"], "model_name": meta["model_name"], "format": request.format,
               "checked_on": evidence.source}
+    try:
+        _write_folder(out, loaded, request, evidence, record)
+    except Exception as e:  # a full disk is the machine's fault (exit 1), not bad input or the model's
+        fault = write_fault_in(e)  # (safetensors and the ONNX exporter wrap it in their own types)
+        if fault is None:
+            raise
+        raise write_failed(out, fault, "nothing was left behind; {remedy} (or choose another --out) and "
+                                       "export again") from None
+    _print_summary(out, record, evidence)
+    if request.push:
+        print(f"pushed to {push_folder(out, request.push, request.private)}")
+    return out
+
+
+def _write_folder(out: Path, loaded: LoadedClassifier, request: ExportRequest, evidence: Evidence,
+                  record: dict) -> None:
+    """Every file of the export, checked, into a temporary folder that then becomes `out`."""
     with atomic_folder(out) as folder:
         card = _card_facts(loaded, request, evidence)
         if "onnx" in request.formats:
@@ -97,10 +115,6 @@ def export_checkpoint(request: ExportRequest) -> Path:
         card.files = sorted([p.name for p in folder.iterdir()] + [CARD_NAME, RECORD_NAME])
         atomic_write_text(folder / CARD_NAME, model_card(card))
         atomic_write_json(folder / RECORD_NAME, record, indent=2)
-    _print_summary(out, record, evidence)
-    if request.push:
-        print(f"pushed to {push_folder(out, request.push, request.private)}")
-    return out
 
 
 def _write_onnx(loaded: LoadedClassifier, path: Path, record: dict, images: torch.Tensor) -> OnnxCheck:

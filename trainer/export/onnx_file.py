@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from configs.errors import ProjectError, UsageError
+from data.files import write_fault_in
 from trainer.task.task import Task
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -64,6 +65,9 @@ def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[st
                               dynamo=True, opset_version=OPSET, external_data=large,
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     except Exception as e:  # torch.export and the converter raise many types
+        fault = write_fault_in(e)  # a full disk is the machine's fault, not the model's
+        if fault is not None:
+            raise fault from None
         raise UsageError(not_exportable(model_name, e, log.getvalue())) from None
     proto = onnx.load(str(path), load_external_data=False)
     del proto.metadata_props[:]

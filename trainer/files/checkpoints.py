@@ -265,12 +265,12 @@ def verify(folder: Path) -> dict:
     if not folder.is_dir():
         raise DamagedCheckpoint(f"{folder} is not a folder")
     if not marker.is_file():
+        if step_of(folder) is None and not (folder / "state.json").is_file():
+            raise DamagedCheckpoint(f"{folder} is not a checkpoint (no {COMPLETE} or state.json in it) and not a run "
+                                    f"folder (no checkpoints/ in it): name a run folder, a step-N folder in its "
+                                    f"checkpoints/, or auto")
         raise DamagedCheckpoint(f"{folder} is incomplete: {COMPLETE} is missing (the run stopped while writing it)")
-    try:
-        manifest = json.loads(marker.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, OSError) as e:
-        raise DamagedCheckpoint(f"{marker} is damaged ({e})") from None
+    files = _read_manifest(marker)
     for name, facts in files.items():
         path = folder / name
         if not path.is_file():
@@ -287,6 +287,25 @@ def verify(folder: Path) -> dict:
     if state.get("format") != FORMAT or missing or ema_missing or "model.safetensors" not in files:
         raise DamagedCheckpoint(f"{folder} is not a complete {FORMAT} checkpoint")
     return state
+
+
+def _read_manifest(marker: Path) -> dict[str, dict]:
+    """COMPLETE's {file name: {"bytes", "sha256"}}. Any other shape (valid JSON written by hand or by
+    something else) makes the checkpoint damaged, like a torn marker: `auto` passes over it to an
+    older one, and a name that is not a plain file name in the folder is never opened or hashed."""
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise DamagedCheckpoint(f"{marker} is damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(files, dict):
+        raise DamagedCheckpoint(f"{marker} is damaged: 'files' is a {type(files).__name__}, not an object")
+    for name, facts in files.items():
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise DamagedCheckpoint(f"{marker} is damaged: it lists {name[:80]!r}, not a file of the checkpoint")
+        if not (isinstance(facts, dict) and isinstance(facts.get("bytes"), int)
+                and isinstance(facts.get("sha256"), str)):
+            raise DamagedCheckpoint(f"{marker} is damaged: the entry of {name} is not {{bytes, sha256}}")
+    return files
 
 
 # What resuming reads from state.json, and its type: a hand edit that drops or retypes one is

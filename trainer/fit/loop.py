@@ -102,8 +102,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
                      wandb_run_id)
     continue_logs(run_state, report, tracking)
     total, trainable = count_parameters(parts.built.model)
-    report.start(model_name=cfg.model.name, total_params=total, trainable_params=trainable, splits=splits,
-                 runtime=runtime, notes=parts.built.notes)
+    report.start(cfg=cfg, total_params=total, trainable_params=trainable, splits=splits, runtime=runtime,
+                 notes=parts.built.notes)
     facts = classifier_facts(cfg, parts, runtime)
     training = Training(StepParts(accelerator, model, optimizer, parts.scheduler, parts.criterion,
                                   StepOptions(cfg.train.grad_clip_norm, channels_last), ema),
@@ -113,6 +113,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     model_weights = {"raw": parts.built.model, **({"ema": ema.module} if ema is not None else {})}
 
     # ---- epochs ----
+    best_predictions = None  # the validation pass of the weights best.safetensors holds: what went wrong
     try:
         for epoch in run_state.epochs():
             metrics, predictions = run_epoch(training, parts, epoch)
@@ -120,6 +121,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
             weights = run_state.history.epochs[-1].get("best_weights", "raw")  # the better of raw and EMA
             record = report.epoch(run_state.history.epochs[-1])
             tracking.epoch(record, run_state.history.epochs, predictions[weights])
+            best_predictions = predictions[weights] if improved else best_predictions
             if accelerator.is_main_process:
                 save_model_files(run_dir, model_weights, facts, metrics, weights if improved else None)
             run_state.end_epoch(epoch, improved)  # the resumable checkpoint, rotated
@@ -131,21 +133,27 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path) -> TrainResult:
     # ---- finish ----
     accelerator.wait_for_everyone()
     warn_about_load_failures(report, parts.data.failure_log)
+    mistake_files, lines = tracking.mistakes(best_predictions, parts.data.val_images, run_state.history.best)
+    report.print(*lines)
     written = [run_dir / "best.safetensors", run_dir / "last.safetensors",
                *([run_dir / "ema.safetensors"] if ema is not None else []), run_state.root, run_dir / "config.toml",
-               run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors")]
+               run_dir / "metrics.jsonl", *tracking.finish(run_dir / "best.safetensors"), *mistake_files]
     history = run_state.history
-    report.finish(best=history.best, stopped_early=run_state.stopped_early, written=written, epochs=history.epochs,
-                  headline=task_for(cfg).headline)
+    report.finish(best=history.best, stopped_early=run_state.stopped_early, written=written,
+                  chosen_by=history.best_metric, epochs=history.epochs, headline=task_for(cfg).headline)
     accelerator.end_training()
     return TrainResult(run_dir, history.best, history.epochs, run_state.stopped_early)
 
 
 def continue_logs(run_state: RunState, report: RunReport, tracking: RunTracking) -> None:
-    """A resumed run: each log's writer drops what a killed run wrote after its checkpoint."""
+    """Each log's writer drops what a killed run wrote after its checkpoint; a fresh start keeps
+    nothing (a run killed before its first checkpoint restarts fresh, and must not append to its logs)."""
     if run_state.resumed_from is not None:
         report.continue_after(run_state.epoch - 1)
         tracking.continue_after(run_state.batches_done)
+    else:
+        report.start_fresh()
+        tracking.start_fresh()
 
 
 def warn_about_load_failures(report: RunReport, failure_log: Path) -> None:
@@ -219,7 +227,8 @@ def run_epoch(training: Training, parts: RunParts, epoch: int) -> tuple[dict, di
             predictions[weights] = with_sample_images(predictions[weights], parts.data.val_images,
                                                       step.accelerator.num_processes, parts.cfg.data.batch_size,
                                                       parts.data.preprocessing)
-    metrics = {"epoch": epoch, **train_stats, **val_stats, "epoch_time": time.perf_counter() - started,
+    metrics = {"epoch": epoch, **train_stats, "lr": group_lrs[0], **val_stats,
+               "epoch_time": time.perf_counter() - started,
                "images_per_sec": train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)}
     if len(group_lrs) > 1:
         metrics["lr_backbone"] = group_lrs[1]
@@ -243,8 +252,10 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
     bar = tqdm(clock.timed(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                initial=run_state.batch_in_epoch, total=steps_per_epoch,
                disable=not (accelerator.is_main_process and sys.stderr.isatty()))
+    lr = step.scheduler.get_last_lr()[0]  # (an epoch resumed after its last batch trains none)
     for images, labels in bar:
         position = run_state.batch_in_epoch  # the batch's index in the epoch, the same after a resume
+        lr = step.scheduler.get_last_lr()[0]  # the rate this batch trains with (the step may advance it)
         logits, loss = train_step(step, images, labels, counters, position)
         # Totals stay on the device: reading them every step would make the host wait for the GPU.
         # MixUp/CutMix make labels soft (batch, classes); accuracy counts the dominant class.
@@ -255,7 +266,7 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
         last = position + 1 == steps_per_epoch
         if position % training.log_every == 0 or last:  # the one host read of device values, at log intervals
             counters.raise_if_nonfinite(accelerator, f"epoch {epoch}")
-            log_step(training, bar, epoch, position, loss)
+            log_step(training, bar, epoch, position, loss, lr)
         if lines.due():  # the main process only: no collective here
             lines.show(epoch, position, steps_per_epoch, loss.item(), position + 1 - first_position)
         run_state.step_done(loss_sum, correct, seen, counters)  # checkpoints every N steps; on SIGTERM: checkpoint, exit 75
@@ -269,17 +280,17 @@ def train_one_epoch(training: Training, epoch: int) -> dict:
                           f"{counters.optimizer_steps + counters.skipped_steps} fp16 steps skipped because "
                           "gradients overflowed (the scaler lowered its scale)")
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "lr": step.scheduler.get_last_lr()[0], "train_images": int(seen), "train_seconds": seconds,
+            "lr_end": lr, "train_images": int(seen), "train_seconds": seconds,
             "data_wait_seconds": clock.waited, "optimizer_steps": counters.optimizer_steps,
             "skipped_steps": counters.skipped_steps}
 
 
-def log_step(training: Training, bar, epoch: int, position: int, loss: torch.Tensor) -> None:
-    """The progress bar's numbers, and a train_steps.jsonl / W&B point (loss, lr, and images/s
-    since the previous point of the epoch; each epoch's last batch is logged too, so every epoch
-    has a rate)."""
-    run_state, scheduler = training.run_state, training.step.scheduler
-    loss_value, lr = loss.item(), scheduler.get_last_lr()[0]
+def log_step(training: Training, bar, epoch: int, position: int, loss: torch.Tensor, lr: float) -> None:
+    """The progress bar's numbers, and a train_steps.jsonl / W&B point (loss, the rate the step
+    trained with, and images/s since the previous point of the epoch; each epoch's last batch is
+    logged too, so every epoch has a rate)."""
+    run_state = training.run_state
+    loss_value = loss.item()
     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
     steps = training.train_loader.sampler.steps_per_epoch
     training.tracking.train_step(epoch, run_state.batches_done + 1, epoch - 1 + (position + 1) / steps, loss_value, lr,

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from configs.errors import UsageError
-from configs.schema import Config
+from configs.schema import Config, changed_meaning_notes
 from models.build import bare_keys
 from trainer.files.checkpoints import (DamagedCheckpoint, LoadedState, complete_checkpoints, load_scheduler_state,
                                        newest_valid, set_rng_state, verify)
@@ -27,7 +27,8 @@ from trainer.task.best_metric import best_metric_of
 REFUSED_CHANGES = ("model.name", "model.head", "model.head_hidden", "model.head_dropout", "model.freeze",
                    "model.bn", "optim.name", "optim.layer_decay", "data.val_fraction", "data.seed", "data.source",
                    "data.task")
-# What a checkpoint written before a key existed trained with (not the key's default today).
+# What a checkpoint written before a key existed trained with (not the key's default today); a run
+# resuming it with the key at its default takes this value (`adopt_recorded_config`).
 _BEFORE_THE_KEY = {"optim.no_decay_norm_bias": False}
 # Keys that change nothing about what has been trained so far; anything else is allowed with a
 # warning that the continuation differs from the uninterrupted run.
@@ -78,6 +79,26 @@ def config_changes(saved: dict, cfg: Config, saved_classes: list[str], classes: 
                     changed.append(f"{dotted} {old!r} -> {value!r}")
     return [f"resuming with changed {c}: the rest of the run will differ from an uninterrupted one"
             for c in changed]
+
+
+def adopt_recorded_config(found: tuple[Path, dict], cfg: Config) -> list[str]:
+    """Before the run is built from `cfg`: where the checkpoint `find_checkpoint` found predates a
+    key and `cfg` holds that key's default, set it to what the checkpoint trained with, so an old
+    run resumes without hand-set keys. Returns notes: those keys, and the recorded values whose
+    meaning has changed since (unless the config file already said so)."""
+    folder, state = found
+    saved, defaults, notes = state["config"], Config().to_dict(), []
+    for dotted, old in _BEFORE_THE_KEY.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if key in saved.get(section, {}) or value == old or value != defaults[section][key]:
+            continue  # recorded, or already the old value, or set by the user: config_changes decides
+        setattr(getattr(cfg, section), key, old)
+        notes.append(f"the checkpoint in {folder} predates {dotted}, so it trained with {dotted}={old!r}: "
+                     f"resuming with that (config.toml records it)")
+    if not cfg.read_notes:
+        notes += changed_meaning_notes(saved, f"the checkpoint in {folder}", cfg)
+    return notes
 
 
 def find_checkpoint(resume: str, root: Path, warn, skipped: list[Path] | None = None) -> tuple[Path, dict] | None:

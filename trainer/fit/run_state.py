@@ -18,7 +18,8 @@ from trainer.files.faults import crash_point
 from trainer.fit.counters import Position
 from trainer.fit.history import RunHistory
 from trainer.task.best_metric import best_metric_of
-from trainer.fit.restore import Trainables, announce_schedule, find_checkpoint, restore, resume_point
+from trainer.fit.restore import (Trainables, adopt_recorded_config, announce_schedule, find_checkpoint, restore,
+                                resume_point)
 from trainer.fit.signals import EXIT_PREEMPTED, Preempted, StopSignals
 
 
@@ -37,6 +38,9 @@ class RunState:
         self.epoch_start_lrs: list[float] = []  # learning rates when the current epoch started, per group
         self._damaged: list[Path] = []
         self._found = find_checkpoint(cfg.run.resume, self.root, self.warn, self._damaged)
+        for note in adopt_recorded_config(self._found, cfg) if self._found else ():
+            if accelerator.is_main_process:
+                print(f"note: {note}", flush=True)
         self.recorded_classes: list[str] | None = self._found[1]["class_names"] if self._found else None
 
     def check_resume(self, classes: list[str]) -> None:

@@ -24,12 +24,13 @@ import torch
 
 from configs.errors import UsageError
 from configs.schema import Config, config_from_dict
-from data.files import atomic_write_json
+from data.files import atomic_write_json, atomic_write_text
 from data.folders import list_images
 from data.images import DEFAULT_MAX_PIXELS
 from data.multilabel import multi_hot
 from data.sources import FILES, ImageStore, ListedImages, label_names, open_source
 from trainer.reporting import plots
+from trainer.reporting.mistakes import TOP_LOSSES, Evaluated, Mistakes, find_mistakes, label_issue_lines, write_mistakes
 from trainer.inference.predict import (FilePredictions, InferenceOptions, Listing, count_training_images,
                                        listed_source, predict_files, warn_training_images)
 from trainer.files.model_file import LoadedClassifier, load_classifier
@@ -135,28 +136,25 @@ def run_split(cfg: Config, split: str, class_names: list[str]) -> LabelledFiles:
     return labelled_listed(source.own_split(split), class_names, not task_for(cfg).one_class_per_image)
 
 
-def top_losses(files: LabelledFiles, preds: FilePredictions, count: int) -> list[int]:
-    """Indices of the wrong predictions with the highest loss (least probability on the truth), fastai's name."""
-    labels = torch.tensor(files.labels)
-    predicted = preds.probs.argmax(1)
-    wrong = [i for i in range(len(files.paths)) if i not in preds.errors and predicted[i] != labels[i]]
-    wrong.sort(key=lambda i: preds.probs[i, labels[i]].item())
-    return wrong[:count]
+def mistakes_of(loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions) -> Evaluated:
+    """The readable files' paths, labels and probabilities, for the tables of what went wrong."""
+    task, ok = task_of(loaded.metadata), preds.ok
+    truth = task.truth(files.labels, files.targets)[ok]
+    thresholds = task.thresholds(loaded.metadata)
+    return Evaluated([str(p) for p, keep in zip(files.paths, ok.tolist()) if keep], truth.numpy(),
+                     preds.probs[ok].numpy(), loaded.class_names,
+                     thresholds.numpy() if thresholds is not None else None)
 
 
-def plot_top_losses(path: Path, loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions,
-                    indices: list[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
-    """The images as the model saw them (its eval transform), titled "actual / predicted (probability)"."""
-    p, names, transform = loaded.preprocessing, loaded.class_names, files.store.with_transform(loaded.eval_transform())
-    images = np.zeros((len(indices), p.image_size, p.image_size, 3), dtype=np.float32)
-    for row, i in enumerate(indices):
-        images[row] = transform.load(str(files.paths[i]), max_pixels).permute(1, 2, 0).numpy() / 255.0
-    titles = []
-    for i in indices:
-        guess = int(preds.probs[i].argmax())
-        titles.append(f"{names[files.labels[i]]} / {names[guess]} ({preds.probs[i, guess].item():.2f})")
-    return plots.image_grid(path, images, titles, wrong=[True] * len(indices),
-                            title="top losses: actual / predicted (probability)" if indices else "no mistakes")
+def write_mistakes_of(out: Path, loaded: LoadedClassifier, files: LabelledFiles, evaluated: Evaluated,
+                      mistakes: Mistakes, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Path]:
+    """The top losses (as the model saw them: its eval transform), most-confused and label-issue tables."""
+    transform = files.store.with_transform(loaded.eval_transform())
+
+    def load_image(i: int) -> np.ndarray:
+        return transform.load(evaluated.paths[i], max_pixels).permute(1, 2, 0).numpy()
+
+    return write_mistakes(out, mistakes, load_image)
 
 
 def report_of(loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredictions) -> dict:
@@ -170,10 +168,13 @@ def report_of(loaded: LoadedClassifier, files: LabelledFiles, preds: FilePredict
 
 def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, folder: str | None = None,
                         split: str | None = None, data_root: str | None = None, out_dir: str | Path | None = None,
-                        top_loss_count: int = 16, listing: Listing = Listing()) -> dict:
+                        top_loss_count: int = TOP_LOSSES, listing: Listing = Listing(),
+                        list_label_issues: bool = False) -> dict:
     """evaluate.py: the report of `checkpoint` on `folder`, on the run's own `split` or on what
     `listing` names (a CSV, a dataset, a shards split), printed and written to `out_dir`
-    (metrics.json, confusion_matrix.png, top_losses.png). Everything that can fail on bad input
+    (metrics.json, confusion_matrix.png, and trainer.reporting.mistakes's top_losses.png / .csv,
+    most_confused.csv and label_issues.csv; with `list_label_issues` the likely label errors are
+    printed and their paths written to label_issues.txt). Everything that can fail on bad input
     fails before a file is written."""
     options.check()
     listing.check()
@@ -210,18 +211,27 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
         "checkpoint_metrics": meta.get("metrics", {})}
     if overlap is not None:
         report["training_images"] = overlap
+    evaluated = mistakes_of(loaded, files, preds)
+    mistakes = find_mistakes(evaluated, top_loss_count)
+    report["likely_label_errors"] = len(mistakes.label_issues)
     out = Path(out_dir) if out_dir else checkpoint.parent / (f"eval-{split}" if split else "eval")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", report)
     written = [out / "metrics.json"]
-    if task.one_class_per_image:  # a confusion matrix and top losses need one true class per image
-        written += [
-            plots.confusion_plot(out / "confusion_matrix.png", np.array(report["confusion_matrix"]), names,
-                                 title=f"{split} split" if split else Path(folder).name if folder else listing.name),
-            plot_top_losses(out / "top_losses.png", loaded, files, preds, top_losses(files, preds, top_loss_count),
-                            max_pixels),
-        ]
-    print("\n".join([*task.report_lines(report, meta, split), f"wrote {', '.join(str(p) for p in written)}"]))
+    if task.one_class_per_image:  # a confusion matrix needs one true class per image
+        title = f"{split} split" if split else Path(folder).name if folder else listing.name
+        written.append(plots.confusion_plot(out / "confusion_matrix.png", np.array(report["confusion_matrix"]), names,
+                                            title=title))
+    written += write_mistakes_of(out, loaded, files, evaluated, mistakes, max_pixels)
+    lines = [*task.report_lines(report, meta, split),
+             f"{len(mistakes.label_issues)} likely label errors (cleanlab): {out / 'label_issues.csv'}"]
+    if list_label_issues:
+        atomic_write_text(out / "label_issues.txt", "".join(f"{r['path']}\n" for r in mistakes.label_issues))
+        written.append(out / "label_issues.txt")
+        lines += label_issue_lines(mistakes.label_issues)
+    print("\n".join([*lines, f"wrote {', '.join(str(p) for p in written)}"]))
+    for note in mistakes.notes:
+        print(f"note: {note}", file=sys.stderr)
     _warn_about(report, preds)
     return report
 

@@ -24,6 +24,7 @@ import csv
 import io
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -385,11 +386,16 @@ def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, o
     sheet = kaggle_sheet(kaggle, loaded, listing) if kaggle else None
     if bool(inputs) + listing.named != 1:
         raise UsageError("name images or folders, or one of --csv FILE / --hf DIR / --shards DIR")
+    left_out: list[dict] = []  # rows of --csv without a usable image: no row in `out`, said below
     if inputs:
         paths, store, where = collect_images(inputs), FILES, ", ".join(inputs)
     else:
         listed = listed_source(loaded.metadata, listing, labelled=False)
-        paths, store, where = listed.paths, listed.store, listed.source
+        paths, store, where, left_out = listed.paths, listed.store, listed.source, listed.problems
+        if not paths and left_out:
+            raise UsageError(f"none of the {len(left_out)} rows of {where} has a usable image, e.g. "
+                             f"{left_out[0]['detail']}; its paths are relative to --data-root, else to the CSV's "
+                             f"folder")
     overlap = count_training_images(loaded.metadata, paths, store, listing.run_data_root)
     preds = predict_files(loaded, paths, options, store=store)
     if sheet:
@@ -410,4 +416,19 @@ def predict_to_csv(checkpoint: str | Path, inputs: list[str], out: str | Path, o
         print(f"warning: {len(preds.errors)} file(s) could not be read and have no prediction:", file=sys.stderr)
         for i, problem in sorted(preds.errors.items()):
             print(f"  {paths[i]}: {problem}", file=sys.stderr)
+    warn_rows_left_out(left_out, out, submission=sheet is not None)
     return preds
+
+
+def warn_rows_left_out(problems: list[dict], out: Path, submission: bool, shown: int = 5) -> None:
+    """The --csv rows that have no row in `out` (a missing file, a path outside the folder, a file
+    listed twice): how many, of which kinds, and the first few with their line numbers."""
+    if not problems:
+        return
+    kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(p["problem"] for p in problems).items())
+    why = " (a submission with rows missing is usually refused)" if submission else ""
+    print(f"warning: {len(problems)} row(s) of the CSV have no row in {out}{why}: {kinds}", file=sys.stderr)
+    for problem in problems[:shown]:
+        print(f"  {problem['detail']}", file=sys.stderr)
+    if len(problems) > shown:
+        print(f"  ... and {len(problems) - shown} more", file=sys.stderr)

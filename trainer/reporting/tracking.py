@@ -15,6 +15,9 @@ The local files are written whatever the mode, so a run without W&B tells the sa
                          framed in red
   train_samples.png      training images after augmentation, as the model sees them
   class_distribution.png images per class in each split
+  top_losses.png (.csv), most_confused.csv, label_issues.csv
+                         what the best epoch's validation pass got wrong, written at the run's
+                         end (trainer/reporting/mistakes.py)
 (metrics.jsonl, one line per epoch, is written by trainer/reporting/console.py and logged here; the history
 both read is owned by trainer/fit/history.py.)
 """
@@ -37,8 +40,9 @@ from accelerate.tracking import WandBTracker, on_main_process
 
 from configs.errors import ConfigError
 from configs.schema import Config
-from data.files import atomic_output, trim_jsonl
+from data.files import append_line, atomic_output, is_write_fault, trim_jsonl, write_failed
 from data.transforms import Preprocessing
+from trainer.reporting.mistakes import MISTAKE_FILES, Evaluated, find_mistakes, write_mistakes
 from trainer.task.metrics import confusion_matrix, per_class_accuracy
 from trainer.task.single import SAMPLE_IMAGES, ValidationPredictions
 
@@ -260,6 +264,12 @@ class RunTracking:
         if self.active and trim_jsonl(path, "step", batches_done):
             print(f"note: dropped a damaged line from {path}", flush=True)
 
+    def start_fresh(self) -> None:
+        """A fresh start: train_steps.jsonl begins empty (a run killed before its first checkpoint,
+        which restarts fresh, wrote steps this one would log again)."""
+        if self.active:
+            trim_jsonl(self.run_dir / "train_steps.jsonl", "step", 0)
+
     def train_step(self, epoch: int, global_step: int, epoch_progress: float, loss: float, lr: float,
                    global_batch_size: int) -> None:
         """Called every train.log_every_steps; `global_step` counts batches over the whole run (it
@@ -272,11 +282,17 @@ class RunTracking:
             # Measured between two logs of the same epoch, so validation time is not counted.
             record["images_per_sec"] = (global_step - self._mark[1]) * global_batch_size / (now - self._mark[2])
         self._mark = (epoch, global_step, now)
-        with open(self.run_dir / "train_steps.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run_dir / "train_steps.jsonl"
+        try:
+            append_line(path, json.dumps(record))
+        except OSError as e:
+            if not is_write_fault(e):
+                raise
+            raise write_failed(path, e, "the log and the checkpoints written so far are intact; {remedy} "
+                                        "and continue with run.resume=auto") from None
         self._log({f"train_step/{k}": v for k, v in record.items()})
 
-    def epoch(self, record: dict, history: list[dict], predictions: ValidationPredictions | None) -> None:
+    def epoch(self, record: dict, history: list[dict], predictions: object | None) -> None:
         """Log one metrics.jsonl record (keys and values unchanged) and redraw the pictures from the
         run's whole `history` (every finished epoch, also those before a resume)."""
         if not self.active:
@@ -287,7 +303,7 @@ class RunTracking:
         plots.curves(self.run_dir / "curves.png", history, self._logged_steps())
         values: dict[str, Any] = {"epoch": record["epoch"]}
         values |= {f"epoch/{k}": v for k, v in record.items() if k != "epoch"}
-        if predictions is not None:
+        if isinstance(predictions, ValidationPredictions):  # (a multi-label pass has no confusion matrix)
             values |= self._validation_pictures(record, predictions)
         self._log(values)
 
@@ -328,6 +344,42 @@ class RunTracking:
                 "media/per_class_accuracy": table}
 
     # ---- the end ----
+
+    def mistakes(self, predictions, val_images, best: dict | None) -> tuple[list[Path], list[str]]:
+        """What went wrong in the best epoch's validation pass (trainer/reporting/mistakes.py):
+        top_losses.png / .csv, most_confused.csv and label_issues.csv in the run folder, logged as
+        W&B media and tables. `predictions`: that pass's (gathered from every process, in the order
+        of `val_images`, the validation dataset), None when it ran before a resume. Returns the
+        files written and lines to print (how many likely label errors, what could not be judged)."""
+        if not self.active or best is None:
+            return [], []
+        if predictions is None:  # a resumed run whose best epoch came before the resume: its predictions are gone
+            if (self.run_dir / "label_issues.csv").is_file():  # written when that run ended
+                return [self.run_dir / name for name in MISTAKE_FILES if (self.run_dir / name).is_file()], []
+            return [], [f"note: the best epoch ({best['epoch']}) ran before the resume; for its top losses and label "
+                        "issues run launch/evaluate.py --checkpoint RUN/best.safetensors --split val"]
+        paths = [str(path) for path, _ in val_images.samples]
+        if len(paths) != len(predictions.probs):  # never pair an image with another image's predictions
+            return [], [f"warning: {len(predictions.probs)} validation predictions for {len(paths)} images; top "
+                        "losses and label issues left out"]
+        evaluated = Evaluated(paths, predictions.labels, predictions.probs, self.class_names,
+                              getattr(predictions, "thresholds", None))  # multi-label: where each class is called
+        found = find_mistakes(evaluated)
+        # The images as validation saw them (its eval transform), before normalization.
+        written = write_mistakes(self.run_dir, found, lambda i: val_images[i][0].permute(1, 2, 0).numpy())
+        if self.run is not None:
+            import wandb
+
+            values = {"epoch": best["epoch"], "media/top_losses": self._image("top_losses.png")}
+            for key, name, rows in (("top_losses_table", "top_losses.csv", found.top_losses),
+                                    ("most_confused", "most_confused.csv", found.most_confused),
+                                    ("label_issues", "label_issues.csv", found.label_issues)):
+                columns = found.columns[name]
+                values[f"media/{key}"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            self._log(values)
+        return written, [*(f"note: {note}" for note in found.notes),
+                         f"{len(found.label_issues)} likely label errors among the validation images (cleanlab): "
+                         f"{self.run_dir / 'label_issues.csv'}"]
 
     def finish(self, best_path: Path) -> list[Path]:
         """Log the best checkpoint as a W&B artifact when wandb.log_model asks; list local files."""

@@ -10,8 +10,10 @@ held-out labelled folder applies them as recorded.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,10 +24,20 @@ if TYPE_CHECKING:  # for annotations only: reading a config need not import Acce
     from accelerate import Accelerator
 
 
+@dataclass
+class MultiLabelPredictions:
+    """One multi-label validation pass, every image in the validation set's order (what went wrong)."""
+    labels: np.ndarray  # (N, C) 0/1 targets
+    probs: np.ndarray  # (N, C) each class's sigmoid score
+    thresholds: np.ndarray  # (C,) where each class is called, chosen on this pass
+
+
 @torch.no_grad()
-def evaluate_multilabel(accelerator: Accelerator, model: nn.Module, loader, class_names: list[str]) -> dict:
+def evaluate_multilabel(accelerator: Accelerator, model: nn.Module, loader,
+                        class_names: list[str]) -> tuple[dict, MultiLabelPredictions]:
     """val_loss (BCE, the mean over images and classes as in training), val_map, val_f1_micro and
-    val_f1_macro at the thresholds chosen here, and those thresholds (class name -> threshold)."""
+    val_f1_macro at the thresholds chosen here, and those thresholds (class name -> threshold); and
+    every image's targets and scores."""
     model.eval()
     all_logits, all_targets = [], []
     for images, targets in loader:
@@ -41,6 +53,7 @@ def evaluate_multilabel(accelerator: Accelerator, model: nn.Module, loader, clas
     report = multilabel_report(scores, truth, class_names, thresholds)
     if not math.isfinite(loss):
         accelerator.print("warning: validation loss is not finite")
-    return {"val_loss": loss, "val_map": report["map"], "val_f1_micro": report["micro_f1"],
-            "val_f1_macro": report["macro_f1"], "val_images": report["images"],
-            "val_thresholds": dict(zip(class_names, thresholds))}
+    stats = {"val_loss": loss, "val_map": report["map"], "val_f1_micro": report["micro_f1"],
+             "val_f1_macro": report["macro_f1"], "val_images": report["images"],
+             "val_thresholds": dict(zip(class_names, thresholds))}
+    return stats, MultiLabelPredictions(truth.numpy(), scores.numpy(), np.asarray(thresholds, dtype=np.float64))

@@ -26,17 +26,19 @@ class ValidationPredictions:
     sample_images: torch.Tensor  # normalized (N, 3, H, W) from the main process's shard
     sample_labels: list[int]
     sample_predicted: list[int]
+    probs: np.ndarray | None = None  # (N, C) every image's softmax, in the validation set's order (what went wrong)
 
 
 @torch.no_grad()
 def evaluate_single(accelerator: Accelerator, model: nn.Module, loader, criterion,
                     num_classes: int) -> tuple[dict, ValidationPredictions]:
     """Loss, accuracy (and top-5 with >= 5 classes) over every validation image exactly once, every
-    image's label and top-1 prediction (for the confusion matrix) and a few of this process's
-    images with theirs (for the prediction grid)."""
+    image's label, top-1 prediction (for the confusion matrix) and probabilities (for what went
+    wrong), in the validation set's order, and a few of this process's images with theirs (for the
+    prediction grid)."""
     model.eval()
     per_sample = nn.CrossEntropyLoss(reduction="none", label_smoothing=criterion.label_smoothing)
-    losses, hits, hits5, all_labels, all_top1 = [], [], [], [], []
+    losses, hits, hits5, all_labels, all_top1, all_probs = [], [], [], [], [], []
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     kept, seen_locally = 0, 0
     # The validation order is sorted by class: pick grid images spread over the whole shard, not
@@ -56,12 +58,13 @@ def evaluate_single(accelerator: Accelerator, model: nn.Module, loader, criterio
             kept += len(pick)
         seen_locally += len(labels)
         # gather_for_metrics drops the samples the distributed sampler duplicated for even shards.
-        loss, labels, top = accelerator.gather_for_metrics((loss, labels, top))
+        loss, labels, top, probs = accelerator.gather_for_metrics((loss, labels, top, logits.float().softmax(1)))
         losses.append(loss.double())
         hits.append(top[:, 0] == labels)
         hits5.append((top == labels[:, None]).any(1))
         all_labels.append(labels)  # kept on the device: one copy to the host at the end, not one per batch
         all_top1.append(top[:, 0])
+        all_probs.append(probs)
     n = sum(len(h) for h in hits)
     stats = {"val_loss": torch.cat(losses).sum().item() / n, "val_acc": torch.cat(hits).double().sum().item() / n}
     if num_classes >= 5:
@@ -72,5 +75,5 @@ def evaluate_single(accelerator: Accelerator, model: nn.Module, loader, criterio
     predictions = ValidationPredictions(
         labels=torch.cat(all_labels).cpu().numpy(), predicted=torch.cat(all_top1).cpu().numpy(),
         sample_images=torch.cat([s[0] for s in samples]), sample_labels=torch.cat([s[1] for s in samples]).tolist(),
-        sample_predicted=torch.cat([s[2] for s in samples]).tolist())
+        sample_predicted=torch.cat([s[2] for s in samples]).tolist(), probs=torch.cat(all_probs).cpu().numpy())
     return stats, predictions

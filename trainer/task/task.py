@@ -75,8 +75,9 @@ class Task:
         raise NotImplementedError
 
     def validate(self, accelerator: Accelerator, model: nn.Module, loader, criterion: nn.Module,
-                 class_names: list[str]) -> tuple[dict, object | None]:
-        """One validation pass: (its metrics, val_* keys, and what the pictures of the pass need, or None)."""
+                 class_names: list[str]) -> tuple[dict, object]:
+        """One validation pass: (its metrics, val_* keys, and every image's labels and probabilities, with
+        what the pictures of the pass need)."""
         raise NotImplementedError
 
     # ---- a checkpoint's predictions ----
@@ -197,7 +198,7 @@ class MultiLabel(Task):
         return ((logits > 0) == targets.bool()).float().mean().item()  # every (image, class) decision at 0.5
 
     def validate(self, accelerator, model, loader, criterion, class_names):
-        return evaluate_multilabel(accelerator, model, loader, class_names), None  # no confusion matrix
+        return evaluate_multilabel(accelerator, model, loader, class_names)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
