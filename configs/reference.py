@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from configs.schema import KeyInfo, key_infos
+from configs.schema import LONG_STRING_KEYS, MAX_STRING_CHARS, KeyInfo, key_infos
 
 REGENERATE = "python -m configs.reference > docs/configuration.md"
 
@@ -41,7 +41,8 @@ line; `configs/` holds complete examples (one per [recipe](fine-tuning.md#recipe
 ```bash
 python launch/train.py --keys                          # this table as plain text
 python launch/train.py --config C.toml --print-config  # the resolved config, then exit
-accelerate launch launch/train.py --config C.toml train.epochs=3 model.name=timm/resnet18 \\
+accelerate launch --multi_gpu --num_machines 1 --num_processes 2 --mixed_precision no --dynamo_backend no \\
+    launch/train.py --config C.toml train.epochs=3 model.name=timm/resnet18 \\
     'data.augment_ops=["random_erasing(p=0.25)"]'
 ```
 
@@ -51,6 +52,8 @@ accelerate launch launch/train.py --config C.toml train.epochs=3 model.name=timm
   `bf16`, `OneCycleLR` -> `cosine`), else with the list.
 - An override is typed by its key: a string is taken as written, anything else is read as a TOML
   value (`true`, `3e-4`, `[0.5, 0.5, 0.5]`); a key typed `... or "auto"` also takes `auto`.
+  A string value is at most {MAX_STRING_CHARS:,} characters (the longest path Linux opens;
+  {', '.join(f"`{k}`: {n:,}" for k, n in LONG_STRING_KEYS.items())}).
   Overrides may come before or after options (`--config C data.root=X --print-config
   train.epochs=1`).
 - The resolved config is written to `RUN_DIR/config.toml` and into every checkpoint's metadata.

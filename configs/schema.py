@@ -30,6 +30,13 @@ from configs.errors import ConfigError
 # pretrained config of their own are normalized with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Above this side one image is 200 MB as float32 before the model's first layer.
+MAX_IMAGE_SIZE = 4096
+# The longest string value a key takes: a path is no longer on Linux (PATH_MAX) and a name far
+# shorter. A longer one is a mistake (a file's content pasted by `$(cat ...)`) that would be
+# copied into config.toml, state.json and every model file's header. Free text gets more room.
+MAX_STRING_CHARS = 4096
+LONG_STRING_KEYS = {"wandb.notes": 65_536}  # a run's description, shown on its W&B page
 
 
 def _choice(default: Any, choices: tuple, doc: str = "") -> Any:
@@ -47,12 +54,16 @@ class DataConfig:
     root: str = _doc("", "image folder: split folders train/ val/ (test/) or one folder of class folders")
     val_fraction: float = _doc(0.2, "validation share when the root has no val/ folder")
     seed: int = _doc(0, "seed of the stratified train/validation split")
-    image_size: int = _doc(224, "side of the square crop the model sees")
+    image_size: int = _doc(224, "side of the square crop the model sees (8 to 4096; one image goes through the "
+                                "model on the device before anything is written: a size it cannot take is "
+                                "one line naming the smallest that works)")
     crop_pct: float = _doc(0.875, "eval resizes to image_size / crop_pct, then center-crops")
     batch_size: int | str = _doc(32, "images per process per step; auto: on CUDA the largest that fits with a "
                                      "margin (trainer/assemble/batch_size.py), 32 on CPU; config.toml records the number")
     num_workers: int | str = _doc("auto", "DataLoader worker processes per training process (auto: this "
-                                          "machine's cores / processes on it, less one for the trainer)")
+                                          "machine's cores / processes on it, less one for the trainer; a "
+                                          "number: at most the cores and what free memory holds at 512 MiB "
+                                          "each, capped with a note)")
     prefetch_factor: int = _doc(4, "batches each worker keeps ready ahead of training")
     decode: str = _choice("auto", ("auto", "cpu", "cuda"),
                           "where training JPEGs are decoded: cpu (workers, at reduced DCT scale), cuda (nvjpeg, "
@@ -193,6 +204,11 @@ class RuntimeConfig:
     cudnn_benchmark: bool | str = _doc("auto", "let cuDNN time its algorithms for the run's shapes (auto: on "
                                                 "with CUDA; false: the same algorithms every run, for bit-exact reruns on a GPU)")
     compile: bool = _doc(False, "torch.compile the model (inductor); slow first steps")
+    ddp_timeout: float = _doc(300.0, "seconds a process waits for the others at a collective (gradient "
+                                     "all-reduce, barrier) before the run ends in one line naming the rank that "
+                                     "stopped answering (torch's own: 30 min over gloo); raise it for a "
+                                     "process that is slow, not stuck (torch.compile's first steps of a large "
+                                     "model, checkpoints on a slow disk)")
     grad_checkpointing: bool = _doc(False, "recompute activations in the backward pass (timm models' "
                                            "set_grad_checkpointing): less activation memory, one more forward "
                                            "pass of the blocks per step")
@@ -373,11 +389,24 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
         raise ConfigError(f"unknown key '{dotted}' in {source}{_suggest(dotted, all_keys())}")
     tp = _field_type(sections[section], key)
     value = _coerce(dotted, value, tp)
+    _check_length(dotted, value)
     choices = fields[key].metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{dotted} = {value!r} is not one of: {', '.join(map(repr, choices))}"
                           f"{_suggest(str(value), list(choices))}")
     setattr(getattr(cfg, section), key, value)
+
+
+def _check_length(key: str, value: Any) -> None:
+    """Refuse a string (or a list's string item) longer than the key takes, naming the key and
+    the limit and showing only the value's start."""
+    limit = LONG_STRING_KEYS.get(key, MAX_STRING_CHARS)
+    for i, item in enumerate(value if isinstance(value, list) else [value]):
+        if isinstance(item, str) and len(item) > limit:
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            fix = "shorten it" if key in LONG_STRING_KEYS else "give a path or a name, not a file's content"
+            raise ConfigError(f"{where} is {len(item):,} characters long (it starts {item[:40]!r}); {key} takes at "
+                              f"most {limit:,}: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,6 +531,8 @@ def validate(cfg: Config) -> None:
     checks = [
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be between 0 and 1 (exclusive)"),
         (d.image_size >= 8, "data.image_size must be at least 8"),
+        (d.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be at most {MAX_IMAGE_SIZE} px (got {d.image_size}): "
+                                         "the crop every image is resized to, e.g. 224"),
         (0.0 < d.crop_pct <= 1.0, "data.crop_pct must be in (0, 1]"),
         (d.batch_size == "auto" or d.batch_size >= 1, 'data.batch_size must be at least 1, or "auto"'),
         (d.num_workers == "auto" or d.num_workers >= 0, 'data.num_workers must be 0 or more, or "auto"'),
@@ -527,6 +558,7 @@ def validate(cfg: Config) -> None:
         (t.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1 (1: no accumulation)"),
         (t.grad_clip_norm >= 0, "train.grad_clip_norm must be 0 (off) or a positive norm, e.g. 1.0"),
         (cfg.runtime.cpu_threads >= 0, "runtime.cpu_threads must be 0 (auto) or a positive count"),
+        (cfg.runtime.ddp_timeout > 0, "runtime.ddp_timeout must be a positive number of seconds, e.g. 300"),
         (o.backbone_lr_mult > 0, "optim.backbone_lr_mult must be positive (to keep layers fixed use model.freeze)"),
         (0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate must be in [0, 1), e.g. 0.1"),
         (0.0 <= o.layer_decay <= 1.0, "optim.layer_decay must be 0 (off) or in (0, 1], e.g. 0.75"),

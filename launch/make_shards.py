@@ -7,8 +7,9 @@
         --shard-size 64MB
     # train from them: one process, several GPUs, several machines (as launch/train.py)
     python launch/train.py --config configs/demo.toml data.source=shards data.root=datasets/digits-shards
-    accelerate launch --multi_gpu --num_processes 4 launch/train.py --config configs/regnet.toml \\
-        data.source=shards data.root=/data/buildings-shards data.shuffle_buffer=2000
+    accelerate launch --multi_gpu --num_machines 1 --num_processes 4 --mixed_precision no --dynamo_backend no \\
+        launch/train.py --config configs/regnet.toml data.source=shards data.root=/data/buildings-shards \\
+        data.shuffle_buffer=2000
 
 Each sample is `KEY.jpg` (or .png, ...: the file's own bytes, not re-encoded) and `KEY.cls` (its
 class index). index.json records the class names, the training split's mean/std, each shard's

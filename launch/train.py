@@ -3,18 +3,20 @@
     # CPU or one GPU, one process
     python launch/train.py --config configs/demo.toml
     # any config, any key overridden on the command line (typed by the schema)
-    accelerate launch launch/train.py --config configs/regnet.toml data.root=/path/to/images train.epochs=3
+    python launch/train.py --config configs/regnet.toml data.root=/path/to/images train.epochs=3
     # several CPU processes on one machine: real DDP over gloo. Use --multi_gpu even without a GPU
     # (the trainer tells Accelerate cpu=True); `accelerate launch --cpu --num_processes 2` starts only one.
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         launch/train.py --config configs/demo.toml
     # several GPUs on one machine (DDP)
-    accelerate launch --multi_gpu --num_processes 4 launch/train.py --config configs/regnet.toml data.root=...
+    accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+        launch/train.py --config configs/regnet.toml data.root=...
     # mixed precision from the launcher (or train.precision=bf16|fp16 in the config)
-    accelerate launch --mixed_precision bf16 launch/train.py --config configs/regnet.toml data.root=...
+    accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \\
+        launch/train.py --config configs/regnet.toml data.root=...
     # several machines: run on each, with its own --machine_rank
-    accelerate launch --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 \\
-        --num_processes 8 launch/train.py --config configs/regnet.toml data.root=...
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 \\
+        --num_processes 8 --mixed_precision no --dynamo_backend no launch/train.py --config configs/regnet.toml data.root=...
     # several machines under SLURM (see the script's header)
     sbatch launch/slurm_train.sbatch configs/regnet.toml data.root=/shared/images run.dir=/shared/runs/r1
     # one process driving all visible GPUs with nn.DataParallel
@@ -31,9 +33,16 @@ command with run.resume=auto to continue.
 
 from __future__ import annotations
 
-import argparse
+import os
 
-from cli import config_parser, parse_config_args, run_main
+# The first instruction: a launcher killed while this rank starts is noticed (see die_with_launcher).
+FIRST_PARENT = os.getppid()
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from cli import config_parser, parse_config_args, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> int:
+    from trainer.files.launcher_death import die_with_launcher
+
+    # Before torch is imported and the process group is up: a rank never outlives its launcher.
+    die_with_launcher(FIRST_PARENT)
     # Parsed first, torch imported last: --help, --keys, --print-config and bad input answer at once.
     args = parse_args()
     if args.keys:
@@ -58,9 +71,32 @@ def main() -> int:
         print(cfg.to_toml())
         return 0
     from trainer.fit.loop import train
+    from trainer.fit.signals import Preempted
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted:
+        # The checkpoint is complete; what is left is exiting. Another SIGTERM now (torch elastic
+        # sends one to every rank once the first has exited) would turn exit 75 into a kill.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    except RuntimeError as e:
+        raise _peer_fault(e) or e
     return 0
+
+
+def _peer_fault(error: RuntimeError) -> Exception | None:
+    """A collective that failed because another process stopped answering or died: one line, said
+    by one process (the lowest rank still answering), instead of a torch traceback from each."""
+    from configs.errors import TrainingFailed
+    from trainer.assemble.process_group import peer_fault, speaks_for_the_group
+
+    line = peer_fault(error)
+    if line is None:
+        return None
+    if speaks_for_the_group() and os.environ.get("RANK", "0") != "0":  # run_main prints rank 0's
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    return TrainingFailed(line)
 
 
 if __name__ == "__main__":

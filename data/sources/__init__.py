@@ -21,6 +21,8 @@ What a Source owns (data/sources/base.py, `Source`):
 - predict and evaluate: `listed(split)` (what --csv/--hf/--shards list), `own_split(split)` (the
   run's validation split, or its test split where it has one), `training_images()` (is an image
   one of the run's training images: the same file or sample, or the same content).
+- predict --kaggle: `submission_columns()` and `submission_ids(paths)` (a CSV's own column names
+  and file cells as written, a shard sample's key, else `Id, Class` and file stems).
 - `description(data, layout)` (the model card's sentence), `check_shardable()` (make_shards).
 - `reads(d)` (`source_reads(d)`): the paths a run reads, which its run.dir may not be or lie in.
 
@@ -38,8 +40,8 @@ integers are mapped to its names) or shards (their written labels are renumbered
 """
 
 from data.sources import csv_rows, folder, hf_dataset, tar_shards  # noqa: F401  (each registers its Source)
-from data.sources.base import (SOURCES, Feed, ListedImages, Source, describe_source, open_listing, open_source,
-                               register, source_reads)
+from data.sources.base import (SOURCES, SUBMISSION_COLUMNS, Feed, ListedImages, Source, describe_source, file_ids,
+                               open_listing, open_source, register, source_reads)
 from data.sources.csv_rows import label_names, read_csv_rows
 from data.sources.hf_dataset import open_hf_dataset
 from data.sources.stores import FILES, ImageStore
@@ -62,6 +64,6 @@ def listed_images(d, split: str | None = None, labelled: bool = True) -> ListedI
     return open_source(d).listed(split, labelled)
 
 
-__all__ = ["FILES", "Feed", "ImageStore", "ListedImages", "SOURCES", "Source", "TrainingImages", "audited_splits",
-           "describe_source", "label_names", "listed_images", "load_splits", "open_hf_dataset", "open_listing",
-           "open_source", "read_csv_rows", "register", "source_reads"]
+__all__ = ["FILES", "Feed", "ImageStore", "ListedImages", "SOURCES", "SUBMISSION_COLUMNS", "Source", "TrainingImages",
+           "audited_splits", "describe_source", "file_ids", "label_names", "listed_images", "load_splits",
+           "open_hf_dataset", "open_listing", "open_source", "read_csv_rows", "register", "source_reads"]

@@ -60,6 +60,14 @@ class Feed:
     finish: Callable | None = None  # on the device, per batch (data.transforms.BatchFinish)
 
 
+SUBMISSION_COLUMNS = ("Id", "Class")  # a submission's id and label columns where the images name none
+
+
+def file_ids(paths: list[Path]) -> list[str]:
+    """Images' ids in a submission where nothing else names them: the file name without its extension."""
+    return [p.stem for p in paths]
+
+
 SOURCES: dict[str, type[Source]] = {}
 
 
@@ -192,6 +200,16 @@ class Source:
 
     def check_shardable(self) -> None:
         """Refuse when launch/make_shards.py cannot write this source as shards."""
+
+    # ---- submissions (predict --kaggle) ----
+
+    def submission_columns(self) -> tuple[str, str]:
+        """The (id, label) column names of a submission of the images this source lists."""
+        return SUBMISSION_COLUMNS
+
+    def submission_ids(self, paths: list[Path]) -> list[str]:
+        """The id of each of `paths` (images this source listed) in a submission, as the source names it."""
+        return file_ids(paths)
 
     # ---- describing ----
 

@@ -43,6 +43,20 @@ class CsvSource(Source):
         where = f"{path}" + (f" ({split} rows)" if split and d.csv_split_column else "")
         return ListedImages([Path(p) for _, p in kept], [r.label for r, _ in kept], where, problems)
 
+    def submission_columns(self) -> tuple[str, str]:
+        return self.d.csv_file_column, self.d.csv_label_column
+
+    def submission_ids(self, paths: list[Path]) -> list[str]:
+        """Each image's row's file cell as written: Kaggle's test CSVs give ids without an extension
+        (found as files by trying each image extension), which the submission must give back."""
+        written = {row.file for row in read_csv_rows(csv_path(self.d), self.d.csv_file_column, "")}
+        ids = []
+        for path in paths:
+            relative = os.path.relpath(path, self.root)
+            bare = os.path.splitext(relative)[0]
+            ids.append(bare if relative not in written and bare in written else relative)
+        return ids
+
     @classmethod
     def reads(cls, d) -> list[Path]:
         root = Path(d.root).expanduser().resolve()

@@ -74,6 +74,10 @@ class ShardsSource(Source):
     def own_split(self, split: str) -> ListedImages:
         return self.listed(split)  # the val shards training validated on
 
+    def submission_ids(self, paths: list[Path]) -> list[str]:
+        """A sample's key: the part of its `SHARD.tar#KEY` reference after the '#'."""
+        return [str(p).rpartition("#")[2] for p in paths]
+
     def training_images(self) -> TrainingImages:
         return TrainingImages([ref for ref, _ in self.index().samples("train")], self.store)
 

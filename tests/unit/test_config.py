@@ -79,3 +79,26 @@ def test_errors_name_the_key_and_the_fix(tmp_path, toml, overrides, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found: /nope.toml"):
         load_config("/nope.toml", BASE)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.root=" + "a" * 10_000_000, "data.root is 10,000,000 characters long (it starts 'aaaa"),
+    ("model.weights=" + "w" * 4097, "model.weights takes at most 4,096: give a path or a name, not a file's content"),
+    ("optim.name=" + "x" * 5000, "optim.name is 5,000 characters long"),  # before its choices are compared
+    ("wandb.tags=['ok', '" + "t" * 5000 + "']", "wandb.tags[1] is 5,000 characters long"),
+    ("wandb.notes=" + "n" * 70_000, "wandb.notes takes at most 65,536: shorten it"),
+])
+def test_a_string_value_longer_than_its_key_takes_is_one_line_naming_the_key_and_limit(override, message):
+    """A 10 MB value would be copied into config.toml, state.json and every model file's header."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, BASE + [override])
+    text = str(err.value)
+    assert message in text and "\n" not in text and len(text) < 300
+
+
+def test_long_strings_where_a_key_takes_them(tmp_path):
+    notes = "a run's description " * 2000  # 40,000 characters of free text
+    cfg = load_config(write(tmp_path, f'[wandb]\nnotes = "{notes}"\n'), BASE + ["data.root=/" + "d" * 4000])
+    assert cfg.wandb.notes == notes and len(cfg.data.root) == 4001
+    with pytest.raises(ConfigError, match=r"^data\.root is 5,000 characters long"):  # in a TOML file too
+        load_config(write(tmp_path, f'[data]\nroot = "{"r" * 5000}"\n'), ["model.name=tiny_cnn"])

@@ -3,10 +3,11 @@ training and the end says what best.safetensors holds; one name per metric; the 
 rate the epoch trained with; time lines say what they measure and advice fires only where it means
 something; data messages name the fix; old runs resume without hand-set keys and a changed meaning
 is noted; recipes leave the machine's choices on auto and the README's launch commands pass what
-Accelerate needs."""
+Accelerate needs (and so do those in docs/ and the launch/ scripts' docstrings)."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import logging
@@ -323,27 +324,67 @@ def test_recipes_leave_the_worker_count_to_the_machine(recipe):
     assert read_config(recipe, ["data.root=x"]).data.num_workers == "auto"
 
 
-def _readme_launches() -> list[list[str]]:
-    text = (REPO / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
-    commands = [line.split("#")[0] for line in text.splitlines() if line.lstrip().startswith("accelerate launch")]
-    return [shlex.split(c)[2:] for c in commands]
+def _pages_with_commands() -> dict[str, str]:
+    """README.md, every docs/ page and every launch/*.py docstring, by path: where a user copies
+    launch commands from."""
+    pages = {"README.md": (REPO / "README.md").read_text(encoding="utf-8")}
+    pages |= {f"docs/{p.name}": p.read_text(encoding="utf-8") for p in sorted((REPO / "docs").glob("*.md"))}
+    for script in sorted((REPO / "launch").glob("*.py")):
+        pages[f"launch/{script.name}"] = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) or ""
+    return pages
 
 
-def test_readme_launch_commands_pass_what_accelerate_would_default(monkeypatch, caplog):
-    """Accelerate 1.15's launcher (`_validate_launch_command`) prints "values were not passed" for
-    each of num_processes, num_machines, mixed_precision and dynamo_backend left out."""
+def _launches(text: str) -> list[list[str]]:
+    """The `accelerate launch` arguments of each command in `text` (`\\` continuations joined,
+    comments dropped), and of each `launch/search.py --launch "..."` (what every trial passes)."""
+    lines = [line.split("#")[0].strip() for line in text.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line)[2:] for line in lines if line.startswith("accelerate launch")]
+    trials = [shlex.split(m) + ["launch/train.py"] for line in lines for m in re.findall(r'--launch "([^"]*)"', line)]
+    return commands + trials
+
+
+LAUNCHES = [(page, argv) for page, text in _pages_with_commands().items() for argv in _launches(text)]
+
+def _validate(argv: list[str], caplog) -> str:
+    """Accelerate 1.15's own check (`_validate_launch_command`): its warning text for `argv`."""
+    from accelerate.commands import launch
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        launch._validate_launch_command(launch.launch_command_parser().parse_args(argv))
+    return caplog.text
+
+
+@pytest.fixture
+def two_gpu_launcher(monkeypatch):
+    """The launcher as on a 2-GPU machine with no `accelerate config` file: there a multi-process
+    command without --multi_gpu is switched to it with a warning, which a CPU machine never shows."""
+    import torch
     from accelerate.commands import launch
 
     monkeypatch.setattr(launch, "default_config_file", str(Path("/nonexistent/default_config.yaml")))
-    launches = _readme_launches()
-    assert launches, "README.md has no accelerate launch command"
-    parser = launch.launch_command_parser()
-    for argv in launches:
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            launch._validate_launch_command(parser.parse_args(argv))
-        assert "values were not passed" not in caplog.text, (argv, caplog.text)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):  # the check itself sees a command that leaves them out
-        launch._validate_launch_command(parser.parse_args(["--multi_gpu", "--num_processes", "2", "launch/train.py"]))
-    assert "values were not passed" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+@pytest.mark.parametrize("page, argv", [
+    pytest.param(page, argv, id=f"{page}:{' '.join(argv)[:60]}")
+    for page, argv in LAUNCHES])
+def test_launch_commands_pass_what_accelerate_would_default(page, argv, two_gpu_launcher, caplog):
+    """Accelerate prints "values were not passed" for each of num_processes, num_machines,
+    mixed_precision and dynamo_backend left out (and for a GPU machine's implied --multi_gpu)."""
+    assert "values were not passed" not in _validate(argv, caplog), (page, argv, caplog.text)
+
+
+def test_every_page_with_launch_commands_is_checked(two_gpu_launcher, caplog):
+    pages = {page for page, _ in LAUNCHES}
+    assert {"README.md", "docs/distributed.md", "docs/configuration.md", "docs/data-sources.md",
+            "docs/resume-and-faults.md", "docs/search.md", "launch/make_shards.py", "launch/search.py"} <= pages
+    # a continued command is read whole: its flags after the `\\` count
+    assert ["--multi_gpu", "--num_processes", "2", "x.py", "--config", "C"] in _launches(
+        "accelerate launch --multi_gpu \\\n    --num_processes 2 x.py --config C  # a comment")
+    # the check itself sees a command that leaves them out, and a multi-process one without --multi_gpu
+    assert "values were not passed" in _validate(["--multi_gpu", "--num_processes", "2", "launch/train.py"], caplog)
+    assert "enabling multi-GPU training" in _validate(
+        ["--num_machines", "1", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "launch/train.py"], caplog)

@@ -33,10 +33,11 @@ REQUIRED = {
     "overfit_check.py": [],
     "predict.py": ["--checkpoint", "missing.safetensors", "a.jpg"],
     "prepare_demo.py": [],
+    "search.py": ["--space", "space.toml", "--trials", "2", "--out", "study"],
     "show_batch.py": [],
     "train.py": [],
 }
-RUN_BUILDING = ("lr_find.py", "make_shards.py", "overfit_check.py", "show_batch.py", "train.py")
+RUN_BUILDING = ("lr_find.py", "make_shards.py", "overfit_check.py", "search.py", "show_batch.py", "train.py")
 HEAVY = ("torch", "torchvision", "timm", "wandb", "matplotlib")
 
 
@@ -166,6 +167,7 @@ def test_an_output_folder_named_like_a_file_is_refused(tmp_path, named, message)
     ("make_shards.py", ["--out", "digits.tar"], "--out digits.tar names a folder, not a .tar file"),
     ("audit.py", [MISSING, "--report", "audit.txt"], "--report audit.txt: name a .json or .csv file"),
     ("prepare_demo.py", ["digits.png"], "dest digits.png names a folder, not a .png file"),
+    ("search.py", ["--space", "s.toml", "--trials", "2", "--out", "study.csv"], "--out study.csv names a folder"),
 ])
 def test_an_output_name_of_the_wrong_kind_is_refused_before_any_work(tmp_path, script, args, line):
     result = run_in_process(script, *args, cwd=tmp_path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -22,6 +23,7 @@ from torch import nn
 
 from configs.schema import Config
 from configs.errors import ConfigError
+from trainer.assemble.process_group import group_kwargs, record_peers
 
 
 def cpu_has_native_bf16() -> bool:
@@ -108,12 +110,56 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_count(configured: int | str) -> int:
-    """data.num_workers: "auto" gives each process on this machine its share of the cores, less one
-    for the process itself (16 cores, 1 GPU: 15 workers; 2 cores: 1)."""
-    if configured != "auto":
-        return int(configured)
-    return max(1, available_cores() // local_process_count() - 1)
+# What one DataLoader worker may come to hold: the pages of the trainer it touches after the fork
+# (copy-on-write) and the decoded batches it keeps ready. Workers of the train and val loaders.
+WORKER_MEMORY = 512 * 2**20
+
+
+def worker_count(configured: int | str) -> tuple[int, str | None]:
+    """(data.num_workers to use, note for the user or None). "auto" gives each process on this machine
+    its share of the cores, less one for the process itself (16 cores, 1 GPU: 15 workers; 2 cores: 1),
+    and no more than the free memory holds. A number is kept up to what the machine allows (worker_limit), and capped there with a note:
+    1000 workers would fork until the kernel's OOM killer ends the trainer and leaves workers behind.
+    PyTorch's DataLoader warns from the same bound (its cores) but starts them all."""
+    cores, local = available_cores(), local_process_count()
+    memory = available_memory()
+    limit = worker_limit(cores, memory, local)
+    if configured == "auto":  # within what the memory holds too, without a note: nothing asked was refused
+        return min(max(1, cores // local - 1), max(1, limit)), None
+    if configured <= limit:
+        return configured, None
+    free = f", {memory / 2**30:.1f} GiB of memory free" if memory is not None else ""
+    return limit, (f"data.num_workers={configured} is more than this machine allows ({cores} cores{free}, "
+                   f"{local} training process(es)); using {limit} worker processes per training process")
+
+
+def worker_limit(cores: int, memory: int | None, local_processes: int) -> int:
+    """The most DataLoader workers one training process may start: one per core of the machine
+    (more only queue for the same cores), and what the free memory holds at WORKER_MEMORY each."""
+    limit = cores
+    if memory is not None:
+        limit = min(limit, memory // (WORKER_MEMORY * max(1, local_processes)))
+    return max(0, limit)
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the machine's MemAvailable, or less under a cgroup
+    (container) memory limit; None where neither can be read."""
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = room if free is None else min(free, room)
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def channels_last_on(cfg: Config, accelerator: Accelerator) -> bool:
@@ -155,11 +201,12 @@ def make_accelerator(cfg: Config, trackers: list | None = None) -> Accelerator:
     dynamo = TorchDynamoPlugin(backend="inductor") if rt.compile else None
     from models.finetune import needs_unused_parameter_search
 
-    handlers = []
+    handlers = [group_kwargs(rt.ddp_timeout)]  # how long a process waits for the others at a collective
     if needs_unused_parameter_search(cfg):  # frozen-then-unfrozen parameters are outside the graph at first
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision, log_with=trackers or None, dynamo_plugin=dynamo,
                               gradient_accumulation_steps=cfg.train.grad_accum_steps, kwargs_handlers=handlers)
+    record_peers(accelerator)  # a collective failing later names the rank it waited for
 
     torch.set_num_threads(cpu_thread_count(rt.cpu_threads, available_cores(), local_process_count()))
     if not on_cpu:

@@ -56,13 +56,14 @@ class BatchSearch:
                 f"tried {', '.join(map(str, self.tried))}")
 
 
-def _is_oom(error: BaseException) -> bool:
-    # cuBLAS/cuDNN report a failed allocation as a plain RuntimeError.
+def is_out_of_memory(error: BaseException) -> bool:
+    # cuBLAS/cuDNN report a failed allocation as a plain RuntimeError; so does torch's CPU allocator.
+    text = str(error).lower()
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
-def _release() -> None:
+def release_memory() -> None:
     gc.collect()  # the failed step's tensors, held by the traceback until now
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -79,11 +80,11 @@ def search_batch_size(try_step: Callable[[int], None], cap: int = MAX_BATCH) -> 
             try_step(n)
             ok = True
         except Exception as e:  # noqa: BLE001 - anything but out-of-memory is a real failure
-            if not _is_oom(e):
+            if not is_out_of_memory(e):
                 raise
             ok = False
         if not ok:
-            _release()  # outside the except block: the exception no longer pins the step's tensors
+            release_memory()  # outside the except block: the exception no longer pins the step's tensors
         return ok
 
     n = 1
@@ -163,7 +164,7 @@ def resolve_batch_size(cfg, accelerator: Accelerator, try_step: Callable[[int], 
             f" capped at the {cap} training images per process" if cap < CPU_DEFAULT else "")
     else:
         search = search_batch_size(try_step, cap)
-        _release()  # training starts from an empty cache, not the probe's last blocks
+        release_memory()  # training starts from an empty cache, not the probe's last blocks
         found = search.batch_size
         if processes > 1:  # the ranks must agree; the smallest GPU sets the batch
             found = int(accelerator.gather(torch.tensor([found], device=accelerator.device)).min().item())

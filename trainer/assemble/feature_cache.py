@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from data.files import atomic_output, sha256_file
+from trainer.assemble.process_group import wait_for_the_main_process
 
 
 def backbone_key(model: nn.Module, head_name: str, model_name: str, preprocessing: dict) -> str:
@@ -114,7 +115,7 @@ def cached_head_datasets(accelerator, built, data, cfg, num_workers: int) -> tup
                 feats = cached_features(built.model, built.head_name, ds, cache_file, to_input,
                                         cfg.data.batch_size, num_workers)
                 out.append(TensorDataset(feats, torch.tensor([label for _, label in ds.samples])))
-        accelerator.wait_for_everyone()
+        wait_for_the_main_process(accelerator)  # the main process may compute for longer than runtime.ddp_timeout
     return out[0], out[1], built.model.get_submodule(built.head_name)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from models.finetune import (FinetunePlan, GroupRules, apply_epoch, batchnorm_tr
 from trainer.assemble.batch_size import resolve_batch_size, step_probe
 from trainer.assemble.feature_cache import cached_head_datasets
 from trainer.assemble.optim import build_optimizer, build_scheduler
+from trainer.assemble.process_group import main_process_first
+from trainer.assemble.size_probe import check_image_size
 from trainer.assemble.accelerator import channels_last_on, decode_on, sync_bn_on, worker_count
 from trainer.task.task import task_for
 
@@ -95,7 +98,7 @@ def _audit(cfg: Config, source: Source, accelerator: Accelerator | None, backbon
     if accelerator is None:
         prepared = source.training_data(True, say)
     else:
-        with accelerator.main_process_first():
+        with main_process_first(accelerator):  # the others wait for hours, not runtime.ddp_timeout
             prepared = source.training_data(is_main, say)
     d = cfg.data
     mean, std = resolve_normalization(d.normalize, *backbone_stats, prepared.mean or d.mean, prepared.std or d.std)
@@ -132,6 +135,8 @@ def build_run(cfg: Config, accelerator: Accelerator, classes: list[str] | None =
     plan = make_plan(built.model, built.head_name, m.freeze, cfg.train.unfreeze_at_epoch, m.bn)
     # DDP registers the parameters that require grad when it wraps the model: all that ever train.
     prepare_for_wrapping(built.model, plan)
+    # Before the audit and before anything is written: a size the model cannot take is one line.
+    check_image_size(built, cfg.data.image_size, accelerator)
     data = build_data(cfg, accelerator, source, built)
     criterion = _criterion(cfg, accelerator, data)
     if cfg.data.batch_size == "auto":  # a number before any loader exists; config.toml records it
@@ -186,8 +191,12 @@ def _announce_recipe(cfg: Config, accelerator: Accelerator, built: BuiltModel, p
 
 
 def loading_for(cfg: Config, accelerator: Accelerator) -> Loading:
-    """data.num_workers ("auto": this process's share of the cores) and pinning (on CUDA)."""
-    return Loading(worker_count(cfg.data.num_workers), accelerator.device.type == "cuda", cfg.data.prefetch_factor)
+    """data.num_workers ("auto": this process's share of the cores; a number: at most what the
+    machine allows, said in one note) and pinning (on CUDA)."""
+    workers, note = worker_count(cfg.data.num_workers)
+    if note and accelerator.is_main_process:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return Loading(workers, accelerator.device.type == "cuda", cfg.data.prefetch_factor)
 
 
 def _loaders(cfg: Config, accelerator: Accelerator, source: Source, data: RunData,

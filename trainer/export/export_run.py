@@ -22,10 +22,9 @@ from data.files import (atomic_folder, atomic_write_json, atomic_write_text, sha
                         write_fault_in)
 from data.images import DEFAULT_MAX_PIXELS
 from data.sources import FILES, ImageStore, open_source
-from configs.schema import config_from_dict
 from trainer.inference.evaluate import labelled_listed, report_of, run_config
 from trainer.export.hub_folder import INTERPOLATION, hub_refusal, push_folder, write_hub_files
-from trainer.inference.predict import InferenceOptions, collect_images, predict_files
+from trainer.inference.predict import InferenceOptions, collect_images, predict_files, reachable_run_config
 from trainer.export.model_card import CardFacts, headline, model_card
 from trainer.files.model_file import LoadedClassifier, load_classifier
 from trainer.export.onnx_file import OnnxCheck, check_onnx, export_onnx, metadata_of
@@ -137,7 +136,9 @@ def gather_evidence(loaded: LoadedClassifier, request: ExportRequest) -> Evidenc
     if request.images:
         paths = collect_images(list(request.images))[:CHECK_IMAGES]
         return Evidence(_load(p, paths), f"{len(paths)} image(s) from {', '.join(request.images)}")
-    cfg = _reachable_config(loaded, request.data_root)
+    # --data-root named: a wrong folder is an error; the recorded root missing here is a note below
+    cfg = (run_config(loaded.metadata, request.data_root) if request.data_root
+           else reachable_run_config(loaded.metadata))
     if cfg is None:
         print("note: the run's images are not here (pass --images FOLDER or --data-root): the ONNX graph is "
               "checked on random inputs and the model card has no per-class table", file=sys.stderr)
@@ -158,15 +159,6 @@ def gather_evidence(loaded: LoadedClassifier, request: ExportRequest) -> Evidenc
     counts = {"train": splits.class_counts("train"), "val": splits.class_counts("val")}
     return Evidence(_load(p, picked, files.store), f"{len(picked)} images of {files.source}", report, counts,
                     splits.layout)
-
-
-def _reachable_config(loaded: LoadedClassifier, data_root: str | None):
-    if data_root:
-        return run_config(loaded.metadata, data_root)  # named explicitly: a wrong folder is an error
-    cfg = config_from_dict(loaded.metadata.get("config") or {})
-    if cfg.data.root and Path(cfg.data.root).expanduser().is_dir():
-        return cfg
-    return None
 
 
 def _spread(paths: list[Path], count: int) -> list[Path]:

@@ -24,18 +24,17 @@ never remove a lock another run has just made. A lock from another host cannot b
 line says how to remove it.
 
 DDP ranks under `accelerate launch` ask the kernel to kill them when their launcher dies
-(PR_SET_PDEATHSIG), so a killed launcher leaves no orphans writing to the folder.
+(trainer/files/launcher_death.py), so a killed launcher leaves no orphans writing to the folder:
+`launch/train.py` asks first thing; the lock asks again for entry points that did not.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -49,6 +48,7 @@ from accelerate.utils import broadcast_object_list
 
 from configs.errors import UsageError
 from data.files import atomic_write_json
+from trainer.files.launcher_death import die_with_launcher
 
 try:
     import fcntl
@@ -364,28 +364,3 @@ def _takeover_turn(path: Path) -> Iterator[None]:
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
-
-
-# ---- DDP ranks ----
-
-def _parent_is_accelerate_launch() -> bool:
-    try:
-        command = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(part.endswith(b"accelerate") for part in command) and b"launch" in command
-
-
-def die_with_launcher() -> None:
-    """Under `accelerate launch` (torchrun's ranks, or its one-process child), have the kernel kill
-    this process when its launcher dies: orphans would keep writing to a folder a new run then shares."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ and not _parent_is_accelerate_launch():
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return  # not Linux: no parent-death signal
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher died before we asked
-        os.kill(os.getpid(), signal.SIGKILL)

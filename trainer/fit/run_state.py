@@ -34,7 +34,7 @@ class RunState:
         self.root = run_dir / "checkpoints"
         self.at = Position()
         self.history = RunHistory(best_metric_of(cfg))
-        self.signals = StopSignals(accelerator)
+        self.signals = StopSignals(accelerator, self.root)
         self.epoch_start_lrs: list[float] = []  # learning rates when the current epoch started, per group
         self._damaged: list[Path] = []
         self._found = find_checkpoint(cfg.run.resume, self.root, self.warn, self._damaged)
@@ -159,8 +159,10 @@ class RunState:
             self.accelerator.print(f"stopped by signal {self.signals.name} after step "
                                    f"{at.global_step}; checkpoint {folder}; exit code {EXIT_PREEMPTED}. "
                                    f"Continue with run.resume=auto")
-            self.close()
+            # Handlers stay until the trackers are finished: a launcher's SIGTERM to every rank once one
+            # has exited (torch elastic does this) must not kill a rank that is still finishing W&B.
             self.accelerator.end_training()
+            self.close()
             raise Preempted(folder)
 
     def end_epoch(self, epoch: int, improved: bool) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,7 +36,8 @@ from configs.schema import Config, config_from_dict
 from data.files import atomic_write_text
 from data.folders import IMAGE_EXTENSIONS, list_images
 from data.images import DEFAULT_MAX_PIXELS
-from data.sources import FILES, ImageStore, ListedImages, open_listing, open_source, read_csv_rows
+from data.sources import (FILES, SUBMISSION_COLUMNS, ImageStore, ListedImages, Source, file_ids, open_listing,
+                          open_source)
 from data.transforms import flips_horizontally
 from trainer.files.model_file import LoadedClassifier, load_classifier
 from trainer.task.task import task_of
@@ -246,8 +246,8 @@ def kaggle_sheet(form: KaggleForm, loaded: LoadedClassifier, listing: Listing) -
             raise UsageError(f"--sample-submission {form.sample_submission} has {len(header) - 1} columns after its "
                              f"id ({_few(header[1:])}): one per class; write them with --kaggle-probabilities")
         return KaggleSheet(header, form.label)
-    d = config_from_dict(loaded.metadata.get("config") or {}).data
-    id_column, label_column = (d.csv_file_column, d.csv_label_column) if listing.csv else ("Id", "Class")
+    source = listing_source(loaded.metadata, listing)
+    id_column, label_column = source.submission_columns() if source else SUBMISSION_COLUMNS
     if form.probabilities:
         return KaggleSheet([id_column, *names], "probabilities", list(range(len(names))))
     return KaggleSheet([id_column, label_column], form.label)
@@ -286,23 +286,10 @@ def _few(names: list[str], most: int = 8) -> str:
 
 
 def kaggle_ids(paths: list[Path], loaded: LoadedClassifier, listing: Listing) -> list[str]:
-    """Each image's id: the --csv row's file cell as written (Kaggle's test CSVs give ids without an
-    extension, found as files by trying each image extension), a shard sample's key, else the
-    file name without its extension."""
-    if listing.shards:
-        return [str(p).rpartition("#")[2] for p in paths]
-    if not listing.csv:
-        return [p.stem for p in paths]
-    d = config_from_dict(loaded.metadata.get("config") or {}).data
-    csv_file = Path(listing.csv).expanduser().resolve()
-    root = (Path(listing.data_root).expanduser() if listing.data_root else csv_file.parent).resolve()
-    written = {row.file for row in read_csv_rows(csv_file, d.csv_file_column, "")}
-    ids = []
-    for path in paths:
-        relative = os.path.relpath(path, root)
-        bare = os.path.splitext(relative)[0]
-        ids.append(bare if relative not in written and bare in written else relative)
-    return ids
+    """Each image's id as the source that listed it names it (Source.submission_ids: a --csv row's
+    file cell as written, a shard sample's key), else the file name without its extension."""
+    source = listing_source(loaded.metadata, listing)
+    return source.submission_ids(paths) if source else file_ids(paths)
 
 
 def kaggle_rows(preds: FilePredictions, class_names: list[str], ids: list[str],
@@ -325,13 +312,19 @@ def kaggle_rows(preds: FilePredictions, class_names: list[str], ids: list[str],
     return sheet.header, rows
 
 
+def listing_source(meta: dict, listing: Listing) -> Source | None:
+    """The source `--csv FILE` (paths relative to --data-root, else the CSV's folder), `--hf DIR` or
+    `--shards DIR` names, read with the settings of the checkpoint's run (its column names, its
+    task); None when images are named as files and folders."""
+    if not listing.named:
+        return None
+    kind, path, _ = listing.named_source
+    return open_listing(config_from_dict(meta.get("config") or {}).data, kind, path, listing.data_root)
+
+
 def listed_source(meta: dict, listing: Listing, labelled: bool = True) -> ListedImages:
-    """`--csv FILE` (paths relative to --data-root, else the CSV's folder; the run's column names),
-    `--hf DIR` or `--shards DIR`: the images they list, read with the run's data config
-    (`labelled`: evaluate)."""
-    kind, path, split = listing.named_source
-    d = config_from_dict(meta.get("config") or {}).data
-    return open_listing(d, kind, path, listing.data_root).listed(split, labelled)
+    """The images the source named on the command line lists (`labelled`: evaluate)."""
+    return listing_source(meta, listing).listed(listing.named_source[2], labelled)
 
 
 def reachable_run_config(meta: dict, data_root: str | None = None) -> Config | None:
