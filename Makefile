@@ -24,8 +24,11 @@ demo: $(STAMP)
 # The suite's tests are independent (own tmp folders, own rendezvous ports): two workers on two
 # cores halve the wall time, since most of a test's time is one single-threaded subprocess
 # (OMP_NUM_THREADS=1). --dist loadfile keeps a module on one worker, so its shared runs are made once.
+# --no-loadscope-reorder hands modules out in collection order (tests/e2e/ first, then the many
+# small tests/unit/ modules) instead of by test count, which put the heaviest one-test e2e modules
+# (the kill/resume runs) last, where one worker finished them while the other sat idle.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # The fast tier: unit and in-process tests, no subprocess launches of training (`-m "not e2e"`).
 test-fast: $(STAMP)

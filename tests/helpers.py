@@ -76,10 +76,11 @@ def run_env(**extra: str) -> dict[str, str]:
     """The environment of every subprocess test: CPU only, by environment rather than by luck. On
     a machine with GPUs, a 2-process CPU-DDP launch would otherwise put its ranks on cuda:0 and
     cuda:1 ("invalid device ordinal" with one GPU), and exact comparisons would meet TF32 and
-    cuDNN's nondeterminism. Tests that need CUDA run in-process and skip without it."""
+    cuDNN's nondeterminism. Tests that need CUDA run in-process and skip without it. Idle OpenMP
+    threads sleep (OMP_WAIT_POLICY): a run's threads otherwise spin on cores the other tests need."""
     env = dict(os.environ)
     env.update({"CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
                 # Keep accelerate from reading a user's `accelerate config` file.
                 "HF_HOME": env.get("HF_HOME_TESTS", "/tmp/imgtrain-tests-hf")})
     env.update(extra)
@@ -91,6 +92,24 @@ def run_script(script: str, *args: str, cwd: Path, launcher: tuple[str, ...] = (
     """Run launch/<script> as a user would: `python launch/x.py ...` or `accelerate launch ... launch/x.py`."""
     cmd = [*(launcher or (PYTHON,)), str(REPO / "launch" / script), *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or run_env())
+
+
+def start_script(script: str, *args: str, cwd: Path, launcher: tuple[str, ...] = (),
+                 env: dict | None = None) -> subprocess.Popen:
+    """run_script started and not waited for: a reference run trains while the runs compared with it do
+    (the suite's two workers leave a core idle whenever one waits on a single-threaded run)."""
+    cmd = [*(launcher or (PYTHON,)), str(REPO / "launch" / script), *args]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or run_env())
+
+
+def finish_script(process: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def free_port() -> int:

@@ -1,9 +1,11 @@
-"""Same result on 1 process, 2 DDP processes on one machine, and 2 "machines" on 127.0.0.1; and a
-CSV listing the folder's files trains bitwise like the folder itself under 2-process DDP.
+"""Same result on 1 process, 2 DDP processes on one machine, and 2 "machines" on 127.0.0.1 started
+by the SLURM batch script; and a CSV listing the folder's files trains bitwise like the folder itself
+under 2-process DDP.
 
 Real `accelerate launch` subprocesses on CPU (DDP over gloo). The model has no BatchNorm, the
 global batch is the same (16 = 16 x 1 = 8 x 2), the data has no augmentation, so the runs may
-differ only by floating-point summation order in the gradient all-reduce.
+differ only by floating-point summation order in the gradient all-reduce. The 1-process reference
+trains in-process: what is tested is the launches compared with it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ACCELERATE, REPO, free_port, make_image_folder, run_env
+from helpers import ACCELERATE, REPO, free_port, make_image_folder, run_env, run_in_process
 from trainer.files.model_file import read_metadata
 
 EPOCHS = 3
@@ -57,19 +59,22 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(images, tmp_path_factory):
+    """The reference: the same training in one process, in this interpreter (`accelerate launch` with
+    one process is test_sources_train.py's)."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
-    proc = _launch(["--num_machines", "1", "--num_processes", "1", "--cpu"], _overrides(images, run_dir, 16),
-                   run_dir.parent)
-    _finish(proc)
+    result = run_in_process("train.py", *_overrides(images, run_dir, 16), cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def two_processes(images, tmp_path_factory):
-    """One 2-process DDP run on this machine (8 per process): its run folder and its stdout."""
+def two_processes(images, tmp_path_factory, request):
+    """One 2-process DDP run on this machine (8 per process): its run folder and its stdout. The
+    reference trains meanwhile."""
     run_dir = tmp_path_factory.mktemp("two") / "run"
     proc = _launch(["--multi_gpu", "--num_machines", "1", "--num_processes", "2"], _overrides(images, run_dir, 8),
                    run_dir.parent)
+    request.getfixturevalue("one_process")
     out, _ = _finish(proc)
     return run_dir, out
 
@@ -92,7 +97,7 @@ def _assert_same_training(run_dir, reference):
     assert worst < WEIGHT_ATOL, f"weights differ by {worst}"
 
 
-def test_two_process_cpu_ddp_matches_one_process(one_process, two_processes):
+def test_two_process_cpu_ddp_matches_one_process(two_processes, one_process):
     run_dir, out = two_processes
     _assert_same_training(run_dir, one_process)
     # One run folder, one set of files: only the main process writes, so the 2-process folder
@@ -109,45 +114,19 @@ def test_two_process_cpu_ddp_matches_one_process(one_process, two_processes):
     assert meta["num_processes"] == "2" and meta["global_batch_size"] == "16"
 
 
-def test_two_machines_on_loopback_match_one_launch(images, one_process, tmp_path):
-    run_dir = tmp_path / "run"
-    port = str(free_port())
-    procs = [_launch(["--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
-                      "--main_process_ip", "127.0.0.1", "--main_process_port", port],
-                     _overrides(images, run_dir, 8), tmp_path) for rank in (0, 1)]
-    (out0, _), (out1, _) = [_finish(p) for p in procs]
-
-    _assert_same_training(run_dir, one_process)
-    assert "machines 2" in out0
-    assert "runtime" not in out1 and "epoch" not in out1  # machine 1 neither prints nor writes
-    assert read_metadata(run_dir / "best.safetensors")["runtime"]["num_processes"] == 2
-
-
-def test_slurm_batch_script_launches_two_machines(images, one_process, tmp_path):
+def test_slurm_batch_script_launches_two_machines_that_train_a_csv_listing_like_the_folder(
+        images, two_processes, one_process, tmp_path):
     # Stand-ins for SLURM's tools: srun runs the node command once per node with its SLURM_NODEID,
-    # as on two nodes, and scontrol names the first node.
+    # as on two nodes (each node's stdout to its own file), and scontrol names the first node. The
+    # script runs `accelerate launch --num_machines 2 --machine_rank $SLURM_NODEID ...` on each.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
     (bin_dir / "srun").write_text("#!/bin/bash\nshift  # --kill-on-bad-exit=1\n"
-                                  "SLURM_NODEID=0 \"$@\" & a=$!\nSLURM_NODEID=1 \"$@\" & b=$!\n"
+                                  "SLURM_NODEID=0 \"$@\" > node-0.out & a=$!\nSLURM_NODEID=1 \"$@\" > node-1.out & b=$!\n"
                                   "wait $a && wait $b\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    run_dir = tmp_path / "run"
-    config = tmp_path / "run.toml"
-    config.write_text("[train]\nprecision = \"no\"\n")
-    env = run_env(PATH=f"{bin_dir}:{os.path.dirname(ACCELERATE)}:{os.environ['PATH']}", SLURM_NNODES="2",
-                  SLURM_JOB_NODELIST="node[1-2]", GPUS_PER_NODE="1", MAIN_PORT=str(free_port()))
-    result = subprocess.run(["bash", str(REPO / "launch" / "slurm_train.sbatch"), str(config),
-                             *_overrides(images, run_dir, 8)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("machines 2, parallel ddp") == 1
-    _assert_same_training(run_dir, one_process)
-
-
-def test_csv_of_the_folders_files_trains_bitwise_like_the_folder_under_ddp(images, two_processes, tmp_path):
     # The folder's own files, listed with their class and split in columns named unlike the defaults.
     listing = tmp_path / "labels.csv"
     with open(listing, "w", newline="") as f:
@@ -156,13 +135,25 @@ def test_csv_of_the_folders_files_trains_bitwise_like_the_folder_under_ddp(image
         for p in sorted(images.rglob("*.png")):
             split, label = p.relative_to(images).parts[:2]
             writer.writerow((p.relative_to(images).as_posix(), label, split))
-    run_dir = tmp_path / "csv"
-    proc = _launch(["--multi_gpu", "--num_machines", "1", "--num_processes", "2"],
-                   [*_overrides(images, run_dir, 8), "data.source=csv", f"data.csv={listing}",
-                    "data.csv_file_column=path", "data.csv_label_column=breed", "data.csv_split_column=subset"],
-                   tmp_path)
-    out, _ = _finish(proc)
-    assert "(csv): 3 classes, 48 train / 15 val images" in out
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nprecision = \"no\"\n")
+    env = run_env(PATH=f"{bin_dir}:{os.path.dirname(ACCELERATE)}:{os.environ['PATH']}", SLURM_NNODES="2",
+                  SLURM_JOB_NODELIST="node[1-2]", GPUS_PER_NODE="1", MAIN_PORT=str(free_port()))
+    # One thread per process, as each of the two processes on one machine has: the same arithmetic,
+    # so the CSV run and the folder's run compare bit for bit.
+    csv_source = ["data.source=csv", f"data.csv={listing}", "data.csv_file_column=path",
+                  "data.csv_label_column=breed", "data.csv_split_column=subset", "runtime.cpu_threads=1"]
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm_train.sbatch"), str(config),
+                             *_overrides(images, run_dir, 8), *csv_source], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out0, out1 = (tmp_path / "node-0.out").read_text(), (tmp_path / "node-1.out").read_text()
+    assert out0.count("machines 2, parallel ddp") == 1 and "(csv): 3 classes, 48 train / 15 val images" in out0
+    assert "runtime" not in out1 and "epoch" not in out1  # machine 1 neither prints nor writes
+    assert read_metadata(run_dir / "best.safetensors")["runtime"]["num_processes"] == 2
+    _assert_same_training(run_dir, one_process)
+    # Bit for bit like the folder's 2-process run on one machine.
     folder = two_processes[0]
     keys = ("train_loss", "val_loss", "val_acc")
     assert [{k: r[k] for k in keys} for r in _history(run_dir)] == [{k: r[k] for k in keys} for r in _history(folder)]

@@ -2,7 +2,8 @@
 line it prints, and the files on disk before and after. Nothing intact is ever lost. Refusals that
 come before any training run the same entry point in-process (helpers.run_in_process), which
 saves an interpreter start each; every fault that needs a process (a kill, a lock held by another
-process, a full disk mid-run, a launcher) runs one."""
+process, a full disk mid-run, a launcher) runs one; the runs after a fault, which read what it left
+on disk, run in-process."""
 
 from __future__ import annotations
 
@@ -48,12 +49,12 @@ def _one_error_line(result, code: int) -> str:
 
 @pytest.fixture(scope="module")
 def _finished(tmp_path_factory):
-    """One real run of 2 epochs, finished, and its images; tests change copies of it (finished_run)."""
+    """One run of 2 epochs, finished, and its images; tests change copies of it (finished_run)."""
     root = tmp_path_factory.mktemp("finished")
     images = make_image_folder(root / "images")
     run_dir = root / "run"
-    result = run_script("train.py", f"data.root={images}", f"run.dir={run_dir}", *TINY, "train.epochs=2", cwd=root,
-                        env=run_env(IMGTRAIN_AUDIT_DIR=str(root / "audit")))
+    # In-process: the tests read its files (its audit cache goes to the session's folder, conftest.py).
+    result = run_in_process("train.py", f"data.root={images}", f"run.dir={run_dir}", *TINY, "train.epochs=2", cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     return images, run_dir
 
@@ -89,7 +90,7 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_a_dead_runs_lock_is_taken_
         first.wait()
     # Killed: its lock is left behind, stale. The next run takes it over and continues the run.
     assert (run_dir / ".lock").is_file()
-    result = _train(image_folder, run_dir, "train.epochs=2", "run.resume=auto")
+    result = _train(image_folder, run_dir, "train.epochs=2", "run.resume=auto", runner=run_in_process)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (run_dir / ".lock").exists()
 
@@ -160,7 +161,8 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_line_and_keeps_the_earlier_
     checkpoints = run_dir / "checkpoints"
     assert not list(checkpoints.glob(".tmp-*"))
     assert verify(checkpoints / "step-00000002")["global_step"] == 2
-    result = _train(image_folder, run_dir, "train.epochs=3", "train.checkpoint_every_steps=2", "run.resume=auto")
+    result = _train(image_folder, run_dir, "train.epochs=3", "train.checkpoint_every_steps=2", "run.resume=auto",
+                    runner=run_in_process)
     assert result.returncode == 0 and "step-00000002" in result.stdout
 
 
@@ -193,8 +195,9 @@ def test_small_images_train_instead_of_being_dropped(tmp_path):
         for i in range(8):
             make_image(__import__("numpy").random.default_rng(i), channel, size=25).save(root / name / f"{i}.png")
     Image.new("RGB", (2, 500)).save(root / "a" / "sliver.png")  # degenerate: still left out
-    result = run_script("train.py", f"data.root={root}", f"run.dir={tmp_path / 'run'}", *TINY, "data.image_size=64",
-                        "train.epochs=1", cwd=tmp_path)
+    # In-process: what is tested is which files the data reads.
+    result = run_in_process("train.py", f"data.root={root}", f"run.dir={tmp_path / 'run'}", *TINY,
+                            "data.image_size=64", "train.epochs=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "left out 1 of 17 files (1 too_small)" in result.stdout  # the sliver alone
     assert read_metadata(tmp_path / "run" / "best.safetensors")["class_names"] == ["a", "b"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_env, run_in_process, run_script
+from helpers import finish_script, run_env, run_in_process, run_script, start_script
 from resume_runs import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
 from trainer.files.model_file import read_metadata
 from trainer.fit.signals import EXIT_PREEMPTED
@@ -25,6 +25,10 @@ from trainer.files.checkpoints import COMPLETE, verify
 def train(image_folder, run_dir, *extra, crash: str = "", crash_signal: str = "KILL"):
     env = run_env(IMGTRAIN_CRASH_AT=crash, IMGTRAIN_CRASH_SIGNAL=crash_signal)
     return run_script("train.py", *tiny_run_args(image_folder, run_dir, *extra), cwd=run_dir.parent, env=env)
+
+
+def start_training(image_folder, run_dir, *extra):
+    return start_script("train.py", *tiny_run_args(image_folder, run_dir, *extra), cwd=run_dir.parent)
 
 
 def logged_steps(run_dir: Path) -> list[dict]:
@@ -39,8 +43,7 @@ def test_killed_anywhere_and_resumed_ends_bitwise_identical_with_its_ema(image_f
     # the raw weights and of the average (the raw weights are those of a run without it, below).
     common = ("data.num_workers=1", "train.log_every_steps=2", "train.ema_decay=0.9")
     reference = tmp_path / "reference"
-    done = train(image_folder, reference, *common)
-    assert done.returncode == 0, done.stderr[-3000:]
+    started = start_training(image_folder, reference, *common)  # trains while the runs below are killed
 
     run = tmp_path / "killed"
     # 1. SIGKILL mid-epoch at step 7: the checkpoint of step 6 is the newest, step 7 is trained again.
@@ -76,6 +79,8 @@ def test_killed_anywhere_and_resumed_ends_bitwise_identical_with_its_ema(image_f
     assert f"{model_file} is truncated" in r.stdout
     assert "resumed from" in r.stdout and "step-00000018" in r.stdout
 
+    done = finish_script(started)
+    assert done.returncode == 0, done.stderr[-3000:]
     for name in ("last.safetensors", "best.safetensors", "ema.safetensors"):
         assert_same_bits(reference / name, run / name)
     rows = metrics_without_timing(run)
@@ -105,9 +110,11 @@ def test_killed_anywhere_and_resumed_ends_bitwise_identical_with_its_ema(image_f
     assert best_meta["metrics"]["val_loss"] == best_row[prefix + "val_loss"]
     ema, last = load_file(str(run / "ema.safetensors")), load_file(str(run / "last.safetensors"))
     assert not all(torch.equal(ema[k], last[k]) for k in ema)  # an average, not a copy
-    # Keeping the average changes nothing about training: the raw weights are those of a run without it.
+    # Keeping the average changes nothing about training: the raw weights are those of a run without it
+    # (in-process: a run that nothing interrupts; every run above is a real process).
     without = tmp_path / "without-ema"
-    r = train(image_folder, without, "data.num_workers=1", "train.log_every_steps=2")
+    r = run_in_process("train.py", *tiny_run_args(image_folder, without, "data.num_workers=1",
+                                                  "train.log_every_steps=2"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (without / "ema.safetensors").exists()
     assert_same_bits(without / "last.safetensors", run / "last.safetensors")
@@ -137,8 +144,9 @@ def test_killed_anywhere_and_resumed_ends_bitwise_identical_with_its_ema(image_f
         "set train.ema_decay=0.9 or start a new run.dir")
     assert step_folders(run) == kept
     # A finished run resumed with a longer schedule is allowed and said in one line: the cosine is
-    # recomputed for 4 epochs.
-    r = train(image_folder, run, *common, "run.resume=auto", "train.epochs=4")
+    # recomputed for 4 epochs (in-process: what is tested is reading the finished run's files).
+    r = run_in_process("train.py", *tiny_run_args(image_folder, run, *common, "run.resume=auto", "train.epochs=4"),
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (note,) = [line for line in r.stdout.splitlines() if line.startswith("note: resuming with changed")]
     assert "train.epochs 3 -> 4" in note and "recomputed for 4 epochs" in note

@@ -10,11 +10,9 @@ import signal
 
 import pytest
 
-from helpers import accelerate_launch, make_image_folder, run_env, run_in_process, run_script
+from helpers import (accelerate_launch, finish_script, make_image_folder, run_env, run_in_process, run_script,
+                     start_script)
 from resume_runs import assert_same_bits, metrics_without_timing, step_folders, tiny_run_args
-
-TWO_PROCESSES = accelerate_launch("--multi_gpu", "--num_processes", "2", "--mixed_precision", "no")
-
 
 @pytest.fixture(scope="module")
 def shard_folder(tmp_path_factory):
@@ -37,8 +35,17 @@ def shard_run_args(shards, run_dir, *extra):
 
 
 def train(shards, run_dir, *extra, crash: str = "", launcher=()):
-    return run_script("train.py", *shard_run_args(shards, run_dir, *extra), cwd=run_dir.parent, launcher=launcher,
-                      env=run_env(IMGTRAIN_CRASH_AT=crash))
+    return finish_script(start_training(shards, run_dir, *extra, crash=crash, launcher=launcher))
+
+
+def start_training(shards, run_dir, *extra, crash: str = "", launcher=()):
+    return start_script("train.py", *shard_run_args(shards, run_dir, *extra), cwd=run_dir.parent, launcher=launcher,
+                        env=run_env(IMGTRAIN_CRASH_AT=crash))
+
+
+def two_processes():
+    # Each launch its own rendezvous port: the reference trains while the killed run does.
+    return accelerate_launch("--multi_gpu", "--num_processes", "2", "--mixed_precision", "no")
 
 
 def assert_same_run(reference, run):
@@ -51,9 +58,7 @@ def test_one_process_two_workers_killed_mid_epoch_and_resumed_ends_bitwise_ident
     # 27 samples, batch 4: 7 steps per epoch (the last of 3 samples), 14 in all; a checkpoint every 3 steps.
     common = ("data.num_workers=2",)
     reference = tmp_path / "reference"
-    r = train(shard_folder, reference, *common)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "27 training samples in" in r.stdout
+    started = start_training(shard_folder, reference, *common)  # trains while the runs below are killed
 
     run = tmp_path / "killed"
     r = train(shard_folder, run, *common, crash="after_step:5")  # epoch 1, batch 5: resumes at batch 3
@@ -66,10 +71,15 @@ def test_one_process_two_workers_killed_mid_epoch_and_resumed_ends_bitwise_ident
     r = train(shard_folder, run, *common, "run.resume=auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "step-00000009" in r.stdout
+    r = finish_script(started)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "27 training samples in" in r.stdout
     assert_same_run(reference, run)
 
-    # Another worker count draws another order: the run goes on, with one line saying how to be exact.
-    r = train(shard_folder, other_workers, "data.num_workers=1", "run.resume=auto")
+    # Another worker count draws another order: the run goes on, with one line saying how to be exact
+    # (in-process: what is tested is reading the checkpoint's files).
+    r = run_in_process("train.py", *shard_run_args(shard_folder, other_workers, "data.num_workers=1",
+                                                   "run.resume=auto"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("warning: the checkpoint's training order was drawn for data.num_workers=2, this run's for "
             "data.num_workers=1: training continues from the same 12 samples seen but results will not be "
@@ -80,15 +90,16 @@ def test_two_processes_killed_mid_epoch_and_resumed_end_bitwise_identical(shard_
     # 27 samples padded to 28: 14 per process, 4 steps per epoch (4, 4, 4, 2 samples), 8 in all.
     common = ("data.num_workers=1", "train.checkpoint_every_steps=2")
     reference = tmp_path / "reference"
-    r = train(shard_folder, reference, *common, launcher=TWO_PROCESSES)
-    assert r.returncode == 0, r.stderr[-3000:]
+    started = start_training(shard_folder, reference, *common, launcher=two_processes())
     run = tmp_path / "killed"
-    r = train(shard_folder, run, *common, crash="after_step:3", launcher=TWO_PROCESSES)  # epoch 1, batch 3
+    r = train(shard_folder, run, *common, crash="after_step:3", launcher=two_processes())  # epoch 1, batch 3
     assert r.returncode != 0
     assert step_folders(run)[-1] == "step-00000002"
-    r = train(shard_folder, run, *common, "run.resume=auto", launcher=TWO_PROCESSES)  # on into epoch 2
+    r = train(shard_folder, run, *common, "run.resume=auto", launcher=two_processes())  # on into epoch 2
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step-00000002" in r.stdout
+    r = finish_script(started)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(reference, run)
 
 
