@@ -137,13 +137,16 @@ def test_cleanlab_lists_most_swapped_labels_of_a_multilabel_set(capsys):
     (np.array([1, 1, 1]), np.full((3, 3), 1 / 3), "fewer than 2 classes"),
     (np.array([0]), np.array([[0.2, 0.8, 0.0]]), "fewer than 2 classes"),
     (np.array([0, 1, 2, 0]), np.array([[np.nan, 0.5, 0.5]] * 4), "not finite"),
+    (np.array([0] * 5 + [1, 1]), np.array([[0.9, 0.1, 0.0]] * 4 + [[0.3, 0.7, 0.0]] + [[0.2, 0.8, 0.0]] * 2),
+     f"dog have fewer than {FEW_PER_CLASS} images here"),
     (np.array([0, 0, 1, 1]), np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.9, 0.0], [0.6, 0.4, 0.0]]),
-     f"cat, dog have fewer than {FEW_PER_CLASS} images here"),
+     f"no class has {FEW_PER_CLASS} evaluated images (the most: 2)"),
     (np.array([[0, 0, 0], [0, 0, 0]]), np.full((2, 3), 0.3), "no evaluated image has a label"),
     (np.array([[1, 0, 0], [1, 1, 0]]), np.full((2, 3), 0.3), "cat labels every evaluated image"),
-    (np.array([[1, 0, 0], [0, 1, 0]]), np.full((2, 3), 0.3), "cat, dog, fox have fewer than 5 labelled images"),
-], ids=["empty", "one-class", "one-image", "nan", "few-per-class", "multilabel-unlabelled", "multilabel-everywhere",
-        "multilabel-few"])
+    (np.array([[1, 0, 0]] * 5 + [[0, 1, 0]]), np.full((6, 3), 0.3), "dog, fox have fewer than 5 labelled images"),
+    (np.array([[1, 0, 0], [0, 1, 0]]), np.full((2, 3), 0.3), "no class has 5 evaluated images (the most: 1)"),
+], ids=["empty", "one-class", "one-image", "nan", "few-per-class", "no-class-has-enough", "multilabel-unlabelled",
+        "multilabel-everywhere", "multilabel-few", "multilabel-no-class-has-enough"])
 def test_small_or_broken_evaluations_get_a_note_not_a_crash(tmp_path, labels, probs, note):
     found = find_mistakes(Evaluated([f"img{i}.png" for i in range(len(labels))], labels, probs, NAMES))
     assert any(note in n for n in found.notes), found.notes
@@ -238,8 +241,9 @@ def test_a_runs_end_writes_the_best_epochs_tables_and_logs_them_to_wandb(tmp_pat
     written, lines = tracking.mistakes(predictions, _Images(4), {"epoch": 3})
     assert sorted(p.name for p in written) == sorted(MISTAKE_FILES)
     assert _rows(tmp_path / "top_losses.csv")[0]["path"] == "val/img2.png"
-    assert lines[-1] == f"0 likely label errors among the validation images (cleanlab): {tmp_path / 'label_issues.csv'}"
-    assert any("fewer than 5 images" in line for line in lines)
+    # Four images: the labels are not judged, and no "0 likely label errors" reads as "none found".
+    assert lines == [f"note: label issues: not judged: no class has 5 evaluated images (the most: 2); more "
+                     "validation images (e.g. a larger data.val_fraction) let confident learning judge them"]
     (values,) = logged
     assert values["epoch"] == 3 and isinstance(values["media/top_losses"], wandb.Image)
     assert values["media/most_confused"].columns == ["actual", "predicted", "count", "share"]

@@ -213,7 +213,7 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
         report["training_images"] = overlap
     evaluated = mistakes_of(loaded, files, preds)
     mistakes = find_mistakes(evaluated, top_loss_count)
-    report["likely_label_errors"] = len(mistakes.label_issues)
+    report["likely_label_errors"] = len(mistakes.label_issues) if mistakes.labels_judged else None  # None: not judged
     out = Path(out_dir) if out_dir else checkpoint.parent / (f"eval-{split}" if split else "eval")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", report)
@@ -224,7 +224,8 @@ def evaluate_checkpoint(checkpoint: str | Path, options: InferenceOptions, *, fo
                                             title=title))
     written += write_mistakes_of(out, loaded, files, evaluated, mistakes, max_pixels)
     lines = [*task.report_lines(report, meta, split),
-             f"{len(mistakes.label_issues)} likely label errors (cleanlab): {out / 'label_issues.csv'}"]
+             *([f"{len(mistakes.label_issues)} likely label errors (cleanlab): {out / 'label_issues.csv'}"]
+               if mistakes.labels_judged else [])]
     if list_label_issues:
         atomic_write_text(out / "label_issues.txt", "".join(f"{r['path']}\n" for r in mistakes.label_issues))
         written.append(out / "label_issues.txt")

@@ -34,6 +34,7 @@ TOP_LOSSES = 16  # images in the top-losses grid (evaluate.py --top-losses)
 # Below this many images of a class, cleanlab's per-class thresholds are guesses: its label errors
 # may be missed (cleanlab warns per class; the note says it once, naming them).
 FEW_PER_CLASS = 5
+NOT_JUDGED = "label issues: not judged"  # how every note of labels left unjudged begins
 MISTAKE_FILES = ("top_losses.png", "top_losses.csv", "most_confused.csv", "label_issues.csv")
 SINGLE_COLUMNS = {"top_losses.csv": ["rank", "path", "actual", "predicted", "probability", "actual_probability",
                                      "loss"],
@@ -73,6 +74,12 @@ class Mistakes:
     label_issues: list[dict]  # most likely first
     columns: dict[str, list[str]]  # each CSV's header: SINGLE_COLUMNS or MULTILABEL_COLUMNS
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels_judged(self) -> bool:
+        """False when confident learning could not judge the labels (its note says why): then an empty
+        label_issues.csv means "not judged", not "no errors"."""
+        return not any(note.startswith(NOT_JUDGED) for note in self.notes)
 
 
 def find_mistakes(evaluated: Evaluated, count: int = TOP_LOSSES) -> Mistakes:
@@ -164,7 +171,7 @@ def _single_label_issues(ev: Evaluated, labels: np.ndarray, probs: np.ndarray) -
         ranked = _quietly(find_label_issues, labels, rows, return_indices_ranked_by="self_confidence",
                           n_jobs=1)  # one process: forking a training process (CUDA, DDP) is unsafe
     except ValueError as e:  # an input cleanlab refuses that the checks above did not foresee
-        return [], notes + [f"label issues: cleanlab could not judge these predictions ({e})"]
+        return [], notes + [f"{NOT_JUDGED}: cleanlab could not judge these predictions ({e})"]
     issues = []
     for rank, i in enumerate(ranked.tolist(), 1):
         suggested = int(rows[i].argmax())
@@ -221,7 +228,7 @@ def _multilabel_issues(ev: Evaluated, truth: np.ndarray, scores: np.ndarray,
         ranked = _quietly(find_label_issues, labels, scores, return_indices_ranked_by="self_confidence", n_jobs=1)
         quality = _quietly(get_label_quality_scores, labels, scores)
     except ValueError as e:
-        return [], notes + [f"label issues: cleanlab could not judge these predictions ({e})"]
+        return [], notes + [f"{NOT_JUDGED}: cleanlab could not judge these predictions ({e})"]
     issues = [{"path": ev.paths[i], "given_labels": ";".join(names[c] for c in labels[i]),
                "suggested_labels": ";".join(names[c] for c in np.flatnonzero(called[i])),
                "label_quality": _r(quality[i]), "rank": rank} for rank, i in enumerate(ranked.tolist(), 1)]
@@ -233,20 +240,24 @@ def _multilabel_issues(ev: Evaluated, truth: np.ndarray, scores: np.ndarray,
 def _why_not_judged(truth: np.ndarray, probs: np.ndarray, class_names: list[str]) -> str | None:
     """Why cleanlab cannot judge these labels (nothing to compare them with), or None."""
     if len(truth) == 0:
-        return "label issues: no images were evaluated"
+        return f"{NOT_JUDGED}: no images were evaluated"
     if truth.ndim == 1 and len(np.unique(truth)) < 2:
-        return ("label issues: not judged: the evaluated images have fewer than 2 classes, and confident learning "
+        return (f"{NOT_JUDGED}: the evaluated images have fewer than 2 classes, and confident learning "
                 "compares the classes' labels")
     if truth.ndim == 2:  # each class is judged against the images without it
         if not truth.any():
-            return "label issues: not judged: no evaluated image has a label"
+            return f"{NOT_JUDGED}: no evaluated image has a label"
         everywhere = [name for name, column in zip(class_names, truth.T) if column.all()]
         if everywhere:
             one = len(everywhere) == 1
-            return (f"label issues: not judged: {', '.join(everywhere[:8])} {'labels' if one else 'label'} every "
+            return (f"{NOT_JUDGED}: {', '.join(everywhere[:8])} {'labels' if one else 'label'} every "
                     f"evaluated image, so cleanlab has no image without {'it' if one else 'them'} to compare with")
     if not np.isfinite(probs).all():
-        return "label issues: not judged: some predicted probabilities are not finite (the model diverged)"
+        return f"{NOT_JUDGED}: some predicted probabilities are not finite (the model diverged)"
+    most = int(truth.sum(0).max()) if truth.ndim == 2 else int(np.bincount(truth).max())
+    if most < FEW_PER_CLASS:  # every per-class threshold a guess: nothing to learn from (nor to import cleanlab for)
+        return (f"{NOT_JUDGED}: no class has {FEW_PER_CLASS} evaluated images (the most: {most}); "
+                "more validation images (e.g. a larger data.val_fraction) let confident learning judge them")
     return None
 
 

@@ -377,9 +377,9 @@ class RunTracking:
                 columns = found.columns[name]
                 values[f"media/{key}"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
             self._log(values)
-        return written, [*(f"note: {note}" for note in found.notes),
-                         f"{len(found.label_issues)} likely label errors among the validation images (cleanlab): "
-                         f"{self.run_dir / 'label_issues.csv'}"]
+        judged = ([f"{len(found.label_issues)} likely label errors among the validation images (cleanlab): "
+                   f"{self.run_dir / 'label_issues.csv'}"] if found.labels_judged else [])
+        return written, [*(f"note: {note}" for note in found.notes), *judged]
 
     def finish(self, best_path: Path) -> list[Path]:
         """Log the best checkpoint as a W&B artifact when wandb.log_model asks; list local files."""
