@@ -103,6 +103,16 @@ _ARCHIVES = {".zip": "unzip {path} -d {folder}", ".7z": "7z x {path} -o{folder}"
              **dict.fromkeys((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"), _TAR)}
 
 
+def data_root(d) -> Path:
+    """data.root, which must be a folder whatever the source (class folders, the CSV's images, a saved
+    dataset, shards). The training scripts ask right after reading the config, before the seconds of
+    training imports; predict, evaluate and export read configs whose data may live elsewhere."""
+    root = Path(d.root).expanduser().resolve()
+    if not root.is_dir():
+        raise UsageError(not_a_folder(root) if root.exists() else f"data.root does not exist: {root}")
+    return root
+
+
 def not_a_folder(root: Path) -> str:
     """Why data.root `root` (an existing file) cannot be read as a folder, and what to do instead."""
     suffix = next((s for s in sorted(_ARCHIVES, key=len, reverse=True) if root.name.lower().endswith(s)), None)

@@ -40,6 +40,9 @@ def main() -> int:
         raise UsageError("need 0 < --start < --end and --steps >= 3")
     out, note = output_file(args.out, "--out", PLOT_KINDS)
     cfg = load_config(args.config, args.overrides)
+    from data.folders import data_root
+
+    data_root(cfg.data)  # a mistyped data.root answers now, not after the training imports
     from trainer.fit.diagnostics import lr_sweep, plot_lr_sweep
 
     sweep = lr_sweep(cfg, args.start, args.end, args.steps)

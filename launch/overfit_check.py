@@ -30,6 +30,9 @@ def main() -> int:
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
     cfg = load_config(args.config, args.overrides)
+    from data.folders import data_root
+
+    data_root(cfg.data)  # a mistyped data.root answers now, not after the training imports
     from trainer.fit.diagnostics import overfit_one_batch
 
     result = overfit_one_batch(cfg, args.steps)

@@ -36,6 +36,9 @@ def main() -> int:
         raise UsageError("--count must be at least 1")
     out, note = output_file(args.out, "--out", (".png",))
     cfg = load_config(args.config, args.overrides)
+    from data.folders import data_root
+
+    data_root(cfg.data)  # a mistyped data.root answers now, not after the training imports
     from trainer.fit.diagnostics import batch_grid
 
     path = batch_grid(cfg, out, args.count)

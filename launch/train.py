@@ -70,6 +70,9 @@ def main() -> int:
     if args.print_config:
         print(cfg.to_toml())
         return 0
+    from data.folders import data_root
+
+    data_root(cfg.data)  # a mistyped data.root answers now, not after the training imports
     from trainer.fit.loop import train
     from trainer.fit.signals import Preempted
 

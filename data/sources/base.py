@@ -18,7 +18,7 @@ from typing import Callable, ClassVar
 from configs.errors import UsageError
 from data.audit_training import TrainingData, prepare_training_data
 from data.dataset import Loading
-from data.folders import Splits, not_a_folder
+from data.folders import Splits
 from data.sampling import FinishedBatches, TrainBatches
 from data.sources.stores import FILES, ImageStore
 from data.sources.training_images import TrainingImages
@@ -26,14 +26,6 @@ from data.sources.training_images import TrainingImages
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
-
-
-def data_root(d) -> Path:
-    """data.root, which must be a folder."""
-    root = Path(d.root).expanduser().resolve()
-    if not root.is_dir():
-        raise UsageError(not_a_folder(root) if root.exists() else f"data.root does not exist: {root}")
-    return root
 
 
 @dataclass

@@ -18,9 +18,9 @@ from typing import NamedTuple
 
 from configs.errors import UsageError
 from data.class_order import class_order
-from data.folders import IMAGE_EXTENSIONS, Splits, stratified_split
+from data.folders import IMAGE_EXTENSIONS, Splits, data_root, stratified_split
 from data.multilabel import SEPARATOR, MultiLabelSplits
-from data.sources.base import SPLIT_NAMES, ListedImages, Source, by_fraction, data_root, register
+from data.sources.base import SPLIT_NAMES, ListedImages, Source, by_fraction, register
 
 # Extensions tried, in order, for a CSV file name without one (Kaggle's `id` columns).
 _TRY_EXTENSIONS = (".jpg", ".jpeg", ".png", *sorted(IMAGE_EXTENSIONS - {".jpg", ".jpeg", ".png"}))

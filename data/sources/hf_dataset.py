@@ -21,8 +21,8 @@ from pathlib import Path
 
 from configs.errors import UsageError
 from data.class_order import class_order
-from data.folders import IMAGE_EXTENSIONS, Splits, stratified_split
-from data.sources.base import SPLIT_NAMES, ListedImages, Source, by_fraction, data_root, register
+from data.folders import IMAGE_EXTENSIONS, Splits, data_root, stratified_split
+from data.sources.base import SPLIT_NAMES, ListedImages, Source, by_fraction, register
 
 
 @register("hf")

@@ -99,6 +99,8 @@ def light_lines(script: str) -> list[tuple[list[str], int]]:
     if script in RUN_BUILDING:
         lines.append(([*REQUIRED[script], "no_such.key=1"], 2))
         lines.append(([*REQUIRED[script], "--config", DEMO, "data.image_size=many"], 2))
+    if script in ("lr_find.py", "overfit_check.py", "show_batch.py", "train.py"):  # they read the training data
+        lines.append(([*REQUIRED[script], "data.root=no/such/folder"], 2))
     if script == "train.py":
         lines += [(["--keys"], 0), (["--config", DEMO, "--print-config"], 0)]
     return lines
